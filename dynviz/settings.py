@@ -1,0 +1,61 @@
+"""Where things live and which device runs them: the one place that reads the environment.
+
+Every path is relative to the project root unless an environment variable overrides it:
+
+- ``DYNVIZ_DATA``: a CIFAR-10 root (ImageFolder ``train/<class>/*.jpg`` or torchvision's
+  ``cifar-10-batches-py``).
+- ``DYNVIZ_CACHE``: decoded-image and validation-output caches (default ``.cache/``).
+- ``DYNVIZ_CHECKPOINTS``: trained weights (default ``models/checkpoints/``).
+- ``DYNVIZ_DEVICE``: ``cuda``, ``cpu``, ``cuda:1``...; default CUDA when present.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else default
+
+
+def data_candidates() -> list[Path]:
+    """Dataset roots in search order: $DYNVIZ_DATA, ./data, ../shared/datasets/cifar10-jpeg."""
+    candidates = []
+    if os.environ.get("DYNVIZ_DATA"):
+        candidates.append(Path(os.environ["DYNVIZ_DATA"]).expanduser())
+    candidates.append(PROJECT_ROOT / "data")
+    candidates.append(PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg")
+    return candidates
+
+
+def download_dir() -> Path:
+    """Where ``python -m dynviz data --download`` puts torchvision's CIFAR-10."""
+    return _env_path("DYNVIZ_DATA", PROJECT_ROOT / "data")
+
+
+def cache_dir() -> Path:
+    return _env_path("DYNVIZ_CACHE", PROJECT_ROOT / ".cache")
+
+
+def checkpoint_dir() -> Path:
+    return _env_path("DYNVIZ_CHECKPOINTS", PROJECT_ROOT / "models" / "checkpoints")
+
+
+def assets_dir() -> Path:
+    return PROJECT_ROOT / "assets"
+
+
+def device() -> torch.device:
+    """CUDA when available, else CPU; ``DYNVIZ_DEVICE`` overrides."""
+    requested = os.environ.get("DYNVIZ_DEVICE")
+    if requested:
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"DYNVIZ_DEVICE={requested} but CUDA is not available here")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

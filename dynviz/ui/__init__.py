@@ -1,0 +1,1 @@
+"""Streamlit pages: collect inputs, call the library, render what it returns."""

@@ -1,0 +1,28 @@
+"""Multiply-accumulates of conv and linear layers (BatchNorm, ReLU, pooling count zero).
+
+This is the convention of torchvision's "GFLOPS" column and of LC-Net's tables; tests hold
+it to ``torch.utils.flop_counter.FlopCounterMode`` / 2.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def conv_out_hw(conv: nn.Conv2d | nn.MaxPool2d, hw: tuple[int, int]) -> tuple[int, int]:
+    """Spatial size of ``conv``'s output for an input of spatial size ``hw``."""
+    def pair(v):
+        return v if isinstance(v, tuple) else (v, v)
+    k, s, p, d = (pair(conv.kernel_size), pair(conv.stride), pair(conv.padding),
+                  pair(conv.dilation))
+    return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+
+
+def conv_macs(conv: nn.Conv2d, hw: tuple[int, int]) -> int:
+    """MACs of ``conv`` on one image whose input is ``hw`` pixels."""
+    oh, ow = conv_out_hw(conv, hw)
+    kh, kw = conv.kernel_size
+    return conv.out_channels * (conv.in_channels // conv.groups) * kh * kw * oh * ow
+
+
+def linear_macs(fc: nn.Linear) -> int:
+    return fc.in_features * fc.out_features

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up (idempotently) and run dynviz:  scripts/run.sh app | test [pytest args]
+# Creates .venv if missing, installs requirements.txt when it changed, then starts the app
+# or runs the whole test suite. Browser tests need Debian's chromium; `test` installs it
+# with apt-get when it is missing and we are root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.requirements.sha256
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+
+case "${1:-}" in
+  app)
+    shift
+    exec .venv/bin/python -m streamlit run app.py \
+      --server.headless true --server.fileWatcherType none \
+      --browser.gatherUsageStats false --server.port "${PORT:-8501}" "$@"
+    ;;
+  test)
+    shift
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "warning: could not install chromium; browser tests will be skipped" >&2
+    fi
+    exec .venv/bin/python -m pytest "$@"
+    ;;
+  *)
+    echo "usage: scripts/run.sh app [streamlit args] | test [pytest args]" >&2
+    exit 2
+    ;;
+esac

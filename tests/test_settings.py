@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from dynviz import settings
+
+
+def test_device_defaults_to_cuda_when_available(monkeypatch):
+    monkeypatch.delenv("DYNVIZ_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert settings.device().type == expected
+
+
+def test_device_override(monkeypatch):
+    monkeypatch.setenv("DYNVIZ_DEVICE", "cpu")
+    assert settings.device() == torch.device("cpu")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("DYNVIZ_DEVICE", "cuda")
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            settings.device()
+
+
+def test_paths_follow_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("DYNVIZ_CHECKPOINTS", str(tmp_path / "k"))
+    monkeypatch.setenv("DYNVIZ_DATA", str(tmp_path / "d"))
+    assert settings.cache_dir() == tmp_path / "c"
+    assert settings.checkpoint_dir() == tmp_path / "k"
+    assert settings.data_candidates()[0] == tmp_path / "d"
+    monkeypatch.delenv("DYNVIZ_CACHE")
+    assert settings.cache_dir() == settings.PROJECT_ROOT / ".cache"
