@@ -259,7 +259,7 @@ class GatedResNet(ResNet):
         """
         features, traces = self.forward_features(x, plan)
         logits = self.forward_head(features)
-        fixed = self.stem_cost()[0]["conv1"] + linear_macs(self.fc)
+        fixed = self.stem_cost(tuple(x.shape[-2:]))[0]["conv1"] + linear_macs(self.fc)
         macs = fixed + torch.stack([t.macs for t in traces], 1).sum(1)
         trace = GateTrace(torch.stack([t.block_score for t in traces], 1),
                           [t.channel_scores for t in traces], macs)

@@ -204,8 +204,9 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def stem_cost(self) -> tuple[CostTable, tuple[int, int]]:
-        hw = (self.cfg.input_size, self.cfg.input_size)
+    def stem_cost(self, hw: tuple[int, int] | None = None) -> tuple[CostTable, tuple[int, int]]:
+        """Stem MACs and its output size for an input of ``hw`` (default: ``input_size``)."""
+        hw = hw or (self.cfg.input_size, self.cfg.input_size)
         costs = {"conv1": conv_macs(self.conv1, hw)}
         hw = conv_out_hw(self.conv1, hw)
         if isinstance(self.maxpool, nn.MaxPool2d):

@@ -1,0 +1,284 @@
+"""Registry-driven model tests and LC-Net reference tests (dense == open gates, sparse ==
+masked, MACs == FlopCounterMode / 2)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+import models
+from models.lcnet import GatedResNet, ReLU1, SparsePlan
+from models.registry import register_model
+
+ALL = models.names()
+GATED = [n for n in ALL if n.startswith("lcnet_")]
+SMALL_GATED = [n for n in GATED if n in ("lcnet_resnet8", "lcnet_resnet20", "lcnet_resnet18",
+                                         "lcnet_resnet50")]
+
+
+def _input(model: nn.Module, batch: int, size: int | None = None, seed: int = 0):
+    size = size or (32 if model.cfg.stem == "cifar" else 64)
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def flops_macs(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def randomize(model: nn.Module, seed: int = 0, open_fraction: float = 0.5) -> nn.Module:
+    """Random BN statistics and random gates: about ``open_fraction`` of block and channel
+    scores > 0, some of them strictly between 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        for block in getattr(model, "blocks", []):
+            # residual branches small against the identity, as in a trained ResNet: keeps
+            # a 110-layer random network's activations O(1) in float32
+            last_bn = getattr(block, "bn3", block.bn2)
+            last_bn.weight.mul_(0.2)
+        for name, m in model.named_modules():
+            if name.endswith("_gate.fc"):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 2 / m.in_features**0.5)
+                # bias b: P(score > 0) ~ open_fraction for a unit-variance pre-activation
+                shift = torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - open_fraction))
+                m.bias.fill_(-float(shift))
+    return model
+
+
+# ---------------------------------------------------------------------------- registry
+def test_registry_names_and_errors():
+    assert {"resnet8", "resnet20", "resnet56", "resnet50", "lcnet_resnet56"} <= set(ALL)
+    with pytest.raises(KeyError, match="unknown model"):
+        models.create("resnet7")
+    def resnet20():  # same name as a registered builder
+        return nn.Identity()
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model(resnet20)
+    assert models.create("resnet20").__class__.__name__ == "ResNet"
+
+
+def test_overrides_reach_the_config():
+    m = models.create("resnet20", num_classes=7)
+    assert m.fc.out_features == 7
+    assert models.create("lcnet_resnet20", placement="parallel").blocks[0].gate_cfg.placement \
+        == "parallel"
+    with pytest.raises(ValueError, match="placement"):
+        models.create("lcnet_resnet20", placement="diagonal")
+    with pytest.raises(ValueError, match="6n\\+2"):
+        models.resnet.cifar_config(21)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_backward_reaches_every_parameter(name):
+    model = models.create(name, zero_init_residual=False).train()
+    x = _input(model, 2)
+    out = model(x)
+    logits = _logits(out)
+    assert logits.shape == (2, model.cfg.num_classes)
+    assert torch.isfinite(logits).all()
+    loss = logits.logsumexp(1).mean()
+    if isinstance(out, tuple):  # gated: the L1 terms give gates a gradient of their own
+        loss = loss + out[1].block_scores.mean() + sum(s.mean() for s in out[1].channel_scores)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, pname
+        assert torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, pname
+
+
+# ---------------------------------------------------------------------------- MACs
+@pytest.mark.parametrize("name", [n for n in ALL if not n.startswith("lcnet_")])
+def test_dense_macs_equal_flop_counter(name):
+    model = models.create(name).eval()
+    size = model.cfg.input_size if model.cfg.stem == "cifar" else 224
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert model.macs() == flops_macs(lambda: model(x))
+
+
+def test_resnet50_is_4_09_gmacs_and_loads_torchvision_weights():
+    reference = torchvision.models.resnet50().eval()
+    ours = models.create("resnet50").eval()
+    ours.load_state_dict(reference.state_dict())  # unchanged keys and shapes
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference(x), atol=1e-5)
+        assert ours.macs() == flops_macs(lambda: reference(x))
+    assert abs(ours.macs() / 4.09e9 - 1) < 0.005
+
+
+def test_gated_resnet50_takes_torchvision_weights_non_strict():
+    gated = models.create("lcnet_resnet50")
+    result = gated.load_state_dict(torchvision.models.resnet50().state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert result.missing_keys and all("_gate." in k for k in result.missing_keys)
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("name", SMALL_GATED)
+def test_sparse_path_spends_exactly_the_traced_macs(name, placement):
+    """Batch 1: FlopCounterMode over the sparse executor == the trace's MACs (gates,
+    shortcut, executed blocks and channels), for random gate patterns."""
+    model = randomize(models.create(name, placement=placement).eval(), seed=1)
+    for seed in range(3):
+        x = _input(model, 1, seed=seed)
+        with torch.no_grad():
+            counted = flops_macs(lambda: model(x, SparsePlan(1.0)))
+            _, trace = model(x, SparsePlan(1.0))
+        assert trace.macs.item() == counted
+        assert 0 < (~trace.blocks_executed).sum()  # the pattern does skip something
+
+
+def test_open_gates_trace_the_full_cost():
+    model = models.create("lcnet_resnet20").eval()  # gates start open
+    x = _input(model, 3)
+    with torch.no_grad():
+        _, trace = model(x)
+        counted = flops_macs(lambda: model(x))
+    assert (trace.block_scores == 1).all()
+    assert trace.macs.tolist() == [model.macs()] * 3 == [counted // 3] * 3
+
+
+def test_parallel_placement_pays_for_the_whole_first_conv():
+    seq = randomize(models.create("lcnet_resnet20", placement="sequential").eval(), seed=2)
+    par = models.create("lcnet_resnet20", placement="parallel").eval()
+    par.load_state_dict(seq.state_dict())
+    x = _input(seq, 4)
+    with torch.no_grad():
+        _, t_seq = seq(x)
+        _, t_par = par(x)
+    # per executed block, parallel adds conv1's MACs of the channels that were off
+    extra = torch.zeros(4, dtype=torch.long)
+    for i, (block, costs) in enumerate(zip(seq.blocks, seq.block_costs())):
+        off = (t_seq.channel_scores[i] <= 0).sum(1)
+        extra += torch.where(t_seq.blocks_executed[:, i], costs["conv1"] // block.mid_channels * off, 0)
+    assert torch.equal(t_par.macs - t_seq.macs, extra)
+
+
+# ---------------------------------------------------------------------------- references
+@pytest.mark.parametrize("name", ["lcnet_resnet20", "lcnet_resnet18", "lcnet_resnet50"])
+def test_open_gates_compute_exactly_the_plain_model(name):
+    plain = randomize(models.create(name.removeprefix("lcnet_")).eval(), seed=3)
+    gated = models.create(name).eval()
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        for m in gated.modules():  # force open: zero weights, bias >= 1 -> ReLU1 gives 1
+            if isinstance(m, nn.Linear) and m is not gated.fc:
+                m.weight.zero_()
+                m.bias.fill_(2.0)
+        x = _input(plain, 2)
+        logits, trace = gated(x)
+        assert (trace.block_scores == 1).all()
+        assert torch.equal(logits, plain(x))
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("name", GATED)
+def test_sparse_equals_masked(name, placement):
+    model = randomize(models.create(name, placement=placement).eval(), seed=4)
+    size = 32 if model.cfg.stem == "cifar" else 64
+    for batch, slice_below in ((1, 1.0), (6, 1.0), (6, 0.0), (6, 0.5)):
+        x = _input(model, batch, size, seed=batch)
+        with torch.no_grad():
+            masked, t_masked = model(x)
+            sparse, t_sparse = model(x, SparsePlan(slice_below))
+        rel = (sparse - masked).norm() / masked.norm()
+        assert rel <= 1e-4, (batch, slice_below, rel)
+        assert torch.allclose(t_masked.block_scores, t_sparse.block_scores, atol=1e-5)
+        assert torch.equal(t_masked.blocks_executed, t_sparse.blocks_executed)
+        assert torch.equal(t_masked.macs, t_sparse.macs)
+
+
+def test_sparse_handles_all_skipped_and_all_channels_off():
+    model = randomize(models.create("lcnet_resnet20").eval(), seed=5)
+    x = _input(model, 3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.out_features == 1:   # L-Net: all blocks open
+                m.weight.zero_()
+                m.bias.fill_(0.7)
+            elif isinstance(m, nn.Linear) and m is not model.fc:  # C-Net: all channels off
+                m.weight.zero_()
+                m.bias.fill_(-1.0)
+        masked, _ = model(x)
+        sparse, trace = model(x, SparsePlan(1.0))
+        assert torch.allclose(sparse, masked, rtol=1e-5, atol=1e-6)
+        for m in model.modules():  # now every block skips
+            if isinstance(m, nn.Linear) and m.out_features == 1:
+                m.bias.fill_(-1.0)
+        masked, _ = model(x)
+        sparse, trace = model(x, SparsePlan(1.0))
+        assert torch.allclose(sparse, masked, rtol=1e-5, atol=1e-6)
+        assert not trace.blocks_executed.any()
+
+
+def test_sparse_path_refuses_training_mode():
+    model = models.create("lcnet_resnet8").train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model(_input(model, 2), SparsePlan(1.0))
+
+
+def test_relu1_clamps_at_inference_and_leaks_in_training():
+    act = ReLU1(leak=0.1)
+    z = torch.tensor([-2.0, 0.5, 3.0])
+    assert act.eval()(z).tolist() == [0.0, 0.5, 1.0]
+    assert torch.allclose(act.train()(z), torch.tensor([-0.2, 0.5, 1.2]))
+
+
+def test_trace_marks_executed_blocks_and_channels():
+    model = randomize(models.create("lcnet_resnet20").eval(), seed=6)
+    with torch.no_grad():
+        _, trace = model(_input(model, 4))
+    assert trace.block_scores.shape == (4, len(model.blocks))
+    assert [s.shape[1] for s in trace.channel_scores] == [b.mid_channels for b in model.blocks]
+    for i in range(len(model.blocks)):
+        ran = trace.channels_executed(i)
+        assert torch.equal(ran.any(1) & ~trace.blocks_executed[:, i],
+                           torch.zeros(4, dtype=torch.bool))
+
+
+def test_one_model_serves_concurrent_callers():
+    """No per-call state on the module: threads with different inputs get their own answers."""
+    model = randomize(models.create("lcnet_resnet20").eval(), seed=7)
+    inputs = [_input(model, 1 + i % 3, seed=i) for i in range(8)]
+    with torch.no_grad():
+        expected = [model(x, SparsePlan(0.5)) for x in inputs]
+    results = [None] * len(inputs)
+
+    def work(i):
+        with torch.no_grad():
+            results[i] = model(inputs[i], SparsePlan(0.5))
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (logits, trace), (ref_logits, ref_trace) in zip(results, expected):
+        assert torch.equal(logits, ref_logits) and torch.equal(trace.macs, ref_trace.macs)
+
+
+def test_intermediates_match_the_blocks():
+    model = randomize(models.create("resnet20").eval(), seed=8)
+    x = _input(model, 2)
+    with torch.no_grad():
+        outs = model.forward_intermediates(x, [2, 5, 8])
+        assert [o.shape[1] for o in outs] == [16, 32, 64]
+        assert torch.allclose(model.forward_head(outs[-1]), model(x))
+        again = model.forward_blocks(outs[0], 3, 6)
+        assert torch.equal(again, outs[1])
+    assert isinstance(models.create("lcnet_resnet20"), GatedResNet)
