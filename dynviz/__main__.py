@@ -41,6 +41,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_gated(args: argparse.Namespace) -> int:
+    from dynviz import bench
+
+    rows = []
+    for placement in args.placement:
+        rows += bench.bench_gated(args.model, placement=placement, blocks_off=args.blocks_off,
+                                  channels_off=args.channels_off,
+                                  batch_sizes=tuple(args.batch), repeats=args.repeats,
+                                  checkpoint=args.checkpoint, calibrate=not args.no_calibrate,
+                                  same_channels=args.same_channels)
+    print(bench.format_rows(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dynviz",
@@ -71,6 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-batches", type=int, help="batches per epoch (smoke runs)")
     p.add_argument("--out-dir", help="where NAME.pt/.json go (default models/checkpoints)")
     p.set_defaults(func=_cmd_train)
+
+    bench = sub.add_parser("bench", help="benchmarks (measured wall-clock)",
+                           description="Benchmarks; each prints a Markdown table.")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    p = bench_sub.add_parser(
+        "gated", help="dense vs masked vs sparse LC-Net execution",
+        description="Times the plain ResNet, the gated model's masked path and its sparse "
+                    "path (calibrated per block) at each batch size; medians after warm-up.")
+    p.add_argument("--model", default="lcnet_resnet56", help="gated model (registry name)")
+    p.add_argument("--checkpoint", help="trained weights to load (keeps their gates)")
+    p.add_argument("--placement", nargs="+", default=["sequential"],
+                   choices=["parallel", "sequential"])
+    p.add_argument("--blocks-off", type=float, default=0.5,
+                   help="fraction of blocks skipped per image (random patterns)")
+    p.add_argument("--channels-off", type=float, default=0.0,
+                   help="fraction of channels off per image in executed blocks")
+    p.add_argument("--same-channels", action="store_true",
+                   help="one channel set per block for every image (else per-image sets)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 256], help="batch sizes")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="always slice channels instead of calibrating per block")
+    p.set_defaults(func=_cmd_bench_gated)
     return parser
 
 

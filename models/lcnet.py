@@ -17,8 +17,10 @@ gates run before conv1 and save conv1's output channels too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from functools import partial
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from functools import cached_property, partial
 
 import torch
 import torch.nn as nn
@@ -84,46 +86,162 @@ class ChannelGate(nn.Module):
         return self.act(self.fc(pooled))
 
 
+class SliceCache:
+    """A thread-safe LRU of weight slices, keyed by weight and channel set.
+
+    Gathering a slice of a wide conv weight costs a good share of the conv itself at batch 1
+    (ResNet-50's 512-channel 3×3 conv: ~0.3-2 ms to gather against ~1 ms to convolve); trained
+    C-Nets reuse a few channel sets over and over, so keeping the slices pays. Entries are
+    immutable; the cache evicts least-recently-used slices beyond ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> tuple:
+        return (weight.data_ptr(), weight._version, tuple(weight.shape), dim,
+                channels.cpu().numpy().tobytes())
+
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def get(self, key: tuple, weight: torch.Tensor, dim: int,
+            channels: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        sliced = _slice(weight, dim, channels)
+        size = sliced.numel() * sliced.element_size()
+        if size > self.max_bytes:
+            return sliced
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = sliced
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, old = self._entries.popitem(last=False)
+                    self._bytes -= old.numel() * old.element_size()
+        return sliced
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _slice(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> torch.Tensor:
+    sliced = weight.index_select(dim, channels)
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        sliced = sliced.contiguous(memory_format=torch.channels_last)
+    return sliced
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    slice_below: float                # slice when #active channels <= this fraction of C_mid
+    slice_below_cached: float         # the same, when the slice is already in ``cache``
+    cache: SliceCache | None = None
+
+
 @dataclass(frozen=True)
 class SparsePlan:
     """How the sparse path treats channels, per block.
 
-    ``slice_below[i]``: block ``i`` computes only the union of active channels of its
-    sub-batch when that union is at most this fraction of its channels, and multiplies the
-    dense output by the mask otherwise. 1.0 always slices, 0.0 never does. A calibration on
-    the current device (``dynviz.engine.calibrate``) chooses these.
+    Block ``i`` computes only the union of active channels of its sub-batch when that union
+    is at most ``slice_below[i]`` of its channels (``slice_below_cached[i]`` when the weight
+    slices for that channel set are in ``cache``), and multiplies the dense output by the
+    mask otherwise. 1.0 always slices, 0.0 never does. ``dynviz.engine.calibrate`` measures
+    these on the current device.
     """
     slice_below: tuple[float, ...] | float = 1.0
+    slice_below_cached: tuple[float, ...] | float | None = None  # None: as slice_below
+    cache: SliceCache | None = None
 
-    def threshold(self, index: int) -> float:
-        if isinstance(self.slice_below, float | int):
-            return float(self.slice_below)
-        return self.slice_below[index]
+    def _at(self, values, index: int) -> float:
+        return float(values) if isinstance(values, float | int) else values[index]
+
+    def block(self, index: int) -> BlockPlan:
+        cached = self.slice_below if self.slice_below_cached is None else self.slice_below_cached
+        return BlockPlan(self._at(self.slice_below, index), self._at(cached, index), self.cache)
 
 
-def _bn(bn: nn.BatchNorm2d, x: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
-    """Eval-mode BN, optionally restricted to ``channels``."""
-    if channels is None:
+def _bn(bn: nn.Module, x: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
+    """Eval-mode BN, optionally restricted to ``channels`` (Identity once BN is folded)."""
+    if channels is None or isinstance(bn, nn.Identity):
         return bn(x)
     return F.batch_norm(x, bn.running_mean[channels], bn.running_var[channels],
                         bn.weight[channels], bn.bias[channels], False, 0.0, bn.eps)
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, out_ch: torch.Tensor | None = None,
-          in_ch: torch.Tensor | None = None) -> torch.Tensor:
-    weight = conv.weight
-    if out_ch is not None:
-        weight = weight[out_ch]
-    if in_ch is not None:
-        weight = weight[:, in_ch]
-    return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+          in_ch: torch.Tensor | None = None, cache: SliceCache | None = None) -> torch.Tensor:
+    """``conv`` restricted to output channels ``out_ch`` or input channels ``in_ch``."""
+    weight, bias = conv.weight, conv.bias
+    for dim, channels in ((0, out_ch), (1, in_ch)):
+        if channels is None:
+            continue
+        if cache is None:
+            weight = _slice(weight, dim, channels)
+        else:
+            weight = cache.get(SliceCache.key(weight, dim, channels), weight, dim, channels)
+        if dim == 0 and bias is not None:
+            bias = bias[channels]
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """MACs of one gated block on one image, split by what gating saves.
+
+    MACs = ``always`` + [S_L > 0]·(``branch`` + ``per_channel``·#{S_C > 0})
+    """
+    always: int       # L-Net and C-Net FCs, and the downsample conv: run even when skipped
+    branch: int       # residual-branch MACs independent of the channel count
+    per_channel: int  # MACs per active channel (conv2's input; conv1's output if sequential)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    fixed: int                     # stem and classifier
+    blocks: tuple[BlockCost, ...]
+
+    def macs(self, block_scores: torch.Tensor, channel_scores: list[torch.Tensor]) -> torch.Tensor:
+        """(B,) int64 MACs per image from the scores of a trace."""
+        active = torch.stack([(s > 0).sum(1) for s in channel_scores], 1)  # (B, n_blocks)
+        always, branch, per_channel = (
+            torch.tensor([getattr(b, f) for b in self.blocks], device=active.device)
+            for f in ("always", "branch", "per_channel"))
+        spent = torch.where(block_scores > 0, branch + per_channel * active, 0)
+        return self.fixed + always.sum() + spent.sum(1)
 
 
 @dataclass
-class BlockTrace:
-    block_score: torch.Tensor    # (B,) S_L
-    channel_scores: torch.Tensor  # (B, C_mid) S_C
-    macs: torch.Tensor           # (B,) int64 MACs this block spent on each image
+class GateTrace:
+    """What one forward of a gated ResNet did, per image.
+
+    ``block_scores`` (B, n_blocks) S_L; ``channel_scores[i]`` (B, C_mid_i) S_C of block i;
+    ``macs`` (B,) int64 MACs spent (stem, gates, shortcut, executed blocks and channels,
+    head), computed from the scores on first access. A block ran for an image iff its
+    S_L > 0; a channel iff also its S_C > 0.
+    """
+    block_scores: torch.Tensor
+    channel_scores: list[torch.Tensor]
+    cost: CostModel
+
+    @cached_property
+    def macs(self) -> torch.Tensor:
+        return self.cost.macs(self.block_scores, self.channel_scores)
+
+    @property
+    def blocks_executed(self) -> torch.Tensor:
+        return self.block_scores > 0
+
+    def channels_executed(self, block: int) -> torch.Tensor:
+        return (self.channel_scores[block] > 0) & self.blocks_executed[:, block:block + 1]
 
 
 class GatedBlockMixin:
@@ -134,62 +252,116 @@ class GatedBlockMixin:
         self.block_gate = BlockGate(inplanes, cfg)
         self.channel_gate = ChannelGate(inplanes, self.mid_channels, cfg)
 
-    def forward(self, x: torch.Tensor, plan: float | None = None) -> tuple[torch.Tensor, BlockTrace]:
-        """``plan``: None for the masked path, else the slicing threshold of this block."""
+    def forward(self, x: torch.Tensor, plan: BlockPlan | None = None):
+        """Returns ``(out, (S_L (B,), S_C (B, C_mid)))``.
+
+        ``plan``: None for the masked path, else this block's ``BlockPlan`` (the sparse path,
+        eval mode only; it may overwrite ``x`` in place, which the network owns).
+        """
+        if plan is not None:
+            return self._forward_sparse(x, plan)
         pooled = x.mean((2, 3))                     # (B, C_in), shared by both gates
         s_l = self.block_gate(pooled)                # (B,)
         s_c = self.channel_gate(pooled)              # (B, C_mid)
         identity = x if self.downsample is None else self.downsample(x)
-        if plan is None:
-            out = self.relu(self.bn1(self.conv1(x))) * s_c[:, :, None, None]
-            out = self.residual_tail(self.bn2(self.conv2(out)))
-            out = self.relu(identity + s_l[:, None, None, None] * out)
-        else:
-            out = self._forward_sparse(x, identity, s_l, s_c, plan)
-        return out, BlockTrace(s_l, s_c, self.dynamic_macs(s_l, s_c, x.shape[-2:]))
+        out = self.relu(identity + s_l[:, None, None, None] * self.residual_branch(x, s_c))
+        return out, (s_l, s_c)
 
-    def _forward_sparse(self, x, identity, s_l, s_c, slice_below: float) -> torch.Tensor:
-        if self.training:
-            raise RuntimeError("the sparse path runs in eval mode (BatchNorm running stats)")
-        # Skipped images keep the shortcut: x itself (x >= 0, it left a ReLU) or ReLU(downsample).
-        base = identity if self.downsample is None else F.relu(identity)
-        active = (s_l > 0).nonzero().squeeze(1)
-        if active.numel() == 0:
-            return base
-        compact = active.numel() < x.shape[0]
-        if compact:                                  # drop skipped images from the sub-batch
-            x, identity, s_l, s_c = x[active], identity[active], s_l[active], s_c[active]
-        channels = (s_c > 0).any(0).nonzero().squeeze(1)  # union over the sub-batch
-        if channels.numel() == 0:
-            # conv2 sees only zeros: its output is 0, and bn2 turns that into a constant.
+    def fused_gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C_in, 1 + C_mid) weight and (1 + C_mid,) bias of L-Net and C-Net side by side.
+
+        Built on every call unless ``freeze_gates`` stored them (inference copies only).
+        """
+        frozen = self.__dict__.get("_fused_gates")
+        if frozen is not None:
+            return frozen
+        weight = torch.cat([self.block_gate.fc.weight, self.channel_gate.fc.weight]).t()
+        return weight, torch.cat([self.block_gate.fc.bias, self.channel_gate.fc.bias])
+
+    def freeze_gates(self) -> None:
+        """Store the fused gate weights for a model that will no longer be trained."""
+        self.__dict__["_fused_gates"] = None
+        weight, bias = self.fused_gates()
+        self.__dict__["_fused_gates"] = (weight.detach().contiguous(), bias.detach())
+
+    def residual_branch(self, x: torch.Tensor, s_c: torch.Tensor,
+                        channels: torch.Tensor | None = None,
+                        cache: SliceCache | None = None) -> torch.Tensor:
+        """F(x) with conv1's output scaled by ``s_c`` (B, C_mid).
+
+        ``channels=None`` computes every channel and multiplies by the scores (masked);
+        otherwise only ``channels`` are computed (weight slices), which is exact when every
+        other channel's score is 0.
+        """
+        if channels is None:
+            out = _bn(self.bn1, _conv(self.conv1, x)).relu_()
+        elif channels.numel() == 0:
+            # conv2 sees only zeros: its output is its bias (if BN was folded), then bn2.
             out_hw = conv_out_hw(self.conv2, conv_out_hw(self.conv1, x.shape[-2:]))
             out = x.new_zeros(x.shape[0], self.conv2.out_channels, *out_hw)
-            out = self.residual_tail(self.bn2(out))
-        elif channels.numel() <= slice_below * self.mid_channels:
-            sequential = self.gate_cfg.placement == "sequential"
-            out = _conv(self.conv1, x, out_ch=channels if sequential else None)
-            out = _bn(self.bn1, out, channels if sequential else None)
-            if not sequential:
-                out = out[:, channels]
-            out = self.relu(out) * s_c[:, channels, None, None]
-            out = self.residual_tail(self.bn2(_conv(self.conv2, out, in_ch=channels)))
-        else:
-            out = self.relu(self.bn1(self.conv1(x))) * s_c[:, :, None, None]
-            out = self.residual_tail(self.bn2(self.conv2(out)))
-        out = self.relu(identity + s_l[:, None, None, None] * out)
-        return base.index_copy(0, active, out) if compact else out
+            if self.conv2.bias is not None:
+                out += self.conv2.bias[:, None, None]
+            return self.residual_tail(_bn(self.bn2, out))
+        elif self.gate_cfg.placement == "sequential":  # conv1 computes only active outputs
+            out = _bn(self.bn1, _conv(self.conv1, x, out_ch=channels, cache=cache),
+                      channels).relu_()
+        else:                                        # conv1 ran beside the gates: all outputs
+            out = _bn(self.bn1, _conv(self.conv1, x))[:, channels].relu_()
+        scores = (s_c if channels is None else s_c[:, channels])[:, :, None, None]
+        out = out.mul_(scores) if not torch.is_grad_enabled() else out * scores
+        return self.residual_tail(_bn(self.bn2, _conv(self.conv2, out, in_ch=channels,
+                                                      cache=cache)))
 
-    def dynamic_macs(self, s_l: torch.Tensor, s_c: torch.Tensor, hw) -> torch.Tensor:
-        """(B,) MACs per image: gates and shortcut always; the residual branch if S_L > 0,
-        with conv1 (sequential only) and conv2 reduced to the channels with S_C > 0."""
-        dense, _ = self.cost_table(tuple(hw))
-        mid = self.mid_channels
-        active = (s_c > 0).sum(1)                    # (B,) channels computed per image
-        gates = dense["block_gate.fc"] + dense["channel_gate.fc"]
-        first = dense["conv1"] // mid * active if self.gate_cfg.placement == "sequential" \
-            else torch.full_like(active, dense["conv1"])
-        branch = first + dense["conv2"] // mid * active + dense.get("conv3", 0)
-        return gates + dense.get("downsample.0", 0) + torch.where(s_l > 0, branch, 0)
+    def _forward_sparse(self, x: torch.Tensor, plan: BlockPlan):
+        if self.training:
+            raise RuntimeError("the sparse path runs in eval mode (BatchNorm running stats)")
+        # Functional calls throughout: at batch 1 module-call overhead is a visible share.
+        pooled = x.mean((2, 3))                                            # (B, C_in)
+        weight_t, bias = self.fused_gates()           # both gates in one matmul
+        scores = torch.addmm(bias, pooled, weight_t).clamp_(0, 1)          # (B, 1 + C_mid)
+        s_l, s_c = scores[:, 0], scores[:, 1:]
+        identity = x
+        if self.downsample is not None:
+            identity = _bn(self.downsample[1], _conv(self.downsample[0], x))
+        active = None                                # None: every image runs the block
+        if x.shape[0] == 1:                          # batch 1: a Python branch, no indexing
+            run = s_l.item() > 0
+        else:
+            active = (s_l > 0).nonzero().squeeze(1)
+            run = active.numel() > 0
+            if active.numel() == x.shape[0]:
+                active = None
+        if not run:   # the shortcut: x itself (x >= 0, it left a ReLU) or ReLU(downsample)
+            return (identity if self.downsample is None else identity.relu_()), (s_l, s_c)
+        xa, ida, sl_a, sc_a = x, identity, s_l, s_c
+        if active is not None:                       # drop skipped images from the sub-batch
+            xa = x[active]
+            ida = xa if self.downsample is None else identity[active]
+            sl_a, sc_a = s_l[active], s_c[active]
+        channels = None                              # None: multiply by the mask
+        if plan.slice_below > 0 or plan.slice_below_cached > 0:
+            channels = (sc_a > 0).any(0).nonzero().squeeze(1)  # union over the sub-batch
+            limit = plan.slice_below
+            if plan.cache is not None and \
+                    SliceCache.key(self.conv2.weight, 1, channels) in plan.cache:
+                limit = plan.slice_below_cached
+            if channels.numel() > limit * self.mid_channels:
+                channels = None                      # slicing would not pay here
+        branch = self.residual_branch(xa, sc_a, channels, plan.cache)
+        out = torch.addcmul(ida, sl_a[:, None, None, None], branch).relu_()
+        if active is not None:
+            base = x if self.downsample is None else identity.relu_()
+            out = base.index_copy_(0, active, out)
+        return out, (s_l, s_c)
+
+    def block_cost(self, hw) -> tuple[BlockCost, tuple[int, int]]:
+        dense, out_hw = self.cost_table(hw)
+        per_out_channel = dense["conv1"] // self.mid_channels
+        sequential = self.gate_cfg.placement == "sequential"
+        always = dense["block_gate.fc"] + dense["channel_gate.fc"] + dense.get("downsample.0", 0)
+        branch = dense.get("conv3", 0) + (0 if sequential else dense["conv1"])
+        per_channel = dense["conv2"] // self.mid_channels + (per_out_channel if sequential else 0)
+        return BlockCost(always, branch, per_channel), out_hw
 
     def cost_table(self, hw):
         dense, out_hw = super().cost_table(hw)
@@ -210,36 +382,16 @@ class GatedBottleneck(GatedBlockMixin, Bottleneck):
         self._init_gates(inplanes, gates)
 
 
-@dataclass
-class GateTrace:
-    """What one forward of a gated ResNet did, per image.
-
-    ``block_scores`` (B, n_blocks) S_L; ``channel_scores[i]`` (B, C_mid_i) S_C of block i;
-    ``macs`` (B,) int64 MACs spent (stem, gates, executed blocks and channels, head).
-    A block ran for an image iff its S_L > 0; a channel iff also its S_C > 0.
-    """
-    block_scores: torch.Tensor
-    channel_scores: list[torch.Tensor]
-    macs: torch.Tensor
-
-    @property
-    def blocks_executed(self) -> torch.Tensor:
-        return self.block_scores > 0
-
-    def channels_executed(self, block: int) -> torch.Tensor:
-        return (self.channel_scores[block] > 0) & self.blocks_executed[:, block:block + 1]
-
-
 class GatedResNet(ResNet):
     """A ResNet whose blocks carry LC-Net gates; forward returns ``(logits, GateTrace)``."""
 
     def forward_blocks(self, x, start, stop, plan: SparsePlan | None = None):
-        """Blocks ``start`` .. ``stop - 1``; returns features and the blocks' traces."""
-        traces = []
+        """Blocks ``start`` .. ``stop - 1``; returns features and [(S_L, S_C)] per block."""
+        scores = []
         for i, block in enumerate(self.blocks[start:stop], start):
-            x, trace = block(x, None if plan is None else plan.threshold(i))
-            traces.append(trace)
-        return x, traces
+            x, block_scores = block(x, None if plan is None else plan.block(i))
+            scores.append(block_scores)
+        return x, scores
 
     def forward_features(self, x, plan: SparsePlan | None = None):
         return self.forward_blocks(self.forward_stem(x), 0, len(self.blocks), plan)
@@ -252,18 +404,33 @@ class GatedResNet(ResNet):
             start = index + 1
         return outs
 
+    def cost_model(self, hw: tuple[int, int]) -> CostModel:
+        """Per-block MAC coefficients for inputs of spatial size ``hw``."""
+        stem, hw_ = self.stem_cost(hw)
+        blocks = []
+        for block in self.blocks:
+            cost, hw_ = block.block_cost(hw_)
+            blocks.append(cost)
+        return CostModel(stem["conv1"] + linear_macs(self.fc), tuple(blocks))
+
     def forward(self, x: torch.Tensor, plan: SparsePlan | None = None):
         """Args:
             x: (B, 3, H, W) normalised images.
             plan: ``None`` runs the masked path; a ``SparsePlan`` runs the sparse path.
         """
-        features, traces = self.forward_features(x, plan)
+        features, scores = self.forward_features(x, plan)
         logits = self.forward_head(features)
-        fixed = self.stem_cost(tuple(x.shape[-2:]))[0]["conv1"] + linear_macs(self.fc)
-        macs = fixed + torch.stack([t.macs for t in traces], 1).sum(1)
-        trace = GateTrace(torch.stack([t.block_score for t in traces], 1),
-                          [t.channel_scores for t in traces], macs)
+        trace = GateTrace(torch.stack([s_l for s_l, _ in scores], 1),
+                          [s_c for _, s_c in scores], _cached_cost_model(self, tuple(x.shape[-2:])))
         return logits, trace
+
+
+def _cached_cost_model(model: GatedResNet, hw: tuple[int, int]) -> CostModel:
+    """Cost models depend only on the architecture and the input size: memoised per model."""
+    cache = model.__dict__.setdefault("_cost_models", {})
+    if hw not in cache:
+        cache[hw] = model.cost_model(hw)
+    return cache[hw]
 
 
 def gated_config(base: ResNetConfig, gates: GateConfig) -> ResNetConfig:

@@ -1,0 +1,146 @@
+"""Benchmarks (scripts, not tests): measured wall-clock of the sparse executor against the
+plain dense network with the same weights."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+import models
+from dynviz import engine, settings
+from models.lcnet import GatedResNet, SparsePlan
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def set_gate_pattern(model: GatedResNet, x: torch.Tensor, blocks_off: float,
+                     channels_off: float, seed: int = 0, same_channels: bool = False) -> None:
+    """Rewrite every gate so that, on images like ``x``, a fraction ``blocks_off`` of the
+    blocks and ``channels_off`` of the channels is off *per image*, in random patterns
+    (``same_channels``: one random channel set per block, shared by every image).
+
+    Each gate's pre-activation becomes ``k·(u + q)`` with ``u`` a standardised random
+    projection of the pooled block input (different for every image) and
+    ``q = Φ⁻¹(1 − p_off)``; the large ``k`` saturates scores to 0 or 1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    k = 50.0
+    h = model.forward_stem(x)
+    for block in model.blocks:
+        pooled = h.mean((2, 3))                                   # (B, C_in)
+        mu = pooled.mean(0)
+        for gate, p_off in ((block.block_gate, blocks_off), (block.channel_gate, channels_off)):
+            fc = gate.fc
+            w = torch.randn(fc.weight.shape, generator=g).to(fc.weight)
+            z = (pooled - mu) @ w.T                               # (B, out)
+            w = w / z.std(0).clamp_min(1e-12)[:, None]
+            q = normal.icdf(torch.tensor(1.0 - min(max(p_off, 1e-6), 1 - 1e-6)))
+            fc.weight.copy_(k * w)
+            fc.bias.copy_(k * (q - w @ mu))
+        if same_channels:
+            fc = block.channel_gate.fc
+            n_off = round(channels_off * fc.out_features)
+            off = torch.randperm(fc.out_features, generator=g)[:n_off]
+            fc.weight.zero_()
+            fc.bias.fill_(k).index_fill_(0, off, -k)
+        h, _ = block(h)
+
+
+@dataclass
+class GatedBenchRow:
+    model: str
+    placement: str
+    batch: int
+    blocks_off: float
+    channels_off: float
+    same_channels: bool
+    macs_dense: int
+    macs_sparse: float        # mean traced MACs per image
+    mac_reduction: float      # 1 - sparse / dense
+    ms_dense: float           # plain ResNet, per batch (BN folded, like the gated model)
+    ms_masked: float          # gated model, masked path
+    ms_sparse: float          # gated model, sparse path with the calibrated plan
+    time_reduction: float     # 1 - sparse / dense
+    speedup: float            # dense / sparse
+    efficiency: float         # time_reduction / mac_reduction
+
+
+def _inputs(model: GatedResNet, n: int, seed: int) -> torch.Tensor:
+    """Images whose pooled features differ per image: noise plus a per-image colour shift."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.cfg.input_size
+    return torch.randn(n, 3, size, size, generator=g) + torch.randn(n, 3, 1, 1, generator=g)
+
+
+def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
+                blocks_off: float = 0.5, channels_off: float = 0.0,
+                batch_sizes: tuple[int, ...] = (1, 256), repeats: int = 10,
+                checkpoint: str | None = None, calibrate: bool = True,
+                same_channels: bool = False, seed: int = 0) -> list[GatedBenchRow]:
+    """Time dense vs masked vs sparse for a gated model with a chosen gate sparsity.
+
+    Batch 1 is timed over 32 different images (each its own pattern), larger batches over
+    one batch; both as medians of ``repeats`` after warm-up. ``checkpoint`` loads trained
+    weights and keeps their gates (``blocks_off``/``channels_off`` are then ignored).
+    """
+    device = settings.device()
+    gated = models.create(name, placement=placement).eval()
+    if checkpoint:
+        state = torch.load(settings.checkpoint_dir() / f"{checkpoint}.pt", map_location="cpu",
+                           weights_only=True)
+        gated.load_state_dict(state)
+    plain = models.create(name.removeprefix("lcnet_")).eval()
+    plain.load_state_dict(gated.state_dict(), strict=False)
+    pool = _inputs(gated, max(max(batch_sizes), 256), seed).to(device).contiguous(
+        memory_format=torch.channels_last)
+    if not checkpoint:
+        set_gate_pattern(gated, pool[:256], blocks_off, channels_off, seed, same_channels)
+    gated = engine.fold_batchnorm(gated).to(device, memory_format=torch.channels_last)
+    plain = engine.fold_batchnorm(plain).to(device, memory_format=torch.channels_last)
+
+    rows = []
+    for batch in batch_sizes:
+        plan = engine.calibrate(gated, batch) if calibrate else SparsePlan(1.0)
+        chunks = [pool[i:i + 1] for i in range(32)] if batch == 1 else [pool[:batch]]
+        with torch.no_grad():
+            macs = torch.cat([gated(c)[1].macs for c in chunks]).double().mean().item()
+
+            medians = engine.compare_times({
+                "dense": lambda: [plain(c) for c in chunks],
+                "masked": lambda: [gated(c) for c in chunks],
+                "sparse": lambda: [gated(c, plan) for c in chunks],
+            }, repeats=repeats, device=device)
+        ms_dense, ms_masked, ms_sparse = (medians[k] * 1e3 / len(chunks)
+                                          for k in ("dense", "masked", "sparse"))
+        dense_macs = plain.macs()
+        mac_red = 1 - macs / dense_macs
+        time_red = 1 - ms_sparse / ms_dense
+        rows.append(GatedBenchRow(
+            name, placement, batch, blocks_off, channels_off, same_channels, dense_macs, round(macs),
+            round(mac_red, 4), round(ms_dense, 3), round(ms_masked, 3), round(ms_sparse, 3),
+            round(time_red, 4), round(ms_dense / ms_sparse, 3),
+            round(time_red / mac_red, 3) if mac_red > 0 else float("nan")))
+        log.info("%s", rows[-1])
+    return rows
+
+
+def format_rows(rows: list) -> str:
+    """A Markdown table of dataclass rows."""
+    dicts = [asdict(r) for r in rows]
+    head = list(dicts[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in dicts:
+        lines.append("| " + " | ".join(_fmt(d[k]) for k in head) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (int, np.integer)) and value > 10**6:
+        return f"{value / 1e6:.1f}M"
+    return str(value)

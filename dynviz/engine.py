@@ -1,0 +1,145 @@
+"""Running gated models for real: wall-clock timing and the per-block slicing calibration.
+
+Channel slicing only pays where a conv is wide enough that the saved multiply-adds beat the
+cost of gathering weight slices and launching smaller kernels. ``calibrate`` measures, per
+block and on the current device at a given batch size, the largest active-channel fraction
+at which the sliced residual branch is still faster than the masked dense one; the result is
+a ``SparsePlan`` that the sparse path follows, so it is never slower than masking.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from models.lcnet import GatedResNet, SliceCache, SparsePlan
+
+log = logging.getLogger(__name__)
+
+FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 3,
+                device: torch.device | str = "cpu") -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare_times(fns: dict[str, Callable[[], object]], *, repeats: int = 10,
+                  warmup: int = 3, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median seconds of each function, measured round-robin so that drift in the machine's
+    speed (other tenants, frequency) hits every contender alike."""
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of an eval-mode ResNet (plain or gated): every BatchNorm folded into
+    the conv before it (conv gets a bias, BN becomes Identity) and, for gated blocks, the two
+    gates' weights fused into one matrix. Fewer ops and memory passes per block.
+    Benchmarks fold both the dense and the sparse model, so neither gains from folding alone.
+    """
+    folded = copy.deepcopy(model).eval()
+    pairs = [(folded, "conv1", "bn1")]
+    for block in folded.blocks:
+        pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"bn{i}")]
+        if block.downsample is not None:
+            pairs.append((block.downsample, "0", "1"))
+    for owner, conv_name, bn_name in pairs:
+        conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+        setattr(owner, conv_name, fuse_conv_bn_eval(conv, bn))
+        setattr(owner, bn_name, nn.Identity())
+    for block in folded.blocks:
+        if hasattr(block, "freeze_gates"):
+            block.freeze_gates()
+    return folded.requires_grad_(False)
+
+
+def block_input_shapes(model: GatedResNet, batch_size: int) -> list[tuple[int, ...]]:
+    """(B, C_in, H, W) of every block's input at the model's ``input_size``."""
+    shapes, (_, hw) = [], model.stem_cost()
+    channels = model.cfg.widths[0]
+    for block in model.blocks:
+        shapes.append((batch_size, channels, *hw))
+        _, hw = block.cost_table(hw)
+        channels = block.mid_channels * block.expansion
+    return shapes
+
+
+@torch.no_grad()
+def calibrate(model: GatedResNet, batch_size: int, *, repeats: int = 5,
+              fractions: tuple[float, ...] = FRACTIONS,
+              cache_bytes: int = 256 << 20) -> SparsePlan:
+    """Per block, the largest fraction of active channels at which slicing beats masking,
+    for a channel set met for the first time (the weight slices are gathered) and for one
+    whose slices are in the plan's ``SliceCache``.
+
+    Blocks of the same shape share one measurement. The model must be in eval mode on the
+    device it will run on.
+    """
+    device = next(model.parameters()).device
+    measured: dict[tuple, tuple[float, float]] = {}
+    fresh, cached = [], []
+    for block, shape in zip(model.blocks, block_input_shapes(model, batch_size)):
+        key = (shape, block.mid_channels, block.conv1.stride, type(block).__name__,
+               block.gate_cfg.placement)
+        if key not in measured:
+            measured[key] = tuple(_slice_threshold(block, shape, device, repeats, fractions,
+                                                   use_cache) for use_cache in (False, True))
+        fresh.append(measured[key][0])
+        cached.append(measured[key][1])
+    log.info("slicing thresholds at batch %d: fresh %s, cached %s", batch_size, fresh, cached)
+    return SparsePlan(tuple(fresh), tuple(cached), SliceCache(cache_bytes))
+
+
+def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) -> float:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator).to(device).contiguous(
+        memory_format=torch.channels_last).relu_()
+    s_c = torch.ones(shape[0], block.mid_channels, device=device)
+    best = 0.0
+    for fraction in fractions:
+        keep = max(1, round(fraction * block.mid_channels))
+        channels = torch.randperm(block.mid_channels, generator=generator)[:keep].sort().values
+        channels = channels.to(device)
+        cache = SliceCache() if use_cache else None
+        times = compare_times({
+            "masked": lambda: block.residual_branch(x, s_c),
+            "sliced": lambda: block.residual_branch(x, s_c, channels, cache),
+        }, repeats=repeats, device=device)
+        if times["sliced"] >= times["masked"]:
+            break
+        best = fraction
+    return best
