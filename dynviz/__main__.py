@@ -55,6 +55,13 @@ def _cmd_bench_gated(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_policy(args: argparse.Namespace) -> int:
+    from dynviz import bench
+
+    print(bench.format_rows(bench.bench_policy(args.n, args.stages, args.repeats)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dynviz",
@@ -108,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibrate", action="store_true",
                    help="always slice channels instead of calibrating per block")
     p.set_defaults(func=_cmd_bench_gated)
+
+    p = bench_sub.add_parser("policy", help="policy refit and sweep times",
+                             description="Median times of fitting policies on N cached "
+                                         "outputs of K stages (synthetic confidences).")
+    p.add_argument("--n", type=int, default=2500, help="images (default: the fit half)")
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    p.set_defaults(func=_cmd_bench_policy)
     return parser
 
 

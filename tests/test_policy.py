@@ -1,0 +1,193 @@
+"""Policy learning held to brute force, limits of λ, the oracle bound and JSON round trips."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from dynviz import policy as P
+
+
+def synthetic(n: int = 600, k: int = 3, classes: int = 10, seed: int = 0,
+              jump: bool = False) -> P.StageOutputs:
+    """Stages of growing accuracy and cost; confidence tracks correctness, as in real nets."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    difficulty = rng.random(n)
+    logits = rng.normal(0, 1, (n, k, classes))
+    for stage in range(k):
+        skill = 0.45 + 0.5 * (stage + 1) / k                      # later stages see more
+        knows = difficulty < skill
+        logits[np.arange(n), stage, labels] += np.where(knows, 3.0 + 2 * rng.random(n), 0.0)
+    costs = np.tile(np.array([1.0, 2.0, 4.0, 8.0][:k]), (n, 1))
+    costs *= rng.uniform(0.9, 1.1, (n, k))                        # per-image variation
+    jump_costs = costs[:, -1] * 1.2 if jump else None
+    return P.StageOutputs(logits.astype(np.float32), labels, costs, jump_costs)
+
+
+# ---------------------------------------------------------------------------- stumps
+@pytest.mark.parametrize("seed", range(5))
+def test_stump_fit_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = 40
+    score = np.round(rng.normal(size=n), 1)                       # ties on purpose
+    positive = rng.random(n) < 0.5
+    weight = rng.random(n)
+    theta, error = P.fit_stump(score, positive, weight)
+    candidates = np.concatenate([np.unique(score), [np.inf]])     # every distinct cut
+    brute = min(((score >= t) != positive).astype(float) @ weight for t in candidates)
+    assert error == pytest.approx(brute)
+    assert ((score >= theta) != positive).astype(float) @ weight == pytest.approx(brute)
+    assert theta not in set(score.tolist())                       # thresholds between values
+
+
+def test_features_match_their_definitions():
+    logits = np.array([[2.0, 1.0, 0.0]])
+    p = np.exp(logits) / np.exp(logits).sum()
+    max_prob, margin, neg_entropy = P.confidence_features(logits)[0]
+    assert max_prob == pytest.approx(p[0, 0])
+    assert margin == pytest.approx(p[0, 0] - p[0, 1])
+    assert neg_entropy == pytest.approx((p * np.log(p)).sum())
+
+
+# ---------------------------------------------------------------------------- limits
+@pytest.mark.parametrize("family", P.FAMILIES)
+def test_lambda_zero_loses_no_accuracy_to_the_last_stage(family):
+    out = synthetic()
+    outcome = P.simulate(P.fit(out, 0.0, family), out)
+    assert outcome.correct.mean() >= P.static(out, out.n_stages - 1).correct.mean()
+
+
+def test_lambda_zero_never_exits_when_only_later_stages_are_right():
+    out = synthetic(seed=3)
+    outcome = P.simulate(P.fit(out, 0.0, "threshold"), out)
+    later_right = ~out.correct[:, 0] & out.correct[:, -1]
+    left_early_wrong = later_right & (outcome.exit_stage == 0)
+    # a stump cannot separate everything, but λ = 0 must not trade accuracy for cost
+    assert outcome.correct.sum() >= out.correct[:, -1].sum()
+    assert left_early_wrong.sum() <= (out.correct[:, 0] & ~out.correct[:, -1]).sum()
+
+
+@pytest.mark.parametrize("family", P.FAMILIES)
+@pytest.mark.parametrize("topology", P.TOPOLOGIES)
+def test_huge_lambda_always_takes_the_first_exit(family, topology):
+    out = synthetic(jump=True)
+    outcome = P.simulate(P.fit(out, 1e6, family, topology=topology), out)
+    assert (outcome.exit_stage == 0).all() and not outcome.jumped.any()
+
+
+# ---------------------------------------------------------------------------- optimality
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("lam", [0.05, 0.3, 1.0])
+def test_threshold_policy_beats_every_constant_policy(seed, lam):
+    out = synthetic(seed=seed)
+    learned = P.objective(P.simulate(P.fit(out, lam, "threshold"), out), lam,
+                          out.reference_cost)
+    constants = [P.objective(P.static(out, k), lam, out.reference_cost)
+                 for k in range(out.n_stages)]
+    assert learned <= min(constants) + 1e-12
+    constant_fit = P.objective(P.simulate(P.fit(out, lam, "constant"), out), lam,
+                               out.reference_cost)
+    assert constant_fit == pytest.approx(min(constants))          # bottom-up finds the best
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bottom_up_matches_brute_force_over_threshold_pairs(seed):
+    """For 3 stages, search every pair of stage thresholds directly."""
+    out = synthetic(n=60, seed=seed)
+    lam, f = 0.4, 0
+    learned = P.objective(P.simulate(P.fit(out, lam, "threshold"), out), lam,
+                          out.reference_cost)
+    best = math.inf
+    cuts = [np.concatenate([[-np.inf], np.unique(out.features[:, s, f]), [np.inf]])
+            for s in range(2)]
+    for t0, t1 in itertools.product(*cuts):
+        for s0, s1 in itertools.product((1.0, -1.0), repeat=2):
+            w0, w1 = [0.0] * 3, [0.0] * 3
+            w0[f], w1[f] = s0, s1
+            pol = P.Policy("threshold", "max_prob", "chain", lam,
+                           (P.Decision(tuple(w0), s0 * t0), P.Decision(tuple(w1), s1 * t1)))
+            best = min(best, P.objective(P.simulate(pol, out), lam, out.reference_cost))
+    # bottom-up is exact per stage given the later ones; jointly it can only tie or be
+    # slightly worse, never better than the exhaustive optimum
+    assert best - 1e-12 <= learned <= best + 0.02
+
+
+def test_oracle_is_the_cheapest_way_to_its_accuracy():
+    out = synthetic(n=6, seed=7)
+    o = P.oracle(out)
+    rows = np.arange(len(out))
+    best = math.inf
+    for assignment in itertools.product(range(out.n_stages), repeat=len(out)):
+        a = np.array(assignment)
+        if out.correct[rows, a].sum() >= o.correct.sum():
+            best = min(best, out.cumulative_costs[rows, a].sum())
+    assert o.correct.mean() == out.correct.any(1).mean()
+    assert o.cost.sum() == pytest.approx(best)
+
+
+def test_learned_policies_never_beat_the_oracle():
+    out = synthetic(seed=2)
+    o = P.oracle(out)
+    for point in P.sweep(out, n_points=20):
+        if point.accuracy >= o.correct.mean():
+            assert point.cost_fraction * out.reference_cost >= o.cost.mean() - 1e-9
+
+
+# ---------------------------------------------------------------------------- topology
+def test_jump_topology_skips_a_useless_middle_stage():
+    out = synthetic(seed=4)
+    logits = out.logits.copy()
+    logits[:, 1] = np.random.default_rng(0).normal(size=logits[:, 1].shape)  # stage 1 guesses
+    costs = out.stage_costs.copy()
+    costs[:, 1] = 3.0
+    bad_middle = P.StageOutputs(logits, out.labels, costs, jump_costs=costs[:, 2])
+    lam = 0.2
+    chain = P.simulate(P.fit(bad_middle, lam, topology="chain"), bad_middle)
+    jump = P.simulate(P.fit(bad_middle, lam, topology="jump"), bad_middle)
+    assert jump.jumped.sum() > 0
+    assert (P.objective(jump, lam, bad_middle.reference_cost)
+            < P.objective(chain, lam, bad_middle.reference_cost))
+
+
+def test_jump_needs_jump_costs():
+    with pytest.raises(ValueError, match="jump_costs"):
+        P.fit(synthetic(), 0.1, topology="jump")
+
+
+# ---------------------------------------------------------------------------- budgets
+@pytest.mark.parametrize("family", ["threshold", "linear"])
+def test_target_budget_meets_the_budget(family):
+    out = synthetic(seed=5)
+    for budget in (0.3, 0.5, 0.8):
+        pol = P.target_budget(out, budget, family)
+        assert P.simulate(pol, out).cost.mean() / out.reference_cost <= budget + 1e-9
+
+
+def test_sweep_is_a_pareto_frontier():
+    front = P.sweep(synthetic(seed=6), n_points=30)
+    costs = [p.cost_fraction for p in front]
+    accs = [p.accuracy for p in front]
+    assert costs == sorted(costs) and accs == sorted(accs) and len(front) >= 3
+
+
+# ---------------------------------------------------------------------------- JSON
+@pytest.mark.parametrize("family", P.FAMILIES)
+@pytest.mark.parametrize("topology", P.TOPOLOGIES)
+def test_policy_json_round_trip(family, topology):
+    out = synthetic(jump=True)
+    pol = P.fit(out, 0.3, family, "margin", topology)
+    again = P.Policy.from_json(pol.to_json())
+    assert again == pol
+    assert np.array_equal(P.simulate(again, out).exit_stage, P.simulate(pol, out).exit_stage)
+    baseline = P.global_threshold(out, 0.7)
+    assert P.Policy.from_json(baseline.to_json()).exits == baseline.exits
+    with pytest.raises(ValueError):
+        P.Policy.from_json('{"kind": "something else"}')
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match="shapes"):
+        P.StageOutputs(np.zeros((4, 2, 3)), np.zeros(4, int), np.zeros((5, 2)))
