@@ -45,6 +45,8 @@ class Recipe:
     l1_block: float = 0.0            # α, weight of mean |S_L|
     l1_channel: float = 0.0          # β, weight of mean |S_C|
     model_args: tuple[tuple[str, object], ...] = ()  # overrides for models.create
+    init_into: str = ""              # module path the init_from weights load into
+    trainable: str = ""              # train only parameters under this prefix ("": all)
 
     def build(self) -> nn.Module:
         return models.create(self.model, **dict(self.model_args))
@@ -58,6 +60,8 @@ RECIPES: dict[str, Recipe] = {
                              l1_block=0.02, l1_channel=0.02),
     "lcnet_resnet56": Recipe("lcnet_resnet56", epochs=15, peak_lr=0.02, gate_lr=0.02,
                              init_from="resnet56", l1_block=0.05, l1_channel=0.05),
+    "exits_resnet56": Recipe("exits_resnet56", epochs=8, peak_lr=0.05, init_from="resnet56",
+                             init_into="backbone", trainable="heads."),
 }
 
 
@@ -69,8 +73,24 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _logits(out) -> tuple[torch.Tensor, object | None]:
-    """A model returns logits, or (logits, trace)."""
+    """A model returns logits, or (logits, trace); staged models (B, K, C) logits."""
     return out if isinstance(out, tuple) else (out, None)
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy; for staged models (B, K, C) the mean over the K exits."""
+    if logits.ndim == 3:
+        k = logits.shape[1]
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.repeat_interleave(k),
+                               label_smoothing=smoothing)
+    return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+
+
+def _trace_macs(trace, batch: int, static: float) -> torch.Tensor:
+    if trace is None:
+        return torch.full((batch,), static)
+    macs = trace if torch.is_tensor(trace) else trace.macs          # staged: (B, K)
+    return macs.sum(1) if macs.ndim == 2 else macs
 
 
 def sparsity_penalty(trace, recipe: Recipe) -> torch.Tensor:
@@ -127,16 +147,19 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray,
-                      device: torch.device, batch_size: int = 500) -> tuple[float, float]:
-    """(accuracy, mean MACs per image) of ``model`` in eval mode on the masked path."""
+                      device: torch.device, batch_size: int = 500):
+    """(accuracy, mean MACs per image) of ``model`` in eval mode on the masked path; for
+    staged models the accuracy of every stage (a list) and the MACs of running them all."""
     model.eval()
     correct, macs = 0, 0.0
     static_macs = model.macs() if hasattr(model, "macs") else float("nan")
     for x, y in data.batches(images, labels, batch_size, device=device):
         logits, trace = _logits(model(x))
-        correct += (logits.argmax(1) == y).sum().item()
-        macs += trace.macs.sum().item() if trace is not None else static_macs * len(y)
-    return correct / len(labels), macs / len(labels)
+        hits = logits.argmax(-1) == (y[:, None] if logits.ndim == 3 else y)
+        correct = correct + hits.sum(0).cpu().numpy()
+        macs += _trace_macs(trace, len(y), static_macs).sum().item()
+    accuracy = correct / len(labels)
+    return (accuracy.tolist() if np.ndim(accuracy) else float(accuracy)), macs / len(labels)
 
 
 # ---------------------------------------------------------------------------- loop
@@ -177,7 +200,12 @@ def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None
 
     model = recipe.build()
     if recipe.init_from:
-        load_weights(model, settings.checkpoint_dir() / f"{recipe.init_from}.pt", strict=False)
+        target = model.get_submodule(recipe.init_into) if recipe.init_into else model
+        load_weights(target, settings.checkpoint_dir() / f"{recipe.init_from}.pt",
+                     strict=bool(recipe.init_into))
+    if recipe.trainable:
+        for pname, p in model.named_parameters():
+            p.requires_grad_(pname.startswith(recipe.trainable))
     model = model.to(device, memory_format=torch.channels_last)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.SGD(param_groups(model, recipe), momentum=recipe.momentum,
@@ -205,6 +233,10 @@ def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None
     for epoch in range(state.epoch, recipe.epochs):
         started = time.perf_counter()
         net.train()
+        if recipe.trainable:  # frozen parts keep their BatchNorm statistics
+            for mname, module in model.named_modules():
+                if isinstance(module, nn.BatchNorm2d) and not mname.startswith(recipe.trainable):
+                    module.eval()
         loss_sum, seen = 0.0, 0
         batches = data.batches(train_images, train_split.labels, recipe.batch_size,
                                generator=generator, train=True, device=device,
@@ -216,9 +248,8 @@ def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None
                 break
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
                 logits, trace = _logits(net(x))
-                loss = F.cross_entropy(logits.float(), y,
-                                       label_smoothing=recipe.label_smoothing)
-                if trace is not None and (recipe.l1_block or recipe.l1_channel):
+                loss = classification_loss(logits, y, recipe.label_smoothing)
+                if recipe.l1_block or recipe.l1_channel:
                     loss = loss + sparsity_penalty(trace, recipe)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,100 @@
+"""``AdaptiveClassifier``: a staged system (early exits or a cascade) run for real under a
+policy: stage by stage, images that leave are dropped from the batch, images the policy
+sends straight to the last network (cascades, jump topology) run only that network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dynviz.policy import FEATURES, Policy, confidence_features
+
+NOT_REACHED, CONTINUE, EXIT, JUMP = -1, 0, 1, 2
+
+
+@dataclass
+class AdaptiveTrace:
+    """Per image: what each stage said and what the policy did.
+
+    ``features`` (B, K, 3) confidence features (NaN where the stage did not run);
+    ``decisions`` (B, K) NOT_REACHED / CONTINUE / EXIT / JUMP; ``exit_stage`` (B,) the stage
+    whose answer is used; ``jumped`` (B,); ``stage_macs`` (B, K) MACs spent in each stage
+    (a jump's last-network run is counted in the last column); ``macs`` (B,) total.
+    """
+    features: np.ndarray
+    decisions: np.ndarray
+    exit_stage: np.ndarray
+    jumped: np.ndarray
+    stage_macs: np.ndarray
+    stage_names: list[str]
+
+    @property
+    def macs(self) -> np.ndarray:
+        return self.stage_macs.sum(1)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return FEATURES
+
+
+class AdaptiveClassifier(nn.Module):
+    """Args:
+        system: a staged model (``models.staged.EarlyExitNet`` or ``Cascade``), eval mode.
+        policy: the ``dynviz.policy.Policy`` that decides at every stage but the last.
+    """
+
+    def __init__(self, system: nn.Module, policy: Policy):
+        super().__init__()
+        if policy.exits and len(policy.exits) != system.n_stages - 1:
+            raise ValueError(f"policy has {len(policy.exits)} decisions; the system needs "
+                             f"{system.n_stages - 1}")
+        if policy.jumps and not hasattr(system, "jump_macs"):
+            raise ValueError("a jump policy needs a cascade")
+        self.system = system
+        self.policy = policy
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, AdaptiveTrace]:
+        system, k_total, b = self.system, self.system.n_stages, x.shape[0]
+        out = torch.empty(b, 0, device=x.device)
+        features = np.full((b, k_total, len(FEATURES)), np.nan)
+        decisions = np.full((b, k_total), NOT_REACHED, dtype=np.int8)
+        exit_stage = np.full(b, k_total - 1)
+        jumped = np.zeros(b, bool)
+        stage_macs = np.zeros((b, k_total), dtype=np.int64)
+        active = np.arange(b)                        # original positions still running
+        state = system.begin(x)
+        for k in range(k_total):
+            logits, state, macs = system.run_stage(k, state)
+            if out.shape[1] == 0:
+                out = torch.empty(b, logits.shape[1], device=x.device, dtype=logits.dtype)
+            stage_macs[active, k] += macs.cpu().numpy()
+            phi = confidence_features(logits.float().cpu().numpy())
+            features[active, k] = phi
+            leave, jump = self.policy.decide(k, phi, k_total)
+            decisions[active, k] = np.where(leave, EXIT, np.where(jump, JUMP, CONTINUE))
+            done = torch.from_numpy(np.flatnonzero(leave)).to(x.device)
+            out[torch.from_numpy(active[leave]).to(x.device)] = logits[done]
+            exit_stage[active[leave]] = k
+            if jump.any():                           # straight to the last network
+                idx = torch.from_numpy(np.flatnonzero(jump)).to(x.device)
+                jump_state = system.select(state, idx)
+                last_logits, _, last_macs = system.run_stage(k_total - 1, jump_state)
+                rows = active[jump]
+                out[torch.from_numpy(rows).to(x.device)] = last_logits
+                stage_macs[rows, k_total - 1] += last_macs.cpu().numpy()
+                features[rows, k_total - 1] = confidence_features(last_logits.float().cpu().numpy())
+                exit_stage[rows] = k_total - 1
+                jumped[rows] = True
+            keep = ~(leave | jump)
+            if not keep.any():
+                break
+            if not keep.all():                       # compaction: drop finished images
+                state = system.select(state, torch.from_numpy(np.flatnonzero(keep)).to(x.device))
+            active = active[keep]
+        trace = AdaptiveTrace(features, decisions, exit_stage, jumped, stage_macs,
+                              list(system.stage_names))
+        return out, trace

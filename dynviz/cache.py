@@ -1,0 +1,190 @@
+"""Cached validation outputs: every stage's logits, per-image MACs and gate scores of one
+system on one split, as flat ``.npy`` arrays plus ``manifest.json``.
+
+One directory per (system, checkpoint sha256, split fingerprint); written atomically (a
+temporary directory renamed into place), read memory-mapped, rebuilt when the checkpoint or
+the data changes (the old directory of that system and split is removed). Policies, the
+Budget page and the evaluation read only these arrays.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dynviz import __version__, data, settings
+from dynviz.policy import StageOutputs
+from models.lcnet import GatedResNet
+
+log = logging.getLogger(__name__)
+
+ARRAYS = ("labels", "logits", "stage_macs", "jump_macs", "block_scores", "channel_scores")
+
+
+@dataclass(frozen=True, eq=False)
+class CachedOutputs:
+    directory: Path
+    manifest: dict
+    arrays: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.arrays["labels"])
+
+    @property
+    def ids(self) -> list[str]:
+        return self.manifest["ids"]
+
+    def stage_outputs(self, index: np.ndarray | None = None) -> StageOutputs:
+        """The arrays a policy needs, for all images or ``index`` (positions)."""
+        a = self.arrays
+        pick = (lambda v: v) if index is None else (lambda v: v[index])
+        jump = a.get("jump_macs")
+        return StageOutputs(pick(a["logits"]), pick(a["labels"]).astype(np.int64),
+                            pick(a["stage_macs"]).astype(np.float64),
+                            None if jump is None else pick(jump).astype(np.float64),
+                            tuple(self.manifest["stage_names"]))
+
+    def half(self, name: str) -> StageOutputs:
+        """The *fit* (even positions) or *check* (odd positions) half of a ``val`` cache."""
+        if self.manifest["split"] != "val":
+            raise ValueError(f"halves exist for the val split, not {self.manifest['split']}")
+        start = {"fit": 0, "check": 1}[name]
+        return self.stage_outputs(np.arange(start, len(self), 2))
+
+    def block_scores(self) -> np.ndarray:
+        """(N, n_blocks) S_L in [0, 1] (dequantised from uint8)."""
+        return self.arrays["block_scores"].astype(np.float32) / 255.0
+
+    def channel_scores(self, block: int) -> np.ndarray:
+        """(N, C_mid) S_C of ``block`` in [0, 1]."""
+        lo, hi = self.manifest["channel_offsets"][block:block + 2]
+        return self.arrays["channel_scores"][:, lo:hi].astype(np.float32) / 255.0
+
+
+def _quantise(scores: torch.Tensor) -> np.ndarray:
+    return (scores.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def compute_outputs(model: nn.Module, images: np.ndarray, *, device: torch.device,
+                    batch_size: int = 250, progress: bool = True) -> dict[str, np.ndarray]:
+    """Run ``model`` (staged, gated or plain) on uint8 images (N, H, W, 3)."""
+    from tqdm import tqdm
+
+    model = model.to(device).eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    staged = hasattr(model, "run_stage")
+    static = model.macs() if hasattr(model, "macs") else None
+    for start in tqdm(range(0, len(images), batch_size), desc="caching outputs", unit="batch",
+                      disable=not progress, leave=False):
+        x = data.to_tensor(np.ascontiguousarray(images[start:start + batch_size]), device)
+        out = model(x)
+        batch = {}
+        if staged:
+            logits, macs = out
+            batch["logits"], batch["stage_macs"] = logits, macs
+            if hasattr(model, "jump_macs"):
+                batch["jump_macs"] = model.jump_macs(x)
+        elif isinstance(model, GatedResNet):
+            logits, trace = out
+            batch["logits"], batch["stage_macs"] = logits[:, None], trace.macs[:, None]
+            batch["block_scores"] = _quantise(trace.block_scores)
+            batch["channel_scores"] = _quantise(torch.cat(trace.channel_scores, 1))
+        else:
+            batch["logits"] = out[:, None]
+            batch["stage_macs"] = torch.full((len(x), 1), static, dtype=torch.long)
+        for name, value in batch.items():
+            value = value.float().cpu().numpy() if name == "logits" else (
+                value.cpu().numpy() if torch.is_tensor(value) else value)
+            parts.setdefault(name, []).append(value)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _write(directory: Path, arrays: dict[str, np.ndarray], manifest: dict) -> None:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tmp-"))
+    try:
+        for name, value in arrays.items():
+            np.save(tmp / f"{name}.npy", value)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def load(directory: Path) -> CachedOutputs:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
+              for name in ARRAYS if (directory / f"{name}.npy").exists()}
+    return CachedOutputs(directory, manifest, arrays)
+
+
+def directory_for(system: str, split: data.Split, checkpoint_sha: str,
+                  root: Path | None = None) -> Path:
+    root = root if root is not None else settings.cache_dir() / "outputs"
+    return root / f"{system}-{split.name}-{split.fingerprint}-{checkpoint_sha[:12]}"
+
+
+def find(system: str, split: data.Split, checkpoint_sha: str) -> CachedOutputs | None:
+    """A fresh cache of ``system`` on ``split``: the shipped one in assets/ or the local one."""
+    for root in (settings.assets_dir() / "outputs", settings.cache_dir() / "outputs"):
+        directory = directory_for(system, split, checkpoint_sha, root)
+        if (directory / "manifest.json").exists():
+            return load(directory)
+    return None
+
+
+def ensure(system: str, model: nn.Module, split: data.Split, checkpoint_sha: str, *,
+           device: torch.device | None = None, root: Path | None = None,
+           progress: bool = True) -> CachedOutputs:
+    """The cache of ``system`` on ``split``, built (and stale ones removed) if missing."""
+    if root is None:
+        found = find(system, split, checkpoint_sha)
+        if found is not None:
+            return found
+    directory = directory_for(system, split, checkpoint_sha, root)
+    if (directory / "manifest.json").exists():
+        return load(directory)
+    for stale in directory.parent.glob(f"{system}-{split.name}-*"):
+        log.info("removing stale cache %s", stale.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    device = device or settings.device()
+    started = time.perf_counter()
+    arrays = compute_outputs(model, split.images(), device=device, progress=progress)
+    arrays["labels"] = split.labels.astype(np.int16)
+    manifest = {
+        "system": system, "checkpoint_sha256": checkpoint_sha, "split": split.name,
+        "data_fingerprint": split.fingerprint, "data_root": _portable(split.dataset.root),
+        "ids": split.ids, "stage_names": list(getattr(model, "stage_names", [system])),
+        "shapes": {k: list(v.shape) for k, v in arrays.items()},
+        "stage_macs_static": (model.stage_macs() if hasattr(model, "stage_macs")
+                              else [model.macs()] if hasattr(model, "macs") else None),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - started, 1), "dynviz": __version__,
+    }
+    if isinstance(model, GatedResNet):
+        widths = [b.mid_channels for b in model.blocks]
+        manifest["channel_offsets"] = np.concatenate([[0], np.cumsum(widths)]).tolist()
+        manifest["block_names"] = model.block_names()
+    _write(directory, arrays, manifest)
+    return load(directory)
+
+
+def _portable(path: Path) -> str:
+    """A path relative to the project root where possible (no machine paths in assets)."""
+    try:
+        return os.path.relpath(path, settings.PROJECT_ROOT)
+    except ValueError:
+        return path.name

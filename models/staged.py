@@ -1,0 +1,200 @@
+"""Staged systems (Bolukbasi et al.): early exits inside one network and cascades of networks.
+
+Both expose the same interface, which ``dynviz.adaptive.AdaptiveClassifier`` drives stage by
+stage (dropping finished images from the batch) and which caching uses to record every
+stage's answer:
+
+- ``n_stages`` and ``stage_names``;
+- ``begin(x) -> state`` and ``run_stage(k, state) -> (logits (B, C), next_state, macs (B,))``,
+  where ``macs`` is what stage ``k`` spent on each image (stage ``k`` follows ``k - 1``);
+- ``select(state, index)`` keeps the images ``index`` of a state;
+- ``jump_macs(x_state) -> (B,)`` for cascades: the last stage run on its own;
+- ``forward(x) -> (logits (B, K, C), macs (B, K))``: every stage on every image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.macs import conv_macs, conv_out_hw, linear_macs
+from models.registry import create, register_model
+from models.resnet import ResNet, conv3x3
+
+
+class ExitHead(nn.Module):
+    """A cheap classifier on an intermediate feature map:
+    3×3 conv, stride 2 (C → 2C) → BN → ReLU → global average pool → FC."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        width = 2 * in_channels
+        self.conv = conv3x3(in_channels, width, stride=2)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(x)))                       # (B, 2C, H/2, W/2)
+        return self.fc(x.mean((2, 3)))
+
+    def macs(self, hw: tuple[int, int]) -> int:
+        return conv_macs(self.conv, hw) + linear_macs(self.fc)
+
+
+def _logits_and_macs(model: nn.Module, x: torch.Tensor, static_macs: int):
+    """Any classifier: a plain one returns logits, a dynamic one (logits, trace with .macs)."""
+    out = model(x)
+    if isinstance(out, tuple):
+        return out[0], out[1].macs
+    return out, torch.full((x.shape[0],), static_macs, dtype=torch.long, device=x.device)
+
+
+def measured_macs(model: nn.Module, input_size: int) -> int:
+    """MACs of one image through ``model``: its own count if it has one, else
+    FlopCounterMode / 2 on a dummy input (for arbitrary classifiers)."""
+    if hasattr(model, "macs"):
+        return model.macs()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, input_size, input_size))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+class StagedMixin:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stage on every image: (logits (B, K, C), macs (B, K))."""
+        state, logits, macs = self.begin(x), [], []
+        for k in range(self.n_stages):
+            stage_logits, state, stage_macs = self.run_stage(k, state)
+            logits.append(stage_logits)
+            macs.append(stage_macs)
+        return torch.stack(logits, 1), torch.stack(macs, 1)
+
+    @staticmethod
+    def select(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return state[index]
+
+
+class EarlyExitNet(StagedMixin, nn.Module):
+    """A backbone with exit heads after blocks ``exits``; its own head is the last exit.
+
+    Args:
+        backbone: a ``ResNet`` (plain) with ``forward_stem``/``forward_blocks``/``forward_head``.
+        exits: block indices (ascending) whose outputs feed an ``ExitHead``.
+    """
+
+    def __init__(self, backbone: ResNet, exits: tuple[int, ...]):
+        super().__init__()
+        if list(exits) != sorted(set(exits)) or exits[-1] >= len(backbone.blocks) - 1:
+            raise ValueError(f"exits must be ascending block indices before the last block; "
+                             f"got {exits} for {len(backbone.blocks)} blocks")
+        self.backbone = backbone
+        self.exits = tuple(exits)
+        channels = backbone.block_channels()
+        self.heads = nn.ModuleList(ExitHead(channels[i], backbone.cfg.num_classes)
+                                   for i in exits)
+        self.n_stages = len(exits) + 1
+        self.stage_names = [f"exit@{i}" for i in exits] + ["final"]
+        self.cfg = backbone.cfg
+        self._bounds = [0] + [i + 1 for i in exits] + [len(backbone.blocks)]
+
+    def begin(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_stem(x)
+
+    def run_stage(self, k: int, h: torch.Tensor):
+        h = self.backbone.forward_blocks(h, self._bounds[k], self._bounds[k + 1])
+        head = self.heads[k] if k < len(self.heads) else self.backbone.forward_head
+        macs = torch.full((h.shape[0],), self.stage_macs()[k], dtype=torch.long, device=h.device)
+        return head(h), h, macs
+
+    def stage_macs(self) -> list[int]:
+        """MACs of each stage for one image: its blocks plus its head (stem in stage 0)."""
+        stem, hw = self.backbone.stem_cost()
+        costs, block_hw = [], []
+        for table in self.backbone.block_costs():
+            block_hw.append(hw)
+            costs.append(sum(table.values()))
+            hw = self._block_out_hw(len(block_hw) - 1, hw)
+        out = []
+        for k in range(self.n_stages):
+            lo, hi = self._bounds[k], self._bounds[k + 1]
+            macs = sum(costs[lo:hi]) + (sum(stem.values()) if k == 0 else 0)
+            if k < len(self.heads):
+                macs += self.heads[k].macs(self._block_out_hw(hi - 1, block_hw[hi - 1]))
+            else:
+                macs += linear_macs(self.backbone.fc)
+            out.append(macs)
+        return out
+
+    def _block_out_hw(self, index: int, hw: tuple[int, int]) -> tuple[int, int]:
+        return self.backbone.blocks[index].cost_table(hw)[1]
+
+    def macs(self) -> int:
+        """MACs of running every stage (all exits evaluated)."""
+        return sum(self.stage_macs())
+
+
+class Cascade(StagedMixin, nn.Module):
+    """Classifiers of growing cost, each run on the image from scratch.
+
+    Any ``nn.Module`` mapping images to logits can be a stage; gated stages report per-image
+    MACs through their traces. ``jump_macs`` is the cost of the last stage alone (network
+    selection may send an image straight to it).
+    """
+
+    def __init__(self, stages: list[nn.Module], names: list[str] | None = None,
+                 input_size: int = 32):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.n_stages = len(stages)
+        self.stage_names = names or [type(s).__name__ for s in stages]
+        self.input_size = input_size
+        self._static = [measured_macs(s, input_size) for s in stages]
+
+    def begin(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def run_stage(self, k: int, x: torch.Tensor):
+        logits, macs = _logits_and_macs(self.stages[k], x, self._static[k])
+        return logits, x, macs
+
+    def jump_macs(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits_and_macs(self.stages[-1], x, self._static[-1])[1]
+
+    def stage_macs(self) -> list[int]:
+        return list(self._static)
+
+    def macs(self) -> int:
+        return sum(self._static)
+
+
+@dataclass(frozen=True)
+class ExitsConfig:
+    backbone: str = "resnet56"
+    exits: tuple[int, ...] = (4, 8, 13, 17, 22)  # middle and end of stages 1 and 2, mid 3
+
+
+@register_model
+def exits_resnet56(backbone: str = ExitsConfig.backbone,
+                   exits: tuple[int, ...] = ExitsConfig.exits, **overrides) -> EarlyExitNet:
+    """Exit heads on a ResNet-56 (after blocks 4, 8, 13, 17, 22 and the final head)."""
+    return EarlyExitNet(create(backbone, **overrides), tuple(exits))
+
+
+@register_model
+def exits_resnet20(backbone: str = "resnet20", exits: tuple[int, ...] = (2, 5),
+                   **overrides) -> EarlyExitNet:
+    """Exit heads after the first two stages of a ResNet-20 (small, for tests)."""
+    return EarlyExitNet(create(backbone, **overrides), tuple(exits))
+
+
+@register_model
+def cascade_r8_r20_r56(members: tuple[str, ...] = ("resnet8", "resnet20", "resnet56"),
+                       **overrides) -> Cascade:
+    """ResNet-8 → ResNet-20 → ResNet-56."""
+    return Cascade([create(m, **overrides) for m in members], list(members))

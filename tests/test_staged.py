@@ -1,0 +1,152 @@
+"""Early exits, cascades, the live AdaptiveClassifier against the policy simulated from the
+cache, and the cache format."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from dynviz import cache, data, policy as P
+from dynviz.adaptive import EXIT, JUMP, NOT_REACHED, AdaptiveClassifier
+from tests.conftest import make_imagefolder
+from tests.test_models import flops_macs, randomize
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 1, 1, 3))                     # per-image colour cast
+    noise = rng.integers(-60, 60, (n, 32, 32, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def _system(name: str, **kw):
+    system = models.create(name, **kw).eval()
+    for i, module in enumerate(system.modules()):
+        if isinstance(module, torch.nn.Linear):                  # confident, varied heads
+            torch.nn.init.normal_(module.weight, std=1.5 / module.in_features**0.5,
+                                  generator=torch.Generator().manual_seed(i))
+    return randomize(system, seed=11)
+
+
+def _stage_outputs(system, x) -> P.StageOutputs:
+    with torch.no_grad():
+        logits, macs = system(x)
+        jump = system.jump_macs(x).numpy().astype(float) if hasattr(system, "jump_macs") else None
+    labels = logits[:, -1].argmax(1).numpy()                     # the last stage is "right"
+    labels[::7] = (labels[::7] + 1) % 10                          # ... mostly
+    return P.StageOutputs(logits.numpy(), labels, macs.numpy().astype(float), jump)
+
+
+def test_stage_macs_equal_flop_counter():
+    for name, kw in (("exits_resnet20", {}), ("cascade_r8_r20_r56", {})):
+        system = models.create(name, **kw).eval()
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert flops_macs(lambda: system(x)) == system.macs() == sum(system.stage_macs())
+            _, macs = system(x)
+        assert macs[0].tolist() == system.stage_macs()
+
+
+def test_exit_heads_read_the_backbone_unchanged():
+    system = randomize(models.create("exits_resnet20").eval(), seed=1)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, _ = system(x)
+        assert torch.allclose(logits[:, -1], system.backbone(x), atol=1e-5)
+
+
+def test_cascade_that_always_exits_is_its_first_model():
+    system = _system("cascade_r8_r20_r56", members=("resnet8", "resnet8", "resnet20"))
+    x = data.to_tensor(_images(6))
+    always = P.Policy("constant", "max_prob", "chain", 0.0, (P.ALWAYS, P.ALWAYS))
+    with torch.no_grad():
+        logits, trace = AdaptiveClassifier(system, always)(x)
+        assert torch.equal(logits, system.stages[0](x))
+    assert (trace.exit_stage == 0).all()
+    assert (trace.macs == system.stage_macs()[0]).all()
+    assert (trace.decisions[:, 1:] == NOT_REACHED).all()
+
+
+@pytest.mark.parametrize("name, kw, topology", [
+    ("exits_resnet20", {}, "chain"),
+    ("cascade_r8_r20_r56", {"members": ("resnet8", "resnet8", "resnet20")}, "chain"),
+    ("cascade_r8_r20_r56", {"members": ("resnet8", "resnet8", "resnet20")}, "jump"),
+])
+@pytest.mark.parametrize("family", ["threshold", "linear"])
+def test_live_classifier_equals_the_simulation(name, kw, topology, family):
+    system = _system(name, **kw)
+    x = data.to_tensor(_images(96))
+    outputs = _stage_outputs(system, x)
+    pol = None
+    for lam in (0.1, 0.3, 1.0, 3.0):                              # a λ with mixed exits
+        candidate = P.fit(outputs, lam, family, topology=topology)
+        sim = P.simulate(candidate, outputs)
+        if len(np.unique(sim.exit_stage)) > 1:
+            pol = candidate
+            break
+    assert pol is not None, "no λ gave a policy that uses more than one stage"
+    with torch.no_grad():
+        logits, trace = AdaptiveClassifier(system, pol)(x)
+    assert np.array_equal(trace.exit_stage, sim.exit_stage)
+    assert np.array_equal(trace.jumped, sim.jumped)
+    assert np.array_equal(logits.argmax(1).numpy(), sim.predictions)
+    assert np.allclose(trace.macs, sim.cost)
+    # every image leaves exactly once: an exit, or a jump to the last network
+    assert (((trace.decisions == EXIT) | (trace.decisions == JUMP)).sum(1) == 1).all()
+
+
+def test_adaptive_classifier_checks_the_policy_shape():
+    system = models.create("exits_resnet20").eval()
+    with pytest.raises(ValueError, match="decisions"):
+        AdaptiveClassifier(system, P.Policy("constant", "max_prob", "chain", 0.0, (P.ALWAYS,)))
+
+
+# ---------------------------------------------------------------------------- cache
+@pytest.fixture
+def tiny_split(tmp_path):
+    root = make_imagefolder(tmp_path / "tiny", per_class=3)
+    return data.test_split(root)
+
+
+def test_cache_round_trip_and_staleness(tiny_split, cache_env):
+    system = _system("exits_resnet20")
+    built = cache.ensure("exits_resnet20", system, tiny_split, "a" * 64, progress=False)
+    assert built.arrays["logits"].shape == (30, 3, 10)
+    assert isinstance(built.arrays["logits"], np.memmap)
+    assert built.ids == tiny_split.ids
+    with torch.no_grad():
+        direct, macs = system(data.to_tensor(tiny_split.images()))
+    assert np.allclose(built.arrays["logits"], direct.numpy(), atol=1e-5)
+    assert np.array_equal(built.arrays["stage_macs"], macs.numpy())
+    assert np.array_equal(built.arrays["labels"], tiny_split.labels)
+    manifest = json.loads((built.directory / "manifest.json").read_text())
+    assert manifest["data_fingerprint"] == tiny_split.fingerprint
+    assert not list(built.directory.parent.glob(".tmp-*"))
+    again = cache.ensure("exits_resnet20", system, tiny_split, "a" * 64, progress=False)
+    assert again.directory == built.directory and again.manifest["created"] == manifest["created"]
+    rebuilt = cache.ensure("exits_resnet20", system, tiny_split, "b" * 64, progress=False)
+    assert rebuilt.directory != built.directory and not built.directory.exists()
+    out = rebuilt.stage_outputs()
+    assert out.n_stages == 3 and len(out) == 30
+
+
+def test_cache_of_a_gated_model_keeps_its_gates(tiny_split, cache_env):
+    model = randomize(models.create("lcnet_resnet8").eval(), seed=12)
+    cached = cache.ensure("lcnet_resnet8", model, tiny_split, "c" * 64, progress=False)
+    with torch.no_grad():
+        _, trace = model(data.to_tensor(tiny_split.images()))
+    assert np.abs(cached.block_scores() - trace.block_scores.numpy()).max() <= 0.5 / 255 + 1e-6
+    for b in range(len(model.blocks)):
+        assert np.abs(cached.channel_scores(b) - trace.channel_scores[b].numpy()).max() \
+            <= 0.5 / 255 + 1e-6
+    assert np.array_equal(cached.arrays["stage_macs"][:, 0], trace.macs.numpy())
+
+
+def test_halves_need_the_val_split(tiny_split, cache_env):
+    cached = cache.ensure("resnet8", models.create("resnet8").eval(), tiny_split, "d" * 64,
+                          progress=False)
+    with pytest.raises(ValueError, match="val"):
+        cached.half("fit")
