@@ -62,6 +62,62 @@ def _cmd_bench_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_arg(args: argparse.Namespace):
+    from dynviz import data
+
+    return data.test_split(args.data) if args.data else data.get_split(args.split)
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from dynviz import zoo
+
+    split = _split_arg(args)
+    names = list(zoo.SYSTEMS) if args.model == "all" else [args.model]
+    for name in names:
+        missing = zoo.missing(name)
+        if missing:
+            print(f"{name}: skipped, untrained checkpoints: {', '.join(missing)} "
+                  f"(train with: {zoo.train_command(missing[0])})", file=sys.stderr)
+            continue
+        cached = zoo.outputs(name, split)
+        print(f"{name}: {len(cached)} images of {split.name} -> {cached.directory}")
+    return 0
+
+
+def _cmd_policies(args: argparse.Namespace) -> int:
+    from dynviz import evaluate
+
+    for path in evaluate.ship_operating_points(args.family, args.feature):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dynviz import evaluate
+
+    split = _split_arg(args)
+    rows = evaluate.evaluate(split, time_it=not args.no_timing, repeats=args.repeats)
+    evaluate.write(rows, Path(args.out))
+    print(evaluate.markdown(rows))
+    print(f"\nwrote {args.out} ({split.name}, {len(split)} images)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dynviz import data, evaluate, inspect
+
+    policy = evaluate.load_policy(args.system, args.loss / 100) if args.loss else None
+    runner = inspect.build_runner(args.system, policy)
+    for path in args.images:
+        image = data.preprocess_upload(Path(path).read_bytes())
+        print(json.dumps({"image": path} | inspect.inspect_image(runner, image).summary()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dynviz",
@@ -123,6 +179,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.set_defaults(func=_cmd_bench_policy)
+
+    def add_split(p):
+        p.add_argument("--split", default="val", choices=["train", "val", "fit", "check"],
+                       help="CIFAR-10 split (default: %(default)s)")
+        p.add_argument("--data", help="an ImageFolder directory to use as a test split instead")
+
+    p = sub.add_parser("cache", help="cache a system's outputs on a split",
+                       description="Run a system on every image of a split and store logits, "
+                                   "per-image MACs and gate scores (rebuilt when stale).")
+    p.add_argument("--model", default="all", help="system name or 'all' (default)")
+    add_split(p)
+    p.set_defaults(func=_cmd_cache)
+
+    p = sub.add_parser("policies", help="choose and ship the default operating points",
+                       description="For every staged system, the cheapest policy within 0.5%% "
+                                   "and 1%% accuracy of resnet56 on the fit half -> assets/policies.")
+    p.add_argument("--family", default="threshold", choices=["constant", "threshold", "linear"])
+    p.add_argument("--feature", default="max_prob", choices=["max_prob", "margin", "neg_entropy"])
+    p.set_defaults(func=_cmd_policies)
+
+    p = sub.add_parser("evaluate", help="the results table of every default system",
+                       description="Accuracy, MACs, MAC reduction and measured speedups "
+                                   "(batch 1 and 256, against resnet56) of every trained "
+                                   "system, one JSON row each.")
+    p.add_argument("--split", default="check", choices=["train", "val", "fit", "check"],
+                   help="CIFAR-10 split (default: %(default)s)")
+    p.add_argument("--data", help="an ImageFolder directory to evaluate instead")
+    p.add_argument("--out", default="results.json", help="JSON output (default: %(default)s)")
+    p.add_argument("--no-timing", action="store_true", help="skip latency measurements")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify image files with a system",
+                       description="Prediction, compute path summary, MACs and measured "
+                                   "latency (dynamic vs dense) per image, one JSON line each.")
+    p.add_argument("system", help="a default system (see dynviz/zoo.py)")
+    p.add_argument("images", nargs="+", help="image files (jpg, png, webp, bmp, gif, tiff)")
+    p.add_argument("--loss", type=float, choices=[0.5, 1.0],
+                   help="operating point of staged systems: max accuracy loss in %% "
+                        "(default 0.5)")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 
@@ -132,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError) as err:  # incl. missing data/checkpoints
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -19,6 +19,8 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models.lcnet import GatedResNet, SliceCache, SparsePlan
+from models.resnet import ResNet
+from models.staged import ExitHead
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +68,38 @@ def compare_times(fns: dict[str, Callable[[], object]], *, repeats: int = 10,
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An inference copy of an eval-mode ResNet (plain or gated): every BatchNorm folded into
-    the conv before it (conv gets a bias, BN becomes Identity) and, for gated blocks, the two
-    gates' weights fused into one matrix. Fewer ops and memory passes per block.
-    Benchmarks fold both the dense and the sparse model, so neither gains from folding alone.
+    """An inference copy of an eval-mode model with every BatchNorm of its ResNets and exit
+    heads folded into the conv before it (conv gets a bias, BN becomes Identity) and, for
+    gated blocks, the two gates' weights fused into one matrix: fewer ops and memory passes.
+    Benchmarks fold both the dense and the dynamic model, so neither gains from it alone.
     """
     folded = copy.deepcopy(model).eval()
-    pairs = [(folded, "conv1", "bn1")]
-    for block in folded.blocks:
+    for module in list(folded.modules()):
+        if isinstance(module, ResNet):
+            _fold_resnet(module)
+        elif isinstance(module, ExitHead):
+            _fold_pairs([(module, "conv", "bn")])
+    return folded.requires_grad_(False)
+
+
+def _fold_resnet(resnet: ResNet) -> None:
+    pairs = [(resnet, "conv1", "bn1")]
+    for block in resnet.blocks:
         pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"bn{i}")]
         if block.downsample is not None:
             pairs.append((block.downsample, "0", "1"))
-    for owner, conv_name, bn_name in pairs:
-        conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
-        setattr(owner, conv_name, fuse_conv_bn_eval(conv, bn))
-        setattr(owner, bn_name, nn.Identity())
-    for block in folded.blocks:
+    _fold_pairs(pairs)
+    for block in resnet.blocks:
         if hasattr(block, "freeze_gates"):
             block.freeze_gates()
-    return folded.requires_grad_(False)
+
+
+def _fold_pairs(pairs) -> None:
+    for owner, conv_name, bn_name in pairs:
+        conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+        if isinstance(bn, nn.BatchNorm2d):
+            setattr(owner, conv_name, fuse_conv_bn_eval(conv, bn))
+            setattr(owner, bn_name, nn.Identity())
 
 
 def block_input_shapes(model: GatedResNet, batch_size: int) -> list[tuple[int, ...]]:

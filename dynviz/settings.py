@@ -6,6 +6,7 @@ Every path is relative to the project root unless an environment variable overri
   ``cifar-10-batches-py``).
 - ``DYNVIZ_CACHE``: decoded-image and validation-output caches (default ``.cache/``).
 - ``DYNVIZ_CHECKPOINTS``: trained weights (default ``models/checkpoints/``).
+- ``DYNVIZ_ASSETS``: shipped caches and policies (default ``assets/``).
 - ``DYNVIZ_DEVICE``: ``cuda``, ``cpu``, ``cuda:1``...; default CUDA when present.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def checkpoint_dir() -> Path:
 
 
 def assets_dir() -> Path:
-    return PROJECT_ROOT / "assets"
+    """Shipped caches and policies (``DYNVIZ_ASSETS`` overrides, e.g. in tests)."""
+    return _env_path("DYNVIZ_ASSETS", PROJECT_ROOT / "assets")
 
 
 def device() -> torch.device:

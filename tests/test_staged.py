@@ -23,6 +23,7 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _system(name: str, **kw):
+    torch.manual_seed(0)                                          # the builders' init
     system = models.create(name, **kw).eval()
     for i, module in enumerate(system.modules()):
         if isinstance(module, torch.nn.Linear):                  # confident, varied heads
@@ -81,7 +82,7 @@ def test_live_classifier_equals_the_simulation(name, kw, topology, family):
     x = data.to_tensor(_images(96))
     outputs = _stage_outputs(system, x)
     pol = None
-    for lam in (0.1, 0.3, 1.0, 3.0):                              # a λ with mixed exits
+    for lam in (0.03, 0.1, 0.3, 1.0, 3.0, 10.0):                  # a λ with mixed exits
         candidate = P.fit(outputs, lam, family, topology=topology)
         sim = P.simulate(candidate, outputs)
         if len(np.unique(sim.exit_stage)) > 1:

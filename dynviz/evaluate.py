@@ -1,0 +1,187 @@
+"""Operating points and the results table: every default system on a split, with accuracy,
+mean MACs, MAC reduction and measured speedups against the reference network.
+
+Policies are chosen on the validation *fit* half and judged wherever they are evaluated
+(by default the *check* half). Latencies are measured on the current device with BN folded
+into the convs for every contender alike.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynviz import data, engine, policy as P, settings, zoo
+from dynviz.adaptive import AdaptiveClassifier
+from models.lcnet import GatedResNet
+
+log = logging.getLogger(__name__)
+
+LOSSES = (0.005, 0.01)  # accuracy loss against the reference, for shipped operating points
+
+
+def policies_dir() -> Path:
+    return settings.assets_dir() / "policies"
+
+
+def policy_path(system: str, loss: float) -> Path:
+    return policies_dir() / f"{system}-loss{loss * 100:g}pct.json"
+
+
+def choose_operating_point(fit: P.StageOutputs, target_accuracy: float, *,
+                           family: str = "threshold", feature: str = "max_prob",
+                           topology: str = "chain", n_points: int = 60) -> P.Policy:
+    """The cheapest policy of the sweep whose accuracy on ``fit`` reaches ``target_accuracy``
+    (the most accurate one if none does)."""
+    front = P.sweep(fit, n_points, family, feature, topology, lam_range=(1e-4, 30.0))
+    good = [p for p in front if p.accuracy >= target_accuracy]
+    return (min(good, key=lambda p: p.cost_fraction) if good
+            else max(front, key=lambda p: p.accuracy)).policy
+
+
+def reference_accuracy(split: data.Split) -> float:
+    out = zoo.outputs(zoo.REFERENCE, split, progress=False).stage_outputs()
+    return float(out.correct[:, -1].mean())
+
+
+def ship_operating_points(family: str = "threshold", feature: str = "max_prob",
+                          val: data.Split | None = None) -> list[Path]:
+    """Choose, on the fit half of ``val``, and write the default policies of every available
+    staged system."""
+    val = val if val is not None else data.get_split("val")
+    ref = zoo.outputs(zoo.REFERENCE, val).half("fit")
+    ref_accuracy = float(ref.correct[:, -1].mean())
+    written = []
+    for name in zoo.available():
+        s = zoo.spec(name)
+        if s.kind not in ("exits", "cascade"):
+            continue
+        fit = zoo.outputs(name, val).half("fit")
+        for loss in LOSSES:
+            pol = choose_operating_point(fit, ref_accuracy - loss, family=family,
+                                         feature=feature, topology=s.topology)
+            path = policy_path(name, loss)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(pol.to_json() + "\n")
+            written.append(path)
+    return written
+
+
+def load_policy(system: str, loss: float) -> P.Policy | None:
+    path = policy_path(system, loss)
+    return P.Policy.from_json(path.read_text()) if path.exists() else None
+
+
+# ---------------------------------------------------------------------------- timing
+def _time_per_image(fn, images: np.ndarray, batch: int, device, repeats: int) -> float:
+    """Median seconds per image of ``fn`` over the images, in batches of ``batch``."""
+    chunks = [data.to_tensor(np.ascontiguousarray(images[i:i + batch]), device)
+              for i in range(0, len(images), batch)]
+    with torch.no_grad():
+        seconds = engine.median_time(lambda: [fn(c) for c in chunks], repeats=repeats,
+                                     warmup=1, device=device)
+    return seconds / len(images)
+
+
+@dataclass
+class Row:
+    system: str
+    kind: str
+    operating_point: str
+    accuracy: float
+    macs_mean: float
+    macs_reduction: float
+    speedup_b1: float | None
+    speedup_b256: float | None
+    policy: dict | None = None
+
+
+def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
+             repeats: int = 3, progress: bool = True) -> list[Row]:
+    """One row per available system (static, gated, each staged system at each shipped
+    operating point, and the oracle of each staged system) on ``split``."""
+    device = settings.device()
+    images = split.images()
+    ref_out = zoo.outputs(zoo.REFERENCE, split, progress=progress).stage_outputs()
+    ref_macs = float(ref_out.stage_costs.sum(1).mean())
+    latency: dict[str, tuple[float, float]] = {}
+
+    def timed(key: str, fn) -> tuple[float, float] | tuple[None, None]:
+        if not time_it:
+            return None, None
+        if key not in latency:
+            latency[key] = (_time_per_image(fn, images[:b1_images], 1, device, repeats),
+                            _time_per_image(fn, images, 256, device, repeats))
+        return latency[key]
+
+    reference = engine.fold_batchnorm(zoo.load_system(zoo.REFERENCE, device))
+    ref_b1, ref_b256 = timed("reference", reference)
+
+    def row(name, kind, point, accuracy, macs, times, policy=None) -> Row:
+        b1, b256 = times
+        return Row(name, kind, point, round(float(accuracy), 4), round(float(macs)),
+                   round(ref_macs / float(macs), 3),
+                   None if b1 is None else round(ref_b1 / b1, 3),
+                   None if b256 is None else round(ref_b256 / b256, 3),
+                   None if policy is None else json.loads(policy.to_json()))
+
+    rows = []
+    for name in zoo.available():
+        s = zoo.spec(name)
+        out = zoo.outputs(name, split, progress=progress).stage_outputs()
+        model = zoo.load_system(name, device)
+        if s.kind in ("static", "gated"):
+            if isinstance(model, GatedResNet):
+                folded = engine.fold_batchnorm(model)
+                plans = {b: engine.calibrate(folded, b) for b in (1, 256)} if time_it else {}
+                fn = _GatedRunner(folded, plans)
+            else:
+                fn = engine.fold_batchnorm(model)
+            rows.append(row(name, s.kind, "trained", out.correct[:, 0].mean(),
+                            out.stage_costs[:, 0].mean(), timed(name, fn)))
+            continue
+        for loss in LOSSES:
+            pol = load_policy(name, loss)
+            if pol is None:
+                log.warning("%s has no shipped policy for %.1f%% loss; run "
+                            "`python -m dynviz policies`", name, loss * 100)
+                continue
+            sim = P.simulate(pol, out)
+            rows.append(row(name, s.kind, f"≤{loss * 100:g}% loss (fit half)",
+                            sim.correct.mean(), sim.cost.mean(),
+                            timed(f"{name}@{loss}",
+                                  AdaptiveClassifier(engine.fold_batchnorm(model), pol)), pol))
+        o = P.oracle(out)
+        rows.append(row(f"{name} oracle", "oracle", "knows the correct stages",
+                        o.correct.mean(), o.cost.mean(), (None, None)))
+    return rows
+
+
+class _GatedRunner:
+    """Sparse path of a gated model with the plan calibrated for the batch size."""
+
+    def __init__(self, model: GatedResNet, plans: dict):
+        self.model, self.plans = model, plans
+
+    def __call__(self, x):
+        plan = self.plans.get(1 if x.shape[0] == 1 else 256)
+        return self.model(x, plan) if plan is not None else self.model(x)
+
+
+def write(rows: list[Row], path: Path) -> None:
+    path.write_text(json.dumps([asdict(r) for r in rows], indent=1, ensure_ascii=False) + "\n")
+
+
+def markdown(rows: list[Row]) -> str:
+    head = "| system | operating point | accuracy | MACs (M) | MAC reduction | speedup b1 | speedup b256 |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
+        lines.append(f"| {r.system} | {r.operating_point} | {r.accuracy * 100:.2f}% | "
+                     f"{r.macs_mean / 1e6:.1f} | {r.macs_reduction:.2f}× | {fmt(r.speedup_b1)} | "
+                     f"{fmt(r.speedup_b256)} |")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Zoo -> cache -> policies -> evaluate -> inspect, end to end on a tiny split with
+checkpoints of random weights (written to temporary directories)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from dynviz import data, evaluate, inspect, policy as P, zoo
+from dynviz.__main__ import main
+from tests.conftest import make_imagefolder
+from tests.test_models import randomize
+
+CHECKPOINTS = {"resnet8": "resnet8", "resnet20": "resnet20", "resnet56": "resnet56",
+               "lcnet_resnet20": "lcnet_resnet20", "exits_resnet56": "exits_resnet56"}
+
+
+@pytest.fixture(scope="module")
+def fake_zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    mp = pytest.MonkeyPatch()
+    for var, sub in (("DYNVIZ_CHECKPOINTS", "ckpt"), ("DYNVIZ_CACHE", "cache"),
+                     ("DYNVIZ_ASSETS", "assets")):
+        mp.setenv(var, str(root / sub))
+    (root / "ckpt").mkdir()
+    for i, (name, arch) in enumerate(CHECKPOINTS.items()):
+        torch.manual_seed(i)
+        model = randomize(models.create(arch).eval(), seed=i)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.out_features == 10:
+                torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
+        torch.save(model.state_dict(), root / "ckpt" / f"{name}.pt")
+    dataset = data.open_imagefolder(make_imagefolder(root / "tiny", per_class=4))
+    val = data.Split(dataset, "val", np.arange(len(dataset)))
+    yield val
+    mp.undo()
+
+
+def test_available_systems_and_missing_ones(fake_zoo):
+    avail = zoo.available()
+    assert {"resnet8", "resnet20", "resnet56", "lcnet_resnet20", "exits_resnet56",
+            "cascade_r8_r20_r56"} <= set(avail)
+    assert "lcnet_resnet56_seq" not in avail
+    with pytest.raises(zoo.MissingCheckpointError, match="python -m dynviz train lcnet_resnet56"):
+        zoo.load_system("lcnet_resnet56_seq")
+
+
+def test_cascade_loads_its_members(fake_zoo):
+    cascade = zoo.load_system("cascade_r8_r20_r56", torch.device("cpu"))
+    r20 = zoo.load_system("resnet20", torch.device("cpu"))
+    for a, b in zip(cascade.stages[1].state_dict().values(), r20.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_policies_evaluate_and_inspect(fake_zoo, capsys):
+    val = fake_zoo
+    written = evaluate.ship_operating_points(val=val)
+    assert {p.name for p in written} >= {"exits_resnet56-loss0.5pct.json",
+                                         "cascade_r8_r20_r56-loss1pct.json"}
+    rows = evaluate.evaluate(val, time_it=False, progress=False)
+    by_name = {(r.system, r.operating_point): r for r in rows}
+    ref = by_name[("resnet56", "trained")]
+    assert ref.macs_reduction == 1.0 and ref.macs_mean == models.create("resnet56").macs()
+    # every staged row equals the policy simulated on the cache
+    for r in rows:
+        if r.policy is not None:
+            pol = P.Policy.from_json(json.dumps(r.policy))
+            out = zoo.outputs(r.system, val, progress=False).stage_outputs()
+            assert r.accuracy == pytest.approx(P.simulate(pol, out).correct.mean(), abs=1e-4)
+    # the oracle is right whenever any stage is, so no policy of the system beats it
+    oracle = {r.system.removesuffix(" oracle"): r for r in rows if r.kind == "oracle"}
+    assert set(oracle) == {"exits_resnet56", "cascade_r8_r20_r56"}
+    for r in rows:
+        if r.policy is not None:
+            assert r.accuracy <= oracle[r.system].accuracy
+
+    image = val.images()[3]
+    for name in ("resnet20", "lcnet_resnet20", "exits_resnet56", "cascade_r8_r20_r56"):
+        runner = inspect.build_runner(name, calibrate=False)
+        result = inspect.inspect_image(runner, image, timing_repeats=1)
+        assert result.probs.shape == (10,) and abs(result.probs.sum() - 1) < 1e-5
+        assert result.ms_dynamic > 0 and result.ms_dense > 0
+        if name == "lcnet_resnet20":
+            model = zoo.load_system(name, torch.device("cpu"))
+            with torch.no_grad():
+                _, trace = model(data.to_tensor(image[None]))
+            assert result.macs == int(trace.macs[0])
+            assert np.allclose(result.block_scores, trace.block_scores[0].numpy(), atol=1e-5)
+        if name in ("exits_resnet56", "cascade_r8_r20_r56"):
+            out = zoo.outputs(name, val, progress=False).stage_outputs(np.array([3]))
+            sim = P.simulate(runner.policy, out)
+            assert result.exit_stage == sim.exit_stage[0]
+            assert result.macs == pytest.approx(sim.cost[0])
+            assert result.prediction == data.CLASSES[sim.predictions[0]]
+
+    assert main(["evaluate", "--data", str(val.dataset.root), "--no-timing",
+                 "--out", str(val.dataset.root.parent / "r.json")]) == 0
+    assert "resnet56" in capsys.readouterr().out
