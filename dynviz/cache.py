@@ -24,6 +24,7 @@ import torch.nn as nn
 from dynviz import __version__, data, settings
 from dynviz.policy import StageOutputs
 from models.lcnet import GatedResNet
+from models.staged import dense_counterpart
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class CachedOutputs:
         return StageOutputs(pick(a["logits"]), pick(a["labels"]).astype(np.int64),
                             pick(a["stage_macs"]).astype(np.float64),
                             None if jump is None else pick(jump).astype(np.float64),
-                            tuple(self.manifest["stage_names"]))
+                            tuple(self.manifest["stage_names"]),
+                            self.manifest.get("reference_macs"))
 
     def half(self, name: str) -> StageOutputs:
         """The *fit* (even positions) or *check* (odd positions) half of a ``val`` cache."""
@@ -163,7 +165,15 @@ def ensure(system: str, model: nn.Module, split: data.Split, checkpoint_sha: str
     device = device or settings.device()
     started = time.perf_counter()
     arrays = compute_outputs(model, split.images(), device=device, progress=progress)
-    arrays["labels"] = split.labels.astype(np.int16)
+    return store(directory, system, model, split, checkpoint_sha, arrays,
+                 seconds=time.perf_counter() - started)
+
+
+def store(directory: Path, system: str, model: nn.Module, split: data.Split,
+          checkpoint_sha: str, arrays: dict[str, np.ndarray], seconds: float = 0.0
+          ) -> CachedOutputs:
+    """Write ``arrays`` (what ``compute_outputs`` returns) and the manifest for ``model``."""
+    arrays = dict(arrays, labels=split.labels.astype(np.int16))
     manifest = {
         "system": system, "checkpoint_sha256": checkpoint_sha, "split": split.name,
         "data_fingerprint": split.fingerprint, "data_root": _portable(split.dataset.root),
@@ -171,8 +181,9 @@ def ensure(system: str, model: nn.Module, split: data.Split, checkpoint_sha: str
         "shapes": {k: list(v.shape) for k, v in arrays.items()},
         "stage_macs_static": (model.stage_macs() if hasattr(model, "stage_macs")
                               else [model.macs()] if hasattr(model, "macs") else None),
+        "reference_macs": _reference_macs(model),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - started, 1), "dynviz": __version__,
+        "seconds": round(seconds, 1), "dynviz": __version__,
     }
     if isinstance(model, GatedResNet):
         widths = [b.mid_channels for b in model.blocks]
@@ -180,6 +191,14 @@ def ensure(system: str, model: nn.Module, split: data.Split, checkpoint_sha: str
         manifest["block_names"] = model.block_names()
     _write(directory, arrays, manifest)
     return load(directory)
+
+
+def _reference_macs(model: nn.Module) -> int | None:
+    """MACs of the dense counterpart (backbone of early exits, last network of a cascade)."""
+    if not hasattr(model, "run_stage"):
+        return None
+    dense = dense_counterpart(model)
+    return dense.macs() if hasattr(dense, "macs") else None
 
 
 def _portable(path: Path) -> str:

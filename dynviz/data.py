@@ -264,7 +264,10 @@ def load_images(dataset: Dataset, size: int = IMAGE_SIZE) -> np.ndarray:
 # ---------------------------------------------------------------------------- tensors
 def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W) in channels_last memory."""
-    x = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+    if not torch.is_tensor(images):
+        array = np.asarray(images)
+        images = torch.from_numpy(array if array.flags.writeable else array.copy())
+    x = images
     x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)

@@ -158,3 +158,27 @@ def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) 
             break
         best = fraction
     return best
+
+
+@torch.no_grad()
+def stage_seconds(system: nn.Module, batch_size: int = 1, repeats: int = 5,
+                  input_size: int = 32) -> tuple[list[float], float]:
+    """Measured seconds per image of every stage of a staged system (each given the state
+    the previous stages leave), and of its dense counterpart, at ``batch_size``."""
+    from models.staged import dense_counterpart
+
+    device = next(system.parameters()).device
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    states = [system.begin(x)]
+    for k in range(system.n_stages - 1):
+        states.append(system.run_stage(k, states[-1])[1])
+    fns = {f"stage{k}": (lambda k=k: system.run_stage(k, states[k]))
+           for k in range(system.n_stages)}
+    begin_cost = {"begin": lambda: system.begin(x)}
+    dense = dense_counterpart(system)
+    times = compare_times(fns | begin_cost | {"dense": lambda: dense(x)}, repeats=repeats,
+                          device=device)
+    per_stage = [times[f"stage{k}"] / batch_size for k in range(system.n_stages)]
+    per_stage[0] += times["begin"] / batch_size
+    return per_stage, times["dense"] / batch_size

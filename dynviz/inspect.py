@@ -4,7 +4,7 @@ latency of the dynamic run against the dense one. The Inspect page and
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,25 +13,8 @@ import torch.nn as nn
 from dynviz import data, engine, settings, zoo
 from dynviz.adaptive import AdaptiveClassifier
 from dynviz.policy import Policy
-from models.lcnet import GatedResNet, SparsePlan
-from models.resnet import BasicBlock, Bottleneck, ResNet
-from models.staged import Cascade, EarlyExitNet
-
-
-def dense_counterpart(model: nn.Module) -> nn.Module:
-    """What the dynamic system is compared with: the plain network with the same weights
-    (gated), the backbone (early exits) or the last network (cascade)."""
-    if isinstance(model, GatedResNet):
-        block = Bottleneck if issubclass(model.cfg.block.func, Bottleneck) else BasicBlock
-        plain = ResNet(replace(model.cfg, block=block)).to(next(model.parameters()).device)
-        state = {k: v for k, v in model.state_dict().items() if "_gate." not in k}
-        plain.load_state_dict(state)
-        return plain.eval()
-    if isinstance(model, EarlyExitNet):
-        return model.backbone
-    if isinstance(model, Cascade):
-        return model.stages[-1]
-    return model
+from models.lcnet import SparsePlan
+from models.staged import dense_counterpart
 
 
 @dataclass

@@ -53,12 +53,16 @@ class StageOutputs:
         jump_costs: (N,) cost of running the last stage alone, for the jump topology
             (cascades); None where jumping is not possible (early exits of one network).
         stage_names: one label per stage, for reports.
+        reference: the cost budgets and λ are measured against (default: the mean cost of
+            running every stage); e.g. the backbone alone for early exits, the last network
+            alone for a cascade.
     """
     logits: np.ndarray
     labels: np.ndarray
     stage_costs: np.ndarray
     jump_costs: np.ndarray | None = None
     stage_names: tuple[str, ...] = ()
+    reference: float | None = None
 
     def __post_init__(self):
         n, k = self.stage_costs.shape
@@ -93,13 +97,21 @@ class StageOutputs:
 
     @cached_property
     def reference_cost(self) -> float:
-        """Mean cost of the most expensive static system (all stages up to the last)."""
+        """What cost fractions are relative to (see ``reference``)."""
+        if self.reference is not None:
+            return float(self.reference)
         return float(self.cumulative_costs[:, -1].mean())
 
     def subset(self, index: np.ndarray) -> "StageOutputs":
         return StageOutputs(self.logits[index], self.labels[index], self.stage_costs[index],
                             None if self.jump_costs is None else self.jump_costs[index],
-                            self.stage_names)
+                            self.stage_names, self.reference)
+
+    def with_costs(self, stage_costs: np.ndarray, jump_costs: np.ndarray | None,
+                   reference: float) -> "StageOutputs":
+        """The same answers under another cost metric (e.g. measured seconds per stage)."""
+        return StageOutputs(self.logits, self.labels, stage_costs, jump_costs,
+                            self.stage_names, reference)
 
 
 # ---------------------------------------------------------------------------- decisions

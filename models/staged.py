@@ -13,15 +13,16 @@ stage's answer:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.macs import conv_macs, conv_out_hw, linear_macs
+from models.lcnet import GatedResNet
 from models.registry import create, register_model
-from models.resnet import ResNet, conv3x3
+from models.resnet import BasicBlock, Bottleneck, ResNet, conv3x3
 
 
 class ExitHead(nn.Module):
@@ -171,6 +172,23 @@ class Cascade(StagedMixin, nn.Module):
 
     def macs(self) -> int:
         return sum(self._static)
+
+
+def dense_counterpart(model: nn.Module) -> nn.Module:
+    """What the dynamic system is compared with: the plain network with the same weights
+    (gated), the backbone (early exits) or the last network (cascade)."""
+    if isinstance(model, GatedResNet):
+        block = Bottleneck if issubclass(model.cfg.block.func, Bottleneck) else BasicBlock
+        plain = ResNet(replace(model.cfg, block=block)).to(next(model.parameters()).device)
+        state = {k: v for k, v in model.state_dict().items() if "_gate." not in k}
+        plain.load_state_dict(state)
+        return plain.eval()
+    if isinstance(model, EarlyExitNet):
+        return model.backbone
+    if isinstance(model, Cascade):
+        return model.stages[-1]
+    return model
+
 
 
 @dataclass(frozen=True)

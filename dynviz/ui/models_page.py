@@ -1,4 +1,4 @@
-"""Models: every registered architecture and the trained checkpoints present."""
+"""Models: every system with accuracy, MACs and measured speedups, beside the papers' rows."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,34 @@ import json
 import pandas as pd
 import streamlit as st
 
-import models
-from dynviz import settings
+from dynviz import settings, zoo
+from dynviz.ui import state
+
+PAPER_ROWS = [
+    {"source": "LC-Net, Table I", "system": "ResNet-18 (CIFAR-10) baseline",
+     "accuracy": "93.0%", "MACs": "0.55 G", "note": ""},
+    {"source": "LC-Net, Table I", "system": "LC-Net ResNet-18 from scratch",
+     "accuracy": "95.3%", "MACs": "0.33 G", "note": ""},
+    {"source": "LC-Net, Table I", "system": "LC-Net ResNet-18 pre-trained + L1",
+     "accuracy": "93.3%", "MACs": "0.19 G (parallel) / 0.06 G (sequential)", "note": ""},
+    {"source": "LC-Net", "system": "ResNet-50 (ImageNet)", "accuracy": "",
+     "MACs": "4.09 → 2.89 G", "note": ""},
+    {"source": "Bolukbasi et al.", "system": "network selection (ImageNet)",
+     "accuracy": "< 1% top-5 loss", "MACs": "", "note": "2.8× speedup; 1.9× with no loss"},
+    {"source": "Bolukbasi et al.", "system": "early exit (ImageNet)", "accuracy": "",
+     "MACs": "", "note": "20–30% less compute"},
+]
+
+
+def results_rows() -> list[dict]:
+    """From ``assets/results.json`` (python -m dynviz evaluate --out assets/results.json)."""
+    path = settings.assets_dir() / "results.json"
+    if not path.exists():
+        return []
+    return [{"system": r["system"], "operating point": r["operating_point"],
+             "accuracy": r["accuracy"], "MACs (M)": r["macs_mean"] / 1e6,
+             "MAC reduction": r["macs_reduction"], "speedup b1": r["speedup_b1"],
+             "speedup b256": r["speedup_b256"]} for r in json.loads(path.read_text())]
 
 
 def checkpoint_rows() -> list[dict]:
@@ -15,23 +41,30 @@ def checkpoint_rows() -> list[dict]:
     for manifest in sorted(settings.checkpoint_dir().glob("*.json")):
         meta = json.loads(manifest.read_text())
         check = meta.get("metrics", {}).get("check", {})
+        acc = check.get("accuracy")
         rows.append({"checkpoint": meta["name"], "model": meta["model"],
-                     "check accuracy": check.get("accuracy"),
+                     "check accuracy": acc[-1] if isinstance(acc, list) else acc,
                      "MACs (M)": (check.get("macs_mean") or 0) / 1e6,
-                     "epochs": len(meta.get("history", []))})
+                     "epochs": len(meta.get("history", [])),
+                     "train minutes": round(meta.get("wall_seconds", 0) / 60)})
     return rows
 
 
 def render() -> None:
     st.title("Models")
-    rows = checkpoint_rows()
+    rows = results_rows()
     if rows:
-        st.dataframe(pd.DataFrame(rows), hide_index=True, key="checkpoints")
-    else:
-        st.info("No trained checkpoints yet. Train one with "
-                "`python -m dynviz train resnet20` (see `python -m dynviz train --help`).")
-    st.subheader("Registered architectures")
-    st.write(", ".join(f"`{name}`" for name in models.names()))
+        st.subheader("Results on the check half (vs resnet56)")
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="results",
+                     column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
+    st.subheader("Trained checkpoints")
+    ckpts = checkpoint_rows()
+    if ckpts:
+        st.dataframe(pd.DataFrame(ckpts), hide_index=True, key="checkpoints")
+    if any(zoo.missing(n) for n in zoo.SYSTEMS):
+        st.info(state.missing_systems_message())
+    st.subheader("The papers' figures")
+    st.dataframe(pd.DataFrame(PAPER_ROWS), hide_index=True, key="papers")
 
 
 render()

@@ -1,0 +1,74 @@
+"""Budget: slide the time/accuracy trade-off; every move re-learns the policy on the fit
+half and judges it on the check half."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dynviz import budget, data, plots, policy as P, zoo
+from dynviz.ui import state
+
+METRICS = {"MACs": "macs", "measured latency (batch 1)": "latency"}
+
+
+def render() -> None:
+    st.title("Budget")
+    staged = [n for n in zoo.available() if zoo.spec(n).kind in ("exits", "cascade")]
+    if not staged:
+        st.info("No early-exit or cascade system is trained yet.\n\n"
+                + state.missing_systems_message())
+        return
+    c1, c2, c3, c4 = st.columns(4)
+    name = c1.selectbox("System", staged, key="budget_system")
+    family = c2.selectbox("Policy family", P.FAMILIES, index=1, key="budget_family")
+    feature = c3.selectbox("Feature", P.FEATURES, key="budget_feature",
+                           disabled=family != "threshold")
+    metric = METRICS[c4.selectbox("Cost", list(METRICS), key="budget_metric")]
+    if state.outputs(name) is None:
+        st.warning("This system's validation outputs are not cached and CIFAR-10 is absent: "
+                   + "\n\n" + data.missing_data_message())
+        return
+    panel(name, family, feature, zoo.spec(name).topology, metric)
+
+
+@st.fragment
+def panel(name: str, family: str, feature: str, topology: str, metric: str) -> None:
+    percent = st.slider("Budget: mean cost, % of the dense network", 5, 100, 50, step=1,
+                        key="budget_slider")
+    query = budget.BudgetQuery(family, feature, topology, percent / 100)
+    fit, check = state.halves(name, metric)
+    result = budget.solve(fit, check, query)
+    cols = st.columns(5)
+    cols[0].metric("Accuracy (check)", f"{result.check['accuracy']:.2%}",
+                   f"{result.check['accuracy'] - result.fit['accuracy']:+.2%} vs fit",
+                   delta_color="off")
+    cols[1].metric("Accuracy (fit)", f"{result.fit['accuracy']:.2%}")
+    unit = "M MACs" if metric == "macs" else "ms"
+    scale = 1e-6 if metric == "macs" else 1e3
+    cols[2].metric("Mean cost (check)", f"{result.check['cost_mean'] * scale:.1f} {unit}",
+                   f"{result.check['cost_fraction']:.0%} of dense", delta_color="off")
+    cols[3].metric("Speedup vs dense", f"{result.check['reduction']:.2f}×")
+    cols[4].metric("Refit", f"{result.refit_ms:.1f} ms")
+    c = state.curves(name, family, feature, topology, metric)
+    points = {"oracle": c.oracle} | c.statics | {
+        "this policy (fit)": (result.fit["cost_fraction"], result.fit["accuracy"]),
+        "this policy (check)": (result.check["cost_fraction"], result.check["accuracy"])}
+    fig = plots.frontier({"learned policies (check)": c.learned,
+                          "one global threshold (check)": c.baseline}, points,
+                          "mean cost / dense network")
+    left, right = st.columns([3, 2])
+    left.plotly_chart(fig, key="budget_frontier")
+    right.plotly_chart(plots.exit_histogram(list(fit.stage_names),
+                                            result.check["exit_histogram"],
+                                            result.check["jumped"]), key="budget_hist")
+    st.session_state["budget_last"] = {"system": name, "check": result.check,
+                                       "fit": result.fit, "budget": query.budget}
+    b1, b2 = right.columns(2)
+    b1.download_button("Download policy (JSON)", result.policy.to_json(),
+                       file_name=f"{name}-policy.json", mime="application/json",
+                       key="budget_download")
+    if b2.button("Use this policy in Inspect", key="budget_use"):
+        st.session_state.setdefault("budget_policy", {})[name] = result.policy.to_json()
+        st.toast("Inspect will offer this policy as 'from the Budget page'.")
+
+
+render()

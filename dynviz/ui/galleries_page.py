@@ -1,0 +1,68 @@
+"""Galleries: the cheapest and costliest images (LC-Net Fig. 6), per-class channel firing
+(Fig. 7) and per-class mean cost."""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from dynviz import data, evaluate, plots, policy as P, zoo
+from dynviz.ui import state
+
+N_SHOWN = 8
+
+
+def per_image_cost(name: str, cached) -> tuple[np.ndarray, np.ndarray, float]:
+    """(cost per image, prediction per image, reference cost) under the system's default."""
+    out = cached.stage_outputs()
+    if zoo.spec(name).kind in ("exits", "cascade"):
+        pol = evaluate.load_policy(name, evaluate.LOSSES[0])
+        if pol is None:
+            pol = P.target_budget(cached.half("fit"), 0.5, topology=zoo.spec(name).topology)
+        sim = P.simulate(pol, out)
+        return sim.cost, sim.predictions, out.reference_cost
+    return out.stage_costs[:, 0], out.predictions[:, 0], float(out.stage_costs[:, 0].max())
+
+
+def gallery(title: str, order: np.ndarray, cost, pred, labels, images, key: str) -> None:
+    st.subheader(title)
+    cols = st.columns(N_SHOWN)
+    for col, i in zip(cols, order[:N_SHOWN]):
+        ok = "✓" if pred[i] == labels[i] else "✗"
+        col.image(images[i], width=96,
+                  caption=f"{data.CLASSES[labels[i]]} → {data.CLASSES[pred[i]]} {ok} "
+                          f"{cost[i] / 1e6:.1f}M")
+
+
+def render() -> None:
+    st.title("Galleries")
+    names = zoo.available()
+    if not names:
+        st.info(state.missing_systems_message())
+        return
+    split = state.val_split()
+    if split is None:
+        st.warning(data.missing_data_message())
+        return
+    name = st.selectbox("System", names, key="gallery_system")
+    cached = state.outputs(name)
+    cost, pred, reference = per_image_cost(name, cached)
+    labels = cached.arrays["labels"].astype(int)
+    images = split.images()
+    cls = st.selectbox("Class", ["all"] + list(data.CLASSES), key="gallery_class")
+    members = np.arange(len(labels)) if cls == "all" else \
+        np.flatnonzero(labels == data.CLASSES.index(cls))
+    order = members[np.argsort(cost[members], kind="stable")]
+    gallery("Cheapest", order, cost, pred, labels, images, "low")
+    gallery("Costliest", order[::-1], cost, pred, labels, images, "high")
+    per_class = np.array([cost[labels == c].mean() for c in range(len(data.CLASSES))])
+    st.plotly_chart(plots.class_cost(per_class, reference), key="gallery_class_cost")
+    if "block_scores" in cached.arrays:
+        names_b = cached.manifest["block_names"]
+        block = st.selectbox("Block", range(len(names_b)), format_func=lambda i: names_b[i],
+                             key="gallery_block")
+        ran = (cached.block_scores()[:, block] > 0)[:, None] & (cached.channel_scores(block) > 0)
+        rates = np.stack([ran[labels == c].mean(0) for c in range(len(data.CLASSES))])
+        st.plotly_chart(plots.class_firing(rates, names_b[block]), key="gallery_firing")
+
+
+render()

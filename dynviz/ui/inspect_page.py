@@ -1,0 +1,110 @@
+"""Inspect: one image through one system, with its compute path."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import streamlit as st
+
+from dynviz import data, evaluate, plots, zoo
+from dynviz.ui import state
+
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
+MAX_UPLOAD_MB = 20
+
+
+@dataclass(frozen=True)
+class InspectInputs:
+    system: str
+    policy_json: str | None
+    image: np.ndarray | None
+
+
+def choose_policy(name: str) -> str | None:
+    if zoo.spec(name).kind not in ("exits", "cascade"):
+        return None
+    options = {f"≤{loss * 100:g}% accuracy loss": evaluate.load_policy(name, loss)
+               for loss in evaluate.LOSSES}
+    from_budget = st.session_state.get("budget_policy", {}).get(name)
+    if from_budget:
+        options["from the Budget page"] = from_budget
+    options = {k: v for k, v in options.items() if v is not None}
+    if not options:
+        st.warning(f"No operating point for {name} yet: run `python -m dynviz policies` "
+                   "or pick one on the Budget page.")
+        st.stop()
+    label = st.selectbox("Operating point", list(options), key="inspect_point")
+    chosen = options[label]
+    return chosen if isinstance(chosen, str) else chosen.to_json()
+
+
+def choose_image() -> np.ndarray | None:
+    split = state.val_split()
+    sources = ["Upload an image"] + (["A validation image"] if split is not None else [])
+    source = st.radio("Image", sources, horizontal=True, key="inspect_source")
+    if source == "Upload an image":
+        upload = st.file_uploader("Image file", type=UPLOAD_TYPES, key="inspect_upload",
+                                  help=f"Up to {MAX_UPLOAD_MB} MB; resized to 32×32.")
+        if upload is None:
+            return None
+        if upload.size > MAX_UPLOAD_MB * 2**20:
+            st.error(f"{upload.name} is {upload.size / 2**20:.0f} MB; the limit is "
+                     f"{MAX_UPLOAD_MB} MB.")
+            return None
+        try:
+            return data.preprocess_upload(upload.getvalue())
+        except data.InvalidImageError as err:
+            st.error(f"Cannot use {upload.name}: {err}")
+            return None
+    check = data.get_split("check", split.dataset)
+    cls = st.selectbox("Class", data.CLASSES, key="inspect_class")
+    members = np.flatnonzero(check.labels == data.CLASSES.index(cls))
+    k = st.slider("Image of that class (check half)", 0, len(members) - 1, 0,
+                  key="inspect_index")
+    return np.asarray(check.images()[members[k]])
+
+
+def render_result(result) -> None:
+    left, right = st.columns([1, 2])
+    with left:
+        st.image(result.image, caption="as the model sees it (32×32)", width=192)
+        st.metric("Prediction", result.prediction)
+        st.plotly_chart(plots.top_k(result.probs), key="inspect_top5")
+    with right:
+        c1, c2, c3 = st.columns(3)
+        c1.metric("MACs", f"{result.macs / 1e6:.1f} M",
+                  f"{result.macs / result.macs_dense - 1:+.0%} vs dense", delta_color="inverse")
+        c2.metric("Dynamic run", f"{result.ms_dynamic:.2f} ms")
+        c3.metric("Dense run", f"{result.ms_dense:.2f} ms",
+                  f"{result.ms_dense / result.ms_dynamic:.2f}× speedup", delta_color="off")
+        if result.block_scores is not None:
+            st.plotly_chart(plots.block_strip(result.block_scores, result.block_names),
+                            key="inspect_blocks")
+            st.plotly_chart(plots.channel_heatmap(result.channel_scores, result.block_scores,
+                                                  result.block_names), key="inspect_channels")
+        elif result.stage_names is not None:
+            st.plotly_chart(plots.stage_path(result.stage_names, result.features,
+                                             result.decisions, result.exit_stage),
+                            key="inspect_stages")
+            st.caption("MACs per stage: " + ", ".join(
+                f"{n} {m / 1e6:.1f} M" for n, m in zip(result.stage_names, result.stage_macs)))
+
+
+def render() -> None:
+    from dynviz import inspect
+
+    st.title("Inspect")
+    names = zoo.available()
+    if not names:
+        st.info(state.missing_systems_message())
+        return
+    name = st.selectbox("System", names, key="inspect_system")
+    inputs = InspectInputs(name, choose_policy(name), choose_image())
+    if inputs.image is None:
+        st.caption("Pick or upload an image to see its compute path.")
+        return
+    result = inspect.inspect_image(state.runner(inputs.system, inputs.policy_json), inputs.image)
+    render_result(result)
+
+
+render()

@@ -1,0 +1,72 @@
+"""Process-wide cached resources for the pages (the library stays Streamlit-free).
+
+Models, runners and cached outputs are shared by every session (``st.cache_resource``);
+small derived results keyed by scalars use ``st.cache_data``.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from dynviz import budget, cache, data, engine, inspect, policy as P, zoo
+
+
+@st.cache_resource(show_spinner="Reading the validation split…")
+def val_split() -> data.Split | None:
+    """The validation split, or None when CIFAR-10 is absent."""
+    try:
+        return data.get_split("val")
+    except data.DatasetNotFoundError:
+        return None
+
+
+@st.cache_resource(show_spinner="Loading model…")
+def system(name: str):
+    return zoo.load_system(name)
+
+
+@st.cache_resource(show_spinner="Caching validation outputs (once per checkpoint)…")
+def outputs(name: str) -> cache.CachedOutputs | None:
+    split = val_split()
+    sha = zoo.checkpoint_sha(name)
+    if split is None:  # shipped caches still work without the images
+        return _shipped(name, sha)
+    return zoo.outputs(name, split, model=system(name), progress=False)
+
+
+def _shipped(name: str, sha: str) -> cache.CachedOutputs | None:
+    root = cache.settings.assets_dir() / "outputs"
+    for directory in sorted(root.glob(f"{name}-val-*-{sha[:12]}")):
+        return cache.load(directory)
+    return None
+
+
+@st.cache_resource(show_spinner="Preparing the live model (calibrating the sparse path)…")
+def runner(name: str, policy_json: str | None) -> inspect.Runner:
+    pol = P.Policy.from_json(policy_json) if policy_json else None
+    return inspect.build_runner(name, pol, model=system(name))
+
+
+@st.cache_resource(show_spinner="Timing every stage…")
+def stage_latency(name: str) -> tuple[list[float], float]:
+    return engine.stage_seconds(engine.fold_batchnorm(system(name)), batch_size=1)
+
+
+def halves(name: str, metric: str) -> tuple[P.StageOutputs, P.StageOutputs]:
+    cached = outputs(name)
+    fit, check = cached.half("fit"), cached.half("check")
+    if metric == "latency":
+        per_stage, dense = stage_latency(name)
+        fit, check = (budget.latency_costs(o, per_stage, dense) for o in (fit, check))
+    return fit, check
+
+
+@st.cache_data(show_spinner="Sweeping the trade-off…", max_entries=64)
+def curves(name: str, family: str, feature: str, topology: str, metric: str) -> budget.Curves:
+    fit, check = halves(name, metric)
+    return budget.curves(fit, check, budget.BudgetQuery(family, feature, topology))
+
+
+def missing_systems_message() -> str:
+    lines = [f"- **{name}**: `{zoo.train_command(zoo.missing(name)[0])}`"
+             for name in zoo.SYSTEMS if zoo.missing(name)]
+    return "Systems still to train:\n" + "\n".join(lines)

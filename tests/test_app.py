@@ -1,0 +1,171 @@
+"""Every page through Streamlit's AppTest, on a synthetic CIFAR-10 (500+ images per class)
+and checkpoints of random weights written to temporary directories."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+import models
+from dynviz import budget, cache, data, evaluate, settings, zoo
+from tests.conftest import make_imagefolder
+from tests.test_models import randomize
+
+PAGES = str(settings.PROJECT_ROOT / "dynviz" / "ui" / "{}_page.py")
+TRAINED = ("resnet8", "resnet20", "resnet56", "lcnet_resnet20", "exits_resnet56")
+
+
+@pytest.fixture(scope="module")
+def app_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("appzoo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DYNVIZ_DATA", str(root / "cifar"))
+    for var, sub in (("DYNVIZ_CHECKPOINTS", "ckpt"), ("DYNVIZ_CACHE", "cache"),
+                     ("DYNVIZ_ASSETS", "assets")):
+        mp.setenv(var, str(root / sub))
+    mp.setenv("DYNVIZ_DEVICE", "cpu")
+    make_imagefolder(root / "cifar" / "train", per_class=502, size=32)
+    (root / "ckpt").mkdir()
+    for i, name in enumerate(TRAINED):
+        torch.manual_seed(i)
+        model = randomize(models.create(name).eval(), seed=i)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.out_features == 10:
+                torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
+        torch.save(model.state_dict(), root / "ckpt" / f"{name}.pt")
+    val = data.get_split("val")
+    for name in zoo.available():
+        model = zoo.load_system(name)
+        if zoo.spec(name).kind == "gated":      # cheap enough to run for real (gate scores)
+            zoo.outputs(name, val, model=model, progress=False)
+        else:                                   # the rest: answers of growing accuracy
+            sha = zoo.checkpoint_sha(name)
+            cache.store(cache.directory_for(name, val, sha), name, model, val, sha,
+                        fake_outputs(model, val.labels, seed=len(name)))
+    evaluate.ship_operating_points(val=val)
+    yield val
+    mp.undo()
+
+
+def fake_outputs(model, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Per-stage logits whose accuracy and confidence grow with the stage, and the
+    model's own static MACs per stage."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    staged = hasattr(model, "stage_macs")
+    k = model.n_stages if staged else 1
+    difficulty = rng.random(n)
+    logits = rng.normal(0, 1, (n, k, 10))
+    for stage in range(k):
+        knows = difficulty < 0.5 + 0.45 * (stage + 1) / k
+        logits[np.arange(n), stage, labels] += np.where(knows, 2.5 + 3 * rng.random(n), 0.0)
+    macs = np.tile(np.array(model.stage_macs() if staged else [model.macs()]), (n, 1))
+    out = {"logits": logits.astype(np.float32), "stage_macs": macs}
+    if hasattr(model, "jump_macs"):
+        out["jump_macs"] = macs[:, -1].copy()
+    return out
+
+
+def _run(page: str, **state) -> AppTest:
+    at = AppTest.from_file(PAGES.format(page), default_timeout=120)
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.run()
+
+
+def _png(colour=(200, 30, 30), size=(48, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _no_exception(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+@pytest.mark.parametrize("page", ["inspect", "budget", "galleries", "models"])
+def test_every_page_loads(app_env, page):
+    at = _run(page)
+    _no_exception(at)
+    assert at.title[0].value.lower() == page
+
+
+def test_inspect_upload_good_then_broken_then_good(app_env):
+    at = _run("inspect", inspect_system="resnet20")
+    at.file_uploader(key="inspect_upload").set_value(("red.png", _png(), "image/png")).run()
+    _no_exception(at)
+    prediction = [m for m in at.metric if m.label == "Prediction"]
+    assert prediction and prediction[0].value in data.CLASSES
+    at.file_uploader(key="inspect_upload").set_value(
+        ("notes.jpg", b"this is text, not a picture", "image/jpeg")).run()
+    _no_exception(at)
+    assert len(at.error) == 1 and "notes.jpg" in at.error[0].value
+    assert not [m for m in at.metric if m.label == "Prediction"]
+    at.file_uploader(key="inspect_upload").set_value(("ok.png", _png((0, 0, 250)),
+                                                      "image/png")).run()
+    _no_exception(at)
+    assert not at.error and [m for m in at.metric if m.label == "Prediction"]
+
+
+def test_inspect_gated_shows_blocks_and_channels(app_env):
+    at = _run("inspect", inspect_system="lcnet_resnet20", inspect_source="A validation image")
+    _no_exception(at)
+    charts = at.get("plotly_chart")
+    assert len(charts) == 3  # top-5, block strip, channel heatmap
+    macs = [m for m in at.metric if m.label == "MACs"][0]
+    assert macs.value.endswith(" M")
+
+
+def test_inspect_cascade_shows_the_stage_path(app_env):
+    at = _run("inspect", inspect_system="cascade_r8_r20_r56",
+              inspect_source="A validation image", inspect_class="ship", inspect_index=3)
+    _no_exception(at)
+    assert len(at.get("plotly_chart")) == 2  # top-5 and the stage path
+    assert any("MACs per stage" in c.value for c in at.caption)
+
+
+def test_budget_slider_moves_the_operating_point_as_the_library_says(app_env):
+    at = _run("budget", budget_system="cascade_r8_r20_r56")
+    _no_exception(at)
+    fit = zoo.outputs("cascade_r8_r20_r56", app_env, progress=False).half("fit")
+    check = zoo.outputs("cascade_r8_r20_r56", app_env, progress=False).half("check")
+    seen = []
+    for percent in (20, 60, 95):
+        at.slider(key="budget_slider").set_value(percent).run()
+        _no_exception(at)
+        expected = budget.solve(fit, check, budget.BudgetQuery(
+            "threshold", "max_prob", "jump", percent / 100))
+        shown = at.session_state["budget_last"]
+        assert shown["check"] == expected.check and shown["fit"] == expected.fit
+        assert shown["check"]["cost_fraction"] <= percent / 100 + 0.05
+        acc = [m for m in at.metric if m.label == "Accuracy (check)"][0].value
+        assert acc == f"{expected.check['accuracy']:.2%}"
+        seen.append(expected.fit["cost_fraction"])
+    assert seen == sorted(seen) and seen[0] < seen[-1]
+
+
+def test_budget_policy_goes_to_inspect(app_env):
+    at = _run("budget", budget_system="exits_resnet56")
+    at.button(key="budget_use").click().run()
+    _no_exception(at)
+    assert "exits_resnet56" in at.session_state["budget_policy"]
+
+
+def test_galleries_show_cheapest_and_costliest(app_env):
+    at = _run("galleries", gallery_system="lcnet_resnet20")
+    _no_exception(at)
+    assert [s.value for s in at.subheader][:2] == ["Cheapest", "Costliest"]
+    assert len(at.get("plotly_chart")) == 2  # class cost, channel firing
+    at.selectbox(key="gallery_class").set_value("cat").run()
+    _no_exception(at)
+
+
+def test_models_page_lists_checkpoints_and_papers(app_env):
+    at = _run("models")
+    _no_exception(at)
+    assert len(at.dataframe) >= 1
+    assert any("LC-Net" in str(df.value) for df in at.dataframe)
