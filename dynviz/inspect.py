@@ -51,7 +51,8 @@ def build_runner(name: str, policy: Policy | None = None, model: nn.Module | Non
     device = settings.device()
     model = model if model is not None else zoo.load_system(name, device)
     folded = engine.fold_batchnorm(model)
-    dense = engine.fold_batchnorm(dense_counterpart(model))
+    dense = engine.fold_batchnorm(dense_counterpart(model)).to(
+        memory_format=torch.channels_last)
     plan = None
     if spec.kind == "gated":
         plan = engine.calibrate(folded, 1) if calibrate else SparsePlan(1.0)

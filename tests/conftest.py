@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dynviz import data
@@ -39,3 +40,66 @@ def real_cifar():
         return data.open_cifar10()
     except data.DatasetNotFoundError as err:
         pytest.skip(f"CIFAR-10 not present: {err}")
+
+
+TRAINED = ("resnet8", "resnet20", "resnet56", "lcnet_resnet20", "exits_resnet56")
+
+
+@pytest.fixture(scope="session")
+def app_env(tmp_path_factory):
+    """A synthetic CIFAR-10 (502 images per class), random-weight checkpoints of the default
+    systems and their cached outputs, in temporary directories named by DYNVIZ_* variables.
+    Yields the validation split."""
+    import models
+    from dynviz import cache, evaluate, zoo
+    from tests.test_models import randomize
+
+    root = tmp_path_factory.mktemp("appzoo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DYNVIZ_DATA", str(root / "cifar"))
+    for var, sub in (("DYNVIZ_CHECKPOINTS", "ckpt"), ("DYNVIZ_CACHE", "cache"),
+                     ("DYNVIZ_ASSETS", "assets")):
+        mp.setenv(var, str(root / sub))
+    mp.setenv("DYNVIZ_DEVICE", "cpu")
+    make_imagefolder(root / "cifar" / "train", per_class=502, size=32)
+    (root / "ckpt").mkdir()
+    for i, name in enumerate(TRAINED):
+        torch.manual_seed(i)
+        model = randomize(models.create(name).eval(), seed=i)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.out_features == 10:
+                torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
+        torch.save(model.state_dict(), root / "ckpt" / f"{name}.pt")
+    val = data.get_split("val")
+    for name in zoo.available():
+        model = zoo.load_system(name)
+        if zoo.spec(name).kind == "gated":      # cheap enough to run for real (gate scores)
+            zoo.outputs(name, val, model=model, progress=False)
+        else:                                   # the rest: answers of growing accuracy
+            sha = zoo.checkpoint_sha(name)
+            cache.store(cache.directory_for(name, val, sha), name, model, val, sha,
+                        fake_outputs(model, val.labels, seed=len(name)))
+    evaluate.ship_operating_points(val=val)
+    yield val
+    mp.undo()
+
+
+def fake_outputs(model, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Per-stage logits whose accuracy and confidence grow with the stage, and the
+    model's own static MACs per stage."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    staged = hasattr(model, "stage_macs")
+    k = model.n_stages if staged else 1
+    difficulty = rng.random(n)
+    logits = rng.normal(0, 1, (n, k, 10))
+    for stage in range(k):
+        knows = difficulty < 0.5 + 0.45 * (stage + 1) / k
+        logits[np.arange(n), stage, labels] += np.where(knows, 2.5 + 3 * rng.random(n), 0.0)
+    macs = np.tile(np.array(model.stage_macs() if staged else [model.macs()]), (n, 1))
+    out = {"logits": logits.astype(np.float32), "stage_macs": macs}
+    if hasattr(model, "jump_macs"):
+        out["jump_macs"] = macs[:, -1].copy()
+    return out
+
+

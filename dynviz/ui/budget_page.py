@@ -42,9 +42,11 @@ def panel(name: str, family: str, feature: str, topology: str, metric: str) -> N
                    f"{result.check['accuracy'] - result.fit['accuracy']:+.2%} vs fit",
                    delta_color="off")
     cols[1].metric("Accuracy (fit)", f"{result.fit['accuracy']:.2%}")
-    unit = "M MACs" if metric == "macs" else "ms"
+    unit = "M" if metric == "macs" else "ms"
     scale = 1e-6 if metric == "macs" else 1e3
     cols[2].metric("Mean cost (check)", f"{result.check['cost_mean'] * scale:.1f} {unit}",
+                   help="MACs per image (M = millions)" if metric == "macs"
+                   else "measured milliseconds per image at batch 1",
                    f"{result.check['cost_fraction']:.0%} of dense", delta_color="off")
     cols[3].metric("Speedup vs dense", f"{result.check['reduction']:.2f}×")
     cols[4].metric("Refit", f"{result.refit_ms:.1f} ms")

@@ -7,7 +7,7 @@ import streamlit as st
 def all_pages() -> list:
     return [
         st.Page("dynviz/ui/inspect_page.py", title="Inspect", icon=":material/search:",
-                url_path="inspect", default=True),
+                default=True),  # served at /
         st.Page("dynviz/ui/budget_page.py", title="Budget", icon=":material/tune:",
                 url_path="budget"),
         st.Page("dynviz/ui/galleries_page.py", title="Galleries", icon=":material/grid_view:",

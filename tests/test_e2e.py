@@ -1,0 +1,139 @@
+"""End to end in Debian's Chromium, driven by Playwright, against ``streamlit run app.py``
+on localhost (fake zoo of the ``app_env`` fixture). Screenshots go to tests/artifacts/."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from PIL import Image
+
+from dynviz import settings
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = settings.PROJECT_ROOT / "tests" / "artifacts"
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                "(scripts/run.sh test installs it with apt-get as root)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(app_env):
+    port = _free_port()
+    env = dict(os.environ)  # carries app_env's DYNVIZ_* directories
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log = open(ARTIFACTS / "streamlit.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+         "--server.address", "127.0.0.1", "--server.port", str(port)],
+        cwd=settings.PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start; see tests/artifacts/streamlit.log")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(90_000)
+    yield pg
+    context.close()
+
+
+def _settle(page) -> None:
+    """Wait until Streamlit has finished the current run."""
+    page.wait_for_selector('[data-testid="stApp"]')
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=90_000)
+
+
+def _no_exception(page) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+
+@pytest.mark.parametrize("path, title", [("", "Inspect"), ("budget", "Budget"),
+                                         ("galleries", "Galleries"), ("models", "Models")])
+def test_page_loads_without_exception(server, page, path, title):
+    page.goto(f"{server}/{path}")
+    page.get_by_role("heading", name=title).wait_for()
+    _settle(page)
+    _no_exception(page)
+    page.screenshot(path=str(ARTIFACTS / f"{path or 'inspect'}.png"), full_page=True)
+
+
+def test_upload_shows_a_compute_path(server, page, tmp_path):
+    page.goto(server)  # Inspect is the default page
+    page.get_by_role("heading", name="Inspect").wait_for()
+    _settle(page)
+    box = page.locator('[data-testid="stSelectbox"]').first
+    box.click()
+    page.get_by_role("option", name="lcnet_resnet20").click()
+    _settle(page)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 160, 40)).save(buf, "PNG")
+    image = tmp_path / "green.png"
+    image.write_bytes(buf.getvalue())
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(image))
+    page.get_by_text("Prediction").wait_for()
+    page.get_by_text("Blocks:").first.wait_for()   # the block strip's title
+    _settle(page)
+    _no_exception(page)
+    page.screenshot(path=str(ARTIFACTS / "inspect-upload.png"), full_page=True)
+
+
+def test_budget_slider_updates_the_operating_point(server, page):
+    page.goto(f"{server}/budget")
+    page.get_by_role("heading", name="Budget").wait_for()
+    metric = page.locator('[data-testid="stMetric"]').filter(has_text="Mean cost (check)")
+    metric.wait_for()
+    _settle(page)
+    before = metric.inner_text()
+    slider = page.get_by_role("slider")
+    slider.focus()
+    for _ in range(30):
+        page.keyboard.press("ArrowRight")
+    page.wait_for_function(
+        "(before) => { const m = [...document.querySelectorAll('[data-testid=\"stMetric\"]')]"
+        ".find(e => e.innerText.includes('Mean cost (check)')); return m && m.innerText !== before; }",
+        arg=before, timeout=60_000)
+    _settle(page)
+    _no_exception(page)
+    page.screenshot(path=str(ARTIFACTS / "budget-moved.png"), full_page=True)
