@@ -45,43 +45,53 @@ def real_cifar():
 TRAINED = ("resnet8", "resnet20", "resnet56", "lcnet_resnet20", "exits_resnet56")
 
 
+def app_variables(root) -> dict[str, str]:
+    return {"DYNVIZ_DATA": str(root / "cifar"), "DYNVIZ_CHECKPOINTS": str(root / "ckpt"),
+            "DYNVIZ_CACHE": str(root / "cache"), "DYNVIZ_ASSETS": str(root / "assets"),
+            "DYNVIZ_DEVICE": "cpu"}
+
+
 @pytest.fixture(scope="session")
-def app_env(tmp_path_factory):
+def app_root(tmp_path_factory):
     """A synthetic CIFAR-10 (502 images per class), random-weight checkpoints of the default
-    systems and their cached outputs, in temporary directories named by DYNVIZ_* variables.
-    Yields the validation split."""
+    systems, their cached outputs and shipped policies, under one temporary directory
+    (``app_variables`` names it to dynviz)."""
     import models
     from dynviz import cache, evaluate, zoo
     from tests.test_models import randomize
 
     root = tmp_path_factory.mktemp("appzoo")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DYNVIZ_DATA", str(root / "cifar"))
-    for var, sub in (("DYNVIZ_CHECKPOINTS", "ckpt"), ("DYNVIZ_CACHE", "cache"),
-                     ("DYNVIZ_ASSETS", "assets")):
-        mp.setenv(var, str(root / sub))
-    mp.setenv("DYNVIZ_DEVICE", "cpu")
-    make_imagefolder(root / "cifar" / "train", per_class=502, size=32)
-    (root / "ckpt").mkdir()
-    for i, name in enumerate(TRAINED):
-        torch.manual_seed(i)
-        model = randomize(models.create(name).eval(), seed=i)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.out_features == 10:
-                torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
-        torch.save(model.state_dict(), root / "ckpt" / f"{name}.pt")
-    val = data.get_split("val")
-    for name in zoo.available():
-        model = zoo.load_system(name)
-        if zoo.spec(name).kind == "gated":      # cheap enough to run for real (gate scores)
-            zoo.outputs(name, val, model=model, progress=False)
-        else:                                   # the rest: answers of growing accuracy
-            sha = zoo.checkpoint_sha(name)
-            cache.store(cache.directory_for(name, val, sha), name, model, val, sha,
-                        fake_outputs(model, val.labels, seed=len(name)))
-    evaluate.ship_operating_points(val=val)
-    yield val
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in app_variables(root).items():
+            mp.setenv(var, value)
+        make_imagefolder(root / "cifar" / "train", per_class=502, size=32)
+        (root / "ckpt").mkdir()
+        for i, name in enumerate(TRAINED):
+            torch.manual_seed(i)
+            model = randomize(models.create(name).eval(), seed=i)
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear) and m.out_features == 10:
+                    torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
+            torch.save(model.state_dict(), root / "ckpt" / f"{name}.pt")
+        val = data.get_split("val")
+        for name in zoo.available():
+            model = zoo.load_system(name)
+            if zoo.spec(name).kind == "gated":   # cheap enough to run for real (gate scores)
+                zoo.outputs(name, val, model=model, progress=False)
+            else:                                # the rest: answers of growing accuracy
+                sha = zoo.checkpoint_sha(name)
+                cache.store(cache.directory_for(name, val, sha), name, model, val, sha,
+                            fake_outputs(model, val.labels, seed=len(name)))
+        evaluate.ship_operating_points(val=val)
+    return root
+
+
+@pytest.fixture
+def app_env(app_root, monkeypatch):
+    """The ``app_root`` zoo for one test; yields its validation split."""
+    for var, value in app_variables(app_root).items():
+        monkeypatch.setenv(var, value)
+    return data.get_split("val")
 
 
 def fake_outputs(model, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:

@@ -112,3 +112,12 @@ def test_models_page_lists_checkpoints_and_papers(app_env):
     _no_exception(at)
     assert len(at.dataframe) >= 1
     assert any("LC-Net" in str(df.value) for df in at.dataframe)
+
+
+def test_budget_in_measured_latency(app_env):
+    at = _run("budget", budget_system="cascade_r8_r20_r56",
+              budget_metric="measured latency (batch 1)")
+    _no_exception(at)
+    cost = [m for m in at.metric if m.label == "Mean cost (check)"][0]
+    assert cost.value.endswith(" ms")
+    assert 0 < at.session_state["budget_last"]["check"]["cost_fraction"] <= 0.55

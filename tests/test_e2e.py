@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dynviz import settings
+from tests.conftest import app_variables
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = settings.PROJECT_ROOT / "tests" / "artifacts"
@@ -29,9 +30,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(app_env):
+def server(app_root):
     port = _free_port()
-    env = dict(os.environ)  # carries app_env's DYNVIZ_* directories
+    env = dict(os.environ) | app_variables(app_root)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "streamlit.log", "w")
     proc = subprocess.Popen(
