@@ -32,7 +32,21 @@ def _downsample_costs(block: nn.Module, hw: tuple[int, int]) -> CostTable:
     return {} if block.downsample is None else {"downsample.0": conv_macs(block.downsample[0], hw)}
 
 
-class BasicBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """``relu(shortcut(x) + tail(bn2(conv2(relu(bn1(conv1(x)))))))``: the forward every
+    block shares; subclasses build the layers and say what ``residual_tail`` adds."""
+
+    def residual_tail(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.residual_tail(self.bn2(self.conv2(out)))
+        return self.relu(out + identity)
+
+
+class BasicBlock(ResidualBlock):
     """Two 3×3 convs; ``mid_channels`` is the width C-Net gates (conv1's output)."""
     expansion = 1
 
@@ -47,23 +61,13 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.mid_channels = planes
 
-    def residual_tail(self, out: torch.Tensor) -> torch.Tensor:
-        """What follows bn2 on the residual branch: nothing in a basic block."""
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.residual_tail(self.bn2(self.conv2(out)))
-        return self.relu(out + identity)
-
     def cost_table(self, hw: tuple[int, int]) -> tuple[CostTable, tuple[int, int]]:
         mid = conv_out_hw(self.conv1, hw)
         costs = {"conv1": conv_macs(self.conv1, hw), "conv2": conv_macs(self.conv2, mid)}
         return costs | _downsample_costs(self, hw), conv_out_hw(self.conv2, mid)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1×1 → 3×3 (stride here, torchvision v1.5) → 1×1 ×4; C-Net gates conv1's output."""
     expansion = 4
 
@@ -82,12 +86,6 @@ class Bottleneck(nn.Module):
 
     def residual_tail(self, out: torch.Tensor) -> torch.Tensor:
         return self.bn3(self.conv3(self.relu(out)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.residual_tail(self.bn2(self.conv2(out)))
-        return self.relu(out + identity)
 
     def cost_table(self, hw: tuple[int, int]) -> tuple[CostTable, tuple[int, int]]:
         out = conv_out_hw(self.conv2, hw)

@@ -45,6 +45,22 @@ def real_cifar():
 TRAINED = ("resnet8", "resnet20", "resnet56", "lcnet_resnet20", "exits_resnet56")
 
 
+def write_random_checkpoints(directory, checkpoints: dict[str, str]) -> None:
+    """``checkpoints``: name -> architecture. Random BN statistics and gates, and classifier
+    heads confident enough that policies have something to choose between."""
+    import models
+    from tests.test_models import randomize
+
+    directory.mkdir(parents=True)
+    for i, (name, arch) in enumerate(checkpoints.items()):
+        torch.manual_seed(i)
+        model = randomize(models.create(arch).eval(), seed=i)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.out_features == 10:
+                torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
+        torch.save(model.state_dict(), directory / f"{name}.pt")
+
+
 def app_variables(root) -> dict[str, str]:
     return {"DYNVIZ_DATA": str(root / "cifar"), "DYNVIZ_CHECKPOINTS": str(root / "ckpt"),
             "DYNVIZ_CACHE": str(root / "cache"), "DYNVIZ_ASSETS": str(root / "assets"),
@@ -56,23 +72,14 @@ def app_root(tmp_path_factory):
     """A synthetic CIFAR-10 (502 images per class), random-weight checkpoints of the default
     systems, their cached outputs and shipped policies, under one temporary directory
     (``app_variables`` names it to dynviz)."""
-    import models
     from dynviz import cache, evaluate, zoo
-    from tests.test_models import randomize
 
     root = tmp_path_factory.mktemp("appzoo")
     with pytest.MonkeyPatch.context() as mp:
         for var, value in app_variables(root).items():
             mp.setenv(var, value)
         make_imagefolder(root / "cifar" / "train", per_class=502, size=32)
-        (root / "ckpt").mkdir()
-        for i, name in enumerate(TRAINED):
-            torch.manual_seed(i)
-            model = randomize(models.create(name).eval(), seed=i)
-            for m in model.modules():
-                if isinstance(m, torch.nn.Linear) and m.out_features == 10:
-                    torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
-            torch.save(model.state_dict(), root / "ckpt" / f"{name}.pt")
+        write_random_checkpoints(root / "ckpt", {name: name for name in TRAINED})
         val = data.get_split("val")
         for name in zoo.available():
             model = zoo.load_system(name)

@@ -11,8 +11,7 @@ import torch
 import models
 from dynviz import data, evaluate, inspect, policy as P, zoo
 from dynviz.__main__ import main
-from tests.conftest import make_imagefolder
-from tests.test_models import randomize
+from tests.conftest import make_imagefolder, write_random_checkpoints
 
 CHECKPOINTS = {"resnet8": "resnet8", "resnet20": "resnet20", "resnet56": "resnet56",
                "lcnet_resnet20": "lcnet_resnet20", "exits_resnet56": "exits_resnet56"}
@@ -25,14 +24,7 @@ def fake_zoo(tmp_path_factory):
     for var, sub in (("DYNVIZ_CHECKPOINTS", "ckpt"), ("DYNVIZ_CACHE", "cache"),
                      ("DYNVIZ_ASSETS", "assets")):
         mp.setenv(var, str(root / sub))
-    (root / "ckpt").mkdir()
-    for i, (name, arch) in enumerate(CHECKPOINTS.items()):
-        torch.manual_seed(i)
-        model = randomize(models.create(arch).eval(), seed=i)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.out_features == 10:
-                torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
-        torch.save(model.state_dict(), root / "ckpt" / f"{name}.pt")
+    write_random_checkpoints(root / "ckpt", CHECKPOINTS)
     dataset = data.open_imagefolder(make_imagefolder(root / "tiny", per_class=4))
     val = data.Split(dataset, "val", np.arange(len(dataset)))
     yield val
