@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.macs import conv_macs, conv_out_hw, linear_macs
+from models.macs import conv_macs, linear_macs
 from models.lcnet import GatedResNet
 from models.registry import create, register_model
 from models.resnet import BasicBlock, Bottleneck, ResNet, conv3x3

@@ -23,7 +23,7 @@ def per_image_cost(name: str, cached) -> tuple[np.ndarray, np.ndarray, float]:
     return out.stage_costs[:, 0], out.predictions[:, 0], float(out.stage_costs[:, 0].max())
 
 
-def gallery(title: str, order: np.ndarray, cost, pred, labels, images, key: str) -> None:
+def gallery(title: str, order: np.ndarray, cost, pred, labels, images) -> None:
     st.subheader(title)
     cols = st.columns(N_SHOWN)
     for col, i in zip(cols, order[:N_SHOWN]):
@@ -52,8 +52,8 @@ def render() -> None:
     members = np.arange(len(labels)) if cls == "all" else \
         np.flatnonzero(labels == data.CLASSES.index(cls))
     order = members[np.argsort(cost[members], kind="stable")]
-    gallery("Cheapest", order, cost, pred, labels, images, "low")
-    gallery("Costliest", order[::-1], cost, pred, labels, images, "high")
+    gallery("Cheapest", order, cost, pred, labels, images)
+    gallery("Costliest", order[::-1], cost, pred, labels, images)
     per_class = np.array([cost[labels == c].mean() for c in range(len(data.CLASSES))])
     st.plotly_chart(plots.class_cost(per_class, reference), key="gallery_class_cost")
     if "block_scores" in cached.arrays:
