@@ -90,8 +90,8 @@ def _fold_resnet(resnet: ResNet) -> None:
             pairs.append((block.downsample, "0", "1"))
     _fold_pairs(pairs)
     for block in resnet.blocks:
-        if hasattr(block, "freeze_gates"):
-            block.freeze_gates()
+        if hasattr(block, "freeze"):
+            block.freeze()
 
 
 def _fold_pairs(pairs) -> None:
@@ -144,6 +144,7 @@ def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) 
     x = torch.randn(shape, generator=generator).to(device).contiguous(
         memory_format=torch.channels_last).relu_()
     s_c = torch.ones(shape[0], block.mid_channels, device=device)
+    ops = block.inference_block()
     best = 0.0
     for fraction in fractions:
         keep = max(1, round(fraction * block.mid_channels))
@@ -151,8 +152,8 @@ def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) 
         channels = channels.to(device)
         cache = SliceCache() if use_cache else None
         times = compare_times({
-            "masked": lambda: block.residual_branch(x, s_c),
-            "sliced": lambda: block.residual_branch(x, s_c, channels, cache),
+            "masked": lambda: block.sparse_branch(ops, x, s_c),
+            "sliced": lambda: block.sparse_branch(ops, x, s_c, channels, cache),
         }, repeats=repeats, device=device)
         if times["sliced"] >= times["masked"]:
             break

@@ -66,6 +66,14 @@ RECIPES: dict[str, Recipe] = {
 
 
 # ---------------------------------------------------------------------------- helpers
+def _saved_recipe(saved: dict) -> dict:
+    """A checkpoint's recipe, with fields added to ``Recipe`` since it was written at their
+    defaults, so adding a field does not orphan runs in progress."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)
+                if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved}
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -221,7 +229,7 @@ def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None
     state = TrainState()
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        if ckpt["recipe"] != dataclasses.asdict(recipe):
+        if _saved_recipe(ckpt["recipe"]) != dataclasses.asdict(recipe):
             raise ValueError(f"{last} was written by another recipe; delete it or drop --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -19,6 +19,12 @@ def make_imagefolder(root, per_class: int, size: int = 32, seed: int = 0, fmt: s
     return root
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def cache_env(tmp_path, monkeypatch):
     """Caches go to a temporary directory for the test."""

@@ -297,12 +297,17 @@ def test_slice_cache_serves_equal_slices_and_stays_bounded():
     cache = SliceCache(max_bytes=200 << 10)
     with torch.no_grad():
         masked, _ = model(x)
+        assert torch.allclose(model(x, SparsePlan(1.0, 1.0, cache))[0], masked,
+                              rtol=1e-4, atol=1e-5)
+        assert len(cache) == 0   # not frozen: weights are rebuilt per call, never cached
+        for block in model.blocks:
+            block.freeze()
         for _ in range(2):  # cold, then warm
             sparse, _ = model(x, SparsePlan(1.0, 1.0, cache))
             assert torch.allclose(sparse, masked, rtol=1e-4, atol=1e-5)
     assert 0 < len(cache)
     assert cache._bytes <= cache.max_bytes
-    w = model.blocks[0].conv2.weight
+    w = model.blocks[0].inference_block().conv2.weight
     channels = torch.tensor([0, 3, 5])
     key = SliceCache.key(w, 1, channels)
     assert torch.equal(cache.get(key, w, 1, channels), w[:, channels])
