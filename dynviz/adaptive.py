@@ -22,7 +22,8 @@ class AdaptiveTrace:
     ``features`` (B, K, 3) confidence features (NaN where the stage did not run);
     ``decisions`` (B, K) NOT_REACHED / CONTINUE / EXIT / JUMP; ``exit_stage`` (B,) the stage
     whose answer is used; ``jumped`` (B,); ``stage_macs`` (B, K) MACs spent in each stage
-    (a jump's last-network run is counted in the last column); ``macs`` (B,) total.
+    (a jump's last-network run is counted in the last column); ``macs`` (B,) total;
+    ``stage_logits`` (B, K, C) float32, NaN where the stage did not run.
     """
     features: np.ndarray
     decisions: np.ndarray
@@ -30,6 +31,7 @@ class AdaptiveTrace:
     jumped: np.ndarray
     stage_macs: np.ndarray
     stage_names: list[str]
+    stage_logits: np.ndarray
 
     @property
     def macs(self) -> np.ndarray:
@@ -71,8 +73,10 @@ class AdaptiveClassifier(nn.Module):
             logits, state, macs = system.run_stage(k, state)
             if out.shape[1] == 0:
                 out = torch.empty(b, logits.shape[1], device=x.device, dtype=logits.dtype)
+                stage_logits = np.full((b, k_total, logits.shape[1]), np.nan, np.float32)
             stage_macs[active, k] += macs.cpu().numpy()
-            phi = confidence_features(logits.float().cpu().numpy())
+            stage_logits[active, k] = logits.float().cpu().numpy()
+            phi = confidence_features(stage_logits[active, k])
             features[active, k] = phi
             leave, jump = self.policy.decide(k, phi, k_total)
             decisions[active, k] = np.where(leave, EXIT, np.where(jump, JUMP, CONTINUE))
@@ -86,7 +90,8 @@ class AdaptiveClassifier(nn.Module):
                 rows = active[jump]
                 out[torch.from_numpy(rows).to(x.device)] = last_logits
                 stage_macs[rows, k_total - 1] += last_macs.cpu().numpy()
-                features[rows, k_total - 1] = confidence_features(last_logits.float().cpu().numpy())
+                stage_logits[rows, k_total - 1] = last_logits.float().cpu().numpy()
+                features[rows, k_total - 1] = confidence_features(stage_logits[rows, k_total - 1])
                 exit_stage[rows] = k_total - 1
                 jumped[rows] = True
             keep = ~(leave | jump)
@@ -96,5 +101,5 @@ class AdaptiveClassifier(nn.Module):
                 state = system.select(state, torch.from_numpy(np.flatnonzero(keep)).to(x.device))
             active = active[keep]
         trace = AdaptiveTrace(features, decisions, exit_stage, jumped, stage_macs,
-                              list(system.stage_names))
+                              list(system.stage_names), stage_logits)
         return out, trace

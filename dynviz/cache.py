@@ -139,12 +139,20 @@ def directory_for(system: str, split: data.Split, checkpoint_sha: str,
     return root / f"{system}-{split.name}-{split.fingerprint}-{checkpoint_sha[:12]}"
 
 
-def find(system: str, split: data.Split, checkpoint_sha: str) -> CachedOutputs | None:
-    """A fresh cache of ``system`` on ``split``: the shipped one in assets/ or the local one."""
+def find(system: str, split: data.Split | str, checkpoint_sha: str) -> CachedOutputs | None:
+    """A fresh cache of ``system`` on ``split``: the shipped one in assets/ or the local one.
+
+    ``split`` may be just a split's name, when its images are absent: any cache of that
+    split and checkpoint is then taken, as its data fingerprint cannot be checked.
+    """
+    if isinstance(split, str):
+        pattern = f"{system}-{split}-*-{checkpoint_sha[:12]}"
+    else:
+        pattern = directory_for(system, split, checkpoint_sha).name
     for root in (settings.assets_dir() / "outputs", settings.cache_dir() / "outputs"):
-        directory = directory_for(system, split, checkpoint_sha, root)
-        if (directory / "manifest.json").exists():
-            return load(directory)
+        for directory in sorted(root.glob(pattern)):
+            if (directory / "manifest.json").exists():
+                return load(directory)
     return None
 
 

@@ -131,13 +131,7 @@ def inspect_image(runner: Runner, image: np.ndarray, timing_repeats: int = 5) ->
                              block_names=runner.model.block_names(), **common)
     if runner.kind in ("exits", "cascade"):
         logits, trace = out
-        k = runner.model.n_stages
-        stage_probs = np.full((k, logits.shape[1]), np.nan)
-        all_logits, _ = runner.model(x)                        # every stage, for the display
-        reached = trace.decisions[0] != -1
-        stage_probs[reached] = _softmax(all_logits[0])[reached]
-        if trace.jumped[0]:
-            stage_probs[-1] = _softmax(logits[0])
+        stage_probs = _softmax(torch.from_numpy(trace.stage_logits[0]))  # NaN rows stay NaN
         return InspectResult(probs=_softmax(logits[0]), macs=int(trace.macs[0]),
                              stage_names=trace.stage_names, stage_probs=stage_probs,
                              features=trace.features[0], decisions=trace.decisions[0],

@@ -188,7 +188,30 @@ def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None
         epochs: override ``recipe.epochs`` (the LR schedule follows it).
         limit_batches: stop every epoch after this many batches (smoke runs and tests).
         out_dir: where the final files go (default ``settings.checkpoint_dir()``).
+
+    Returns the manifest on rank 0, ``{}`` on the other ranks of a data-parallel run.
     """
+    run = fit(name, recipe, resume=resume, epochs=epochs, limit_batches=limit_batches,
+              progress=progress)
+    if _rank_world()[0] != 0:
+        return {}
+    out_dir = Path(out_dir) if out_dir is not None else settings.checkpoint_dir()
+    return _finish(name, run.recipe, run.model, run.state, run.dataset, out_dir, run.device)
+
+
+@dataclass
+class FitResult:
+    model: nn.Module       # unwrapped (not the DDP wrapper), on ``device``
+    recipe: Recipe         # with the ``epochs`` override applied
+    state: TrainState
+    dataset: data.Dataset
+    device: torch.device
+
+
+def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None = None,
+        limit_batches: int | None = None, progress: bool = True) -> FitResult:
+    """The training loop of ``train`` (every rank runs it); checkpoints every epoch to
+    ``<cache>/runs/<name>/last.pt`` from rank 0; writes no final files."""
     from tqdm import tqdm
 
     if epochs is not None:
@@ -198,7 +221,6 @@ def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(recipe.seed)
-    out_dir = Path(out_dir) if out_dir is not None else settings.checkpoint_dir()
     run_dir = settings.cache_dir() / "runs" / name
     last = run_dir / "last.pt"
 
@@ -266,6 +288,8 @@ def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None
             loss_sum += loss.item() * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+        if world > 1:
+            _average_buffers(model, world)
         accuracy, macs = evaluate_accuracy(model, val_images, val_split.labels, device)
         state.wall_seconds += time.perf_counter() - started
         state.epoch = epoch + 1
@@ -281,9 +305,17 @@ def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None
                           "generator": generator.get_state(), "epoch": state.epoch,
                           "history": state.history, "wall_seconds": state.wall_seconds}, last)
 
-    if rank != 0:
-        return {}
-    return _finish(name, recipe, model, state, dataset, out_dir, device)
+    return FitResult(model, recipe, state, dataset, device)
+
+
+@torch.no_grad()
+def _average_buffers(model: nn.Module, world: int) -> None:
+    """BatchNorm running statistics are updated by each rank on its own shard (DDP only
+    broadcasts them before a forward): average them so every rank holds the same model."""
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= world
 
 
 def _atomic_save(obj, path: Path) -> None:

@@ -97,9 +97,11 @@ class SliceCache:
     immutable; the cache evicts least-recently-used slices beyond ``max_bytes``.
     """
 
-    def __init__(self, max_bytes: int = 256 << 20):
+    def __init__(self, max_bytes: int = 256 << 20, max_seen: int = 4096):
         self.max_bytes = max_bytes
+        self.max_seen = max_seen
         self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -111,6 +113,20 @@ class SliceCache:
     def __contains__(self, key: tuple) -> bool:
         with self._lock:
             return key in self._entries
+
+    def recurring(self, key: tuple) -> bool:
+        """True if ``key``'s slice is cached or its channel set was met before. A set met
+        for the first time is only remembered: gathering slices pays when a set recurs (a
+        trained C-Net's few favourite sets), not for one-off per-image patterns."""
+        with self._lock:
+            if key in self._entries:
+                return True
+            if key in self._seen:
+                return True
+            self._seen[key] = None
+            if len(self._seen) > self.max_seen:
+                self._seen.popitem(last=False)
+            return False
 
     def get(self, key: tuple, weight: torch.Tensor, dim: int,
             channels: torch.Tensor) -> torch.Tensor:
@@ -145,17 +161,17 @@ def _slice(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> torch.Tens
 @dataclass(frozen=True)
 class BlockPlan:
     slice_below: float                # slice when #active channels <= this fraction of C_mid
-    slice_below_cached: float         # the same, when the slice is already in ``cache``
+    slice_below_cached: float         # the same, for a recurring channel set (see SliceCache)
     cache: SliceCache | None = None
 
-    def slices(self, fraction: float, cached) -> bool:
-        """Slice ``fraction`` of the channels? ``cached``: a bool, or a callable answering
-        whether the slices are in the cache, asked only when the answer matters."""
+    def slices(self, fraction: float, recurring) -> bool:
+        """Slice ``fraction`` of the channels? ``recurring``: a bool, or a callable answering
+        whether the channel set recurs (``SliceCache.recurring``), asked only when needed."""
         if fraction <= self.slice_below:
             return True
         if fraction > self.slice_below_cached:
             return False
-        return bool(cached() if callable(cached) else cached)
+        return bool(recurring() if callable(recurring) else recurring)
 
 
 @dataclass(frozen=True)
@@ -163,9 +179,9 @@ class SparsePlan:
     """How the sparse path treats channels, per block.
 
     Block ``i`` computes only the union of active channels of its sub-batch when that union
-    is at most ``slice_below[i]`` of its channels (``slice_below_cached[i]`` when the weight
-    slices for that channel set are in ``cache``), and multiplies the dense output by the
-    mask otherwise. 1.0 always slices, 0.0 never does. ``dynviz.engine.calibrate`` measures
+    is at most ``slice_below[i]`` of its channels (``slice_below_cached[i]`` when that channel
+    set recurs: its weight slices are in ``cache`` or will be after this call), and
+    multiplies the dense output by the mask otherwise. 1.0 always slices, 0.0 never does. ``dynviz.engine.calibrate`` measures
     these on the current device.
     """
     slice_below: tuple[float, ...] | float = 1.0
@@ -440,9 +456,9 @@ class GatedBlockMixin:
             else:                                    # union over the sub-batch
                 channels = (sc_a > 0).any(0).nonzero().squeeze(1)
                 n_on = channels.numel()
-            in_cache = (lambda: cache is not None and  # noqa: E731 - asked only if needed
-                        SliceCache.key(ops.conv2.weight, 1, channels) in cache)
-            if n_on == ops.mid_channels or not plan.slices(n_on / ops.mid_channels, in_cache):
+            recurring = (lambda: cache is not None and  # noqa: E731 - asked only if needed
+                         cache.recurring(SliceCache.key(ops.conv2.weight, 1, channels)))
+            if n_on == ops.mid_channels or not plan.slices(n_on / ops.mid_channels, recurring):
                 channels = None                      # slicing would not pay here
         branch = self.sparse_branch(ops, xa, sc_a, channels, cache)
         if batch == 1:

@@ -29,15 +29,8 @@ def outputs(name: str) -> cache.CachedOutputs | None:
     split = val_split()
     sha = zoo.checkpoint_sha(name)
     if split is None:  # shipped caches still work without the images
-        return _shipped(name, sha)
+        return cache.find(name, "val", sha)
     return zoo.outputs(name, split, model=system(name), progress=False)
-
-
-def _shipped(name: str, sha: str) -> cache.CachedOutputs | None:
-    root = cache.settings.assets_dir() / "outputs"
-    for directory in sorted(root.glob(f"{name}-val-*-{sha[:12]}")):
-        return cache.load(directory)
-    return None
 
 
 @st.cache_resource(show_spinner="Preparing the live model (calibrating the sparse path)…")

@@ -1,0 +1,121 @@
+"""The training loop: resume reproduces an uninterrupted run, data-parallel ranks stay in
+step, the manifest describes what was written, LC-Net's penalty is its formula."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from dynviz import settings, train
+
+TINY = dataclasses.replace(train.RECIPES["resnet8"], epochs=2, batch_size=16, bf16=False)
+
+
+@pytest.fixture
+def train_env(small_cifar, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNVIZ_DATA", str(small_cifar))
+    monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DYNVIZ_CHECKPOINTS", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("DYNVIZ_DEVICE", "cpu")
+    return tmp_path
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_reproduces_the_uninterrupted_run(train_env, monkeypatch):
+    straight = train.fit("straight", TINY, limit_batches=2, progress=False)
+
+    calls = {"n": 0}
+    real_eval = train.evaluate_accuracy
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:              # epoch 1 is checkpointed, epoch 2 is lost
+            raise KeyboardInterrupt
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_accuracy", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit("interrupted", TINY, limit_batches=2, progress=False)
+    monkeypatch.setattr(train, "evaluate_accuracy", real_eval)
+    resumed = train.fit("interrupted", TINY, resume=True, limit_batches=2, progress=False)
+
+    assert resumed.state.epoch == straight.state.epoch == 2
+    assert _same_weights(resumed.model.state_dict(), straight.model.state_dict())
+    assert [h["train_loss"] for h in resumed.state.history] == \
+        [h["train_loss"] for h in straight.state.history]
+
+
+def test_resume_refuses_another_recipe(train_env):
+    train.fit("run", dataclasses.replace(TINY, epochs=1), limit_batches=1, progress=False)
+    with pytest.raises(ValueError, match="another recipe"):
+        train.fit("run", dataclasses.replace(TINY, peak_lr=0.05), resume=True,
+                  limit_batches=1, progress=False)
+
+
+def test_checkpoints_older_than_a_new_recipe_field_still_resume():
+    saved = dataclasses.asdict(TINY)
+    del saved["trainable"]              # written before the field existed
+    assert train._saved_recipe(saved) == dataclasses.asdict(TINY)
+
+
+def test_train_writes_weights_and_a_manifest_that_match(train_env):
+    manifest = train.train("tiny", dataclasses.replace(TINY, epochs=1), limit_batches=1,
+                           progress=False)
+    weights = settings.checkpoint_dir() / "tiny.pt"
+    on_disk = json.loads((settings.checkpoint_dir() / "tiny.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert manifest["sha256"] == train.file_sha256(weights)
+    assert manifest["macs_dense"] == models.create("resnet8").macs()
+    model = models.create("resnet8")
+    model.load_state_dict(torch.load(weights, weights_only=True))  # weights only, strict
+    for half in ("fit", "check"):
+        assert 0.0 <= manifest["metrics"][half]["accuracy"] <= 1.0
+    assert len(manifest["history"]) == 1
+
+
+def test_sparsity_penalty_is_lcnets_l1_formula():
+    model = models.create("lcnet_resnet8")
+    for gate in (m for n, m in model.named_modules() if n.endswith("_gate.fc")):
+        torch.nn.init.normal_(gate.weight, std=0.5)
+    _, trace = model(torch.randn(3, 3, 32, 32))
+    recipe = dataclasses.replace(TINY, l1_block=0.3, l1_channel=0.7)
+    s_l = trace.block_scores.detach()
+    s_c = [s.detach() for s in trace.channel_scores]
+    by_hand = (0.3 * s_l.abs().sum() / s_l.numel()
+               + 0.7 * sum(s.abs().sum() for s in s_c) / sum(s.numel() for s in s_c))
+    assert torch.allclose(train.sparsity_penalty(trace, recipe), by_hand)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_data_parallel_ranks_hold_identical_weights(train_env):
+    """Two CPU processes under torchrun (gloo) train a few steps on different shards."""
+    out = train_env / "ranks"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(settings.PROJECT_ROOT))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                    str(Path(__file__).with_name("ddp_worker.py")), str(out)],
+                   env=env, check=True, timeout=300, cwd=settings.PROJECT_ROOT)
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert _same_weights(rank0, rank1)
+    torch.manual_seed(TINY.seed)        # the initial weights both ranks started from
+    initial = models.create("resnet8").state_dict()
+    assert not torch.equal(rank0["fc.weight"], initial["fc.weight"])
+    last = torch.load(settings.cache_dir() / "runs" / "ddp-test" / "last.pt", weights_only=False)
+    assert last["epoch"] == 1 and _same_weights(last["model"], rank0)   # rank 0 wrote it
