@@ -58,8 +58,8 @@ RECIPES: dict[str, Recipe] = {
     "resnet56": Recipe("resnet56", epochs=40),
     "lcnet_resnet20": Recipe("lcnet_resnet20", epochs=40, gate_lr=0.02,
                              l1_block=0.02, l1_channel=0.02),
-    "lcnet_resnet56": Recipe("lcnet_resnet56", epochs=15, peak_lr=0.02, gate_lr=0.02,
-                             init_from="resnet56", l1_block=0.05, l1_channel=0.05),
+    "lcnet_resnet56": Recipe("lcnet_resnet56", epochs=12, peak_lr=0.02, gate_lr=0.02,
+                             init_from="resnet56", l1_block=0.1, l1_channel=0.1),
     "exits_resnet56": Recipe("exits_resnet56", epochs=8, peak_lr=0.05, init_from="resnet56",
                              init_into="backbone", trainable="heads."),
 }
