@@ -71,6 +71,50 @@ def ship_operating_points(family: str = "threshold", feature: str = "max_prob",
     return written
 
 
+@dataclass
+class PolicyReport:
+    """How a staged system's learned policies compare on the *check* half.
+
+    ``budgets``: for each point of the learned frontier (fit on *fit*), its cost fraction
+    and accuracy on check beside the best single-global-threshold policy that costs no more
+    there (thresholds scanned on check itself, which favours the baseline).
+    ``oracle_share``: at the shipped ≤0.5%-loss operating point, the MACs it saves against
+    the reference over those an oracle saves at the same accuracy (``P.oracle_cost_at``).
+    """
+    system: str
+    budgets: list[dict]
+    beats_baseline: int          # budgets where learned >= baseline
+    worst_gap: float             # min over budgets of learned - baseline accuracy
+    operating_point: dict | None
+    oracle_share: float | None
+
+
+def policy_report(name: str, val: data.Split, family: str = "threshold",
+                  feature: str = "max_prob", n_points: int = 40) -> PolicyReport:
+    from dynviz import budget
+
+    s = zoo.spec(name)
+    cached = zoo.outputs(name, val)
+    fit, check = cached.half("fit"), cached.half("check")
+    curves = budget.curves(fit, check, budget.BudgetQuery(family, feature, s.topology),
+                           n_points)
+    base_cost, base_acc = curves.baseline
+    rows = []
+    for cost, acc in zip(*curves.learned):
+        affordable = base_acc[base_cost <= cost + 1e-12]
+        rows.append({"cost_fraction": round(float(cost), 4), "learned": float(acc),
+                     "baseline": float(affordable.max()) if affordable.size else None})
+    gaps = [r["learned"] - r["baseline"] for r in rows if r["baseline"] is not None]
+    pol, point, share = load_policy(name, LOSSES[0]), None, None
+    if pol is not None:
+        outcome = P.simulate(pol, check)
+        point = outcome.summary(check.reference_cost, check.n_stages)
+        oracle_frac = P.oracle_cost_at(check, point["accuracy"]) / check.reference_cost
+        share = (1 - point["cost_fraction"]) / max(1 - oracle_frac, 1e-12)
+    return PolicyReport(name, rows, sum(g >= 0 for g in gaps), min(gaps, default=0.0),
+                        point, share)
+
+
 def load_policy(system: str, loss: float) -> P.Policy | None:
     path = policy_path(system, loss)
     return P.Policy.from_json(path.read_text()) if path.exists() else None

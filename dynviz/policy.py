@@ -333,6 +333,19 @@ def oracle(out: StageOutputs) -> Outcome:
     return _outcome(out, exit_stage, jumped, np.zeros(n, int))
 
 
+def oracle_cost_at(out: StageOutputs, accuracy: float) -> float:
+    """The least mean cost at which an oracle reaches ``accuracy``: it leaves every image at
+    its cheapest correct route (``oracle``) and, to trade accuracy for cost, gives up the
+    images whose right answer costs most beyond the cheapest wrong one (stage 0)."""
+    best = oracle(out)
+    n = len(out)
+    candidates = best.correct & ~out.correct[:, 0]     # right only beyond stage 0
+    give_up = min(max(0, int(best.correct.sum()) - math.ceil(accuracy * n - 1e-9)),
+                  int(candidates.sum()))
+    saving = np.sort(best.cost[candidates] - out.cumulative_costs[candidates, 0])[::-1]
+    return float((best.cost.sum() - saving[:give_up].sum()) / n)
+
+
 def static(out: StageOutputs, stage: int) -> Outcome:
     """Every image runs stages 0..stage and leaves there."""
     return _outcome(out, np.full(len(out), stage), np.zeros(len(out), bool),

@@ -69,6 +69,15 @@ def test_policies_evaluate_and_inspect(fake_zoo, capsys):
         if r.policy is not None:
             assert r.accuracy <= oracle[r.system].accuracy
 
+    # against the oracle at the same accuracy, a policy can save no more MACs than it does
+    for name in ("exits_resnet56", "cascade_r8_r20_r56"):
+        report = evaluate.policy_report(name, val)
+        check = zoo.outputs(name, val, progress=False).half("check")
+        shipped = P.simulate(evaluate.load_policy(name, evaluate.LOSSES[0]), check)
+        assert report.operating_point["accuracy"] == pytest.approx(shipped.correct.mean())
+        assert report.oracle_share <= 1 + 1e-9
+        assert report.beats_baseline <= len(report.budgets)
+
     image = val.images()[3]
     for name in ("resnet20", "lcnet_resnet20", "exits_resnet56", "cascade_r8_r20_r56"):
         runner = inspect.build_runner(name, calibrate=False)

@@ -128,6 +128,20 @@ def test_oracle_is_the_cheapest_way_to_its_accuracy():
     assert o.cost.sum() == pytest.approx(best)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_oracle_cost_at_an_accuracy_is_the_brute_force_minimum(seed):
+    out = synthetic(n=7, seed=seed)
+    rows = np.arange(len(out))
+    cheapest: dict[int, float] = {}              # #correct -> least total cost reaching it
+    for assignment in itertools.product(range(out.n_stages), repeat=len(out)):
+        a = np.array(assignment)
+        hits, cost = int(out.correct[rows, a].sum()), out.cumulative_costs[rows, a].sum()
+        for h in range(hits + 1):
+            cheapest[h] = min(cheapest.get(h, math.inf), cost)
+    for hits, cost in cheapest.items():
+        assert P.oracle_cost_at(out, hits / len(out)) * len(out) == pytest.approx(cost)
+
+
 def test_learned_policies_never_beat_the_oracle():
     out = synthetic(seed=2)
     o = P.oracle(out)
