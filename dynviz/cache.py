@@ -8,6 +8,8 @@ Budget page and the evaluation read only these arrays.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 import logging
 import os
@@ -78,8 +80,12 @@ def _quantise(scores: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def compute_outputs(model: nn.Module, images: np.ndarray, *, device: torch.device,
-                    batch_size: int = 250, progress: bool = True) -> dict[str, np.ndarray]:
-    """Run ``model`` (staged, gated or plain) on uint8 images (N, H, W, 3)."""
+                    batch_size: int = 250, progress: bool = True,
+                    on_progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
+    """Run ``model`` (staged, gated or plain) on uint8 images (N, H, W, 3).
+
+    ``progress``: a tqdm bar on stderr; ``on_progress``: called with the fraction done
+    after every batch (the app's progress bar)."""
     from tqdm import tqdm
 
     model = model.to(device).eval()
@@ -108,6 +114,8 @@ def compute_outputs(model: nn.Module, images: np.ndarray, *, device: torch.devic
             value = value.float().cpu().numpy() if name == "logits" else (
                 value.cpu().numpy() if torch.is_tensor(value) else value)
             parts.setdefault(name, []).append(value)
+        if on_progress is not None:
+            on_progress(min(1.0, (start + batch_size) / len(images)))
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
@@ -158,7 +166,8 @@ def find(system: str, split: data.Split | str, checkpoint_sha: str) -> CachedOut
 
 def ensure(system: str, model: nn.Module, split: data.Split, checkpoint_sha: str, *,
            device: torch.device | None = None, root: Path | None = None,
-           progress: bool = True) -> CachedOutputs:
+           progress: bool = True,
+           on_progress: Callable[[float], None] | None = None) -> CachedOutputs:
     """The cache of ``system`` on ``split``, built (and stale ones removed) if missing."""
     if root is None:
         found = find(system, split, checkpoint_sha)
@@ -172,7 +181,8 @@ def ensure(system: str, model: nn.Module, split: data.Split, checkpoint_sha: str
         shutil.rmtree(stale, ignore_errors=True)
     device = device or settings.device()
     started = time.perf_counter()
-    arrays = compute_outputs(model, split.images(), device=device, progress=progress)
+    arrays = compute_outputs(model, split.images(), device=device, progress=progress,
+                             on_progress=on_progress)
     return store(directory, system, model, split, checkpoint_sha, arrays,
                  seconds=time.perf_counter() - started)
 

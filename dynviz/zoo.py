@@ -7,6 +7,7 @@ network, an early-exit network or a cascade, built from checkpoints in
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,10 +124,13 @@ def load_system(name: str, device: torch.device | None = None) -> nn.Module:
 
 
 def outputs(name: str, split: data.Split, *, model: nn.Module | None = None,
-            progress: bool = True) -> cache.CachedOutputs:
-    """Cached outputs of system ``name`` on ``split`` (built on first use)."""
+            progress: bool = True,
+            on_progress: Callable[[float], None] | None = None) -> cache.CachedOutputs:
+    """Cached outputs of system ``name`` on ``split`` (built on first use; ``progress`` and
+    ``on_progress`` as in ``cache.compute_outputs``)."""
     sha = checkpoint_sha(name)
     found = cache.find(name, split, sha)
     if found is not None:
         return found
-    return cache.ensure(name, model or load_system(name), split, sha, progress=progress)
+    return cache.ensure(name, model or load_system(name), split, sha, progress=progress,
+                        on_progress=on_progress)

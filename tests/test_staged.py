@@ -128,8 +128,15 @@ def test_cache_round_trip_and_staleness(tiny_split, cache_env):
     assert not list(built.directory.parent.glob(".tmp-*"))
     again = cache.ensure("exits_resnet20", system, tiny_split, "a" * 64, progress=False)
     assert again.directory == built.directory and again.manifest["created"] == manifest["created"]
-    rebuilt = cache.ensure("exits_resnet20", system, tiny_split, "b" * 64, progress=False)
+    reported = []
+    rebuilt = cache.ensure("exits_resnet20", system, tiny_split, "b" * 64, progress=False,
+                           on_progress=reported.append)
     assert rebuilt.directory != built.directory and not built.directory.exists()
+    assert reported == [1.0]             # 30 images: one batch
+    reported.clear()
+    cache.compute_outputs(system, tiny_split.images(), device=torch.device("cpu"),
+                          batch_size=8, progress=False, on_progress=reported.append)
+    assert reported == pytest.approx([8 / 30, 16 / 30, 24 / 30, 1.0])
     out = rebuilt.stage_outputs()
     assert out.n_stages == 3 and len(out) == 30
 

@@ -24,13 +24,22 @@ def system(name: str):
     return zoo.load_system(name)
 
 
-@st.cache_resource(show_spinner="Caching validation outputs (once per checkpoint)…")
+@st.cache_resource(show_spinner=False)
 def outputs(name: str) -> cache.CachedOutputs | None:
     split = val_split()
     sha = zoo.checkpoint_sha(name)
     if split is None:  # shipped caches still work without the images
         return cache.find(name, "val", sha)
-    return zoo.outputs(name, split, model=system(name), progress=False)
+    found = cache.find(name, split, sha)
+    if found is not None:
+        return found
+    text = f"Caching {name}'s outputs on the {len(split)} validation images (once per checkpoint)…"
+    bar = st.progress(0.0, text=text)
+    try:
+        return zoo.outputs(name, split, model=system(name), progress=False,
+                           on_progress=lambda done: bar.progress(done, text=text))
+    finally:
+        bar.empty()
 
 
 @st.cache_resource(show_spinner="Preparing the live model (calibrating the sparse path)…")
