@@ -162,16 +162,7 @@ def _slice(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> torch.Tens
 class BlockPlan:
     slice_below: float                # slice when #active channels <= this fraction of C_mid
     slice_below_cached: float         # the same, for a recurring channel set (see SliceCache)
-    cache: SliceCache | None = None
-
-    def slices(self, fraction: float, recurring) -> bool:
-        """Slice ``fraction`` of the channels? ``recurring``: a bool, or a callable answering
-        whether the channel set recurs (``SliceCache.recurring``), asked only when needed."""
-        if fraction <= self.slice_below:
-            return True
-        if fraction > self.slice_below_cached:
-            return False
-        return bool(recurring() if callable(recurring) else recurring)
+    cache: SliceCache | None = None   # keeps the slices of recurring sets only
 
 
 @dataclass(frozen=True)
@@ -448,7 +439,7 @@ class GatedBlockMixin:
                 ida = xa if ops.downsample is None else identity[active]
                 sc_a, s_l = sc_a[active], s_l[active]
             s_l = s_l[:, None, None, None]
-        channels = None                              # None: multiply by the mask
+        channels, keep = None, None                  # None: multiply by the mask
         if plan.slice_below > 0 or plan.slice_below_cached > 0:
             if batch == 1:
                 n_on = ops.mid_channels - row.count(0.0)
@@ -456,11 +447,14 @@ class GatedBlockMixin:
             else:                                    # union over the sub-batch
                 channels = (sc_a > 0).any(0).nonzero().squeeze(1)
                 n_on = channels.numel()
-            recurring = (lambda: cache is not None and  # noqa: E731 - asked only if needed
-                         cache.recurring(SliceCache.key(ops.conv2.weight, 1, channels)))
-            if n_on == ops.mid_channels or not plan.slices(n_on / ops.mid_channels, recurring):
+            fraction = n_on / ops.mid_channels
+            if n_on < ops.mid_channels and cache is not None and \
+                    fraction <= plan.slice_below_cached and \
+                    cache.recurring(SliceCache.key(ops.conv2.weight, 1, channels)):
+                keep = cache                         # a recurring set: slices are kept
+            if n_on == ops.mid_channels or (fraction > plan.slice_below and keep is None):
                 channels = None                      # slicing would not pay here
-        branch = self.sparse_branch(ops, xa, sc_a, channels, cache)
+        branch = self.sparse_branch(ops, xa, sc_a, channels, keep)
         if batch == 1:
             out = torch.add(ida, branch, alpha=s_l).relu_()
         else:
