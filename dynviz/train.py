@@ -294,7 +294,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
         state.wall_seconds += time.perf_counter() - started
         state.epoch = epoch + 1
         state.history.append({"epoch": epoch + 1, "train_loss": round(loss_sum / max(seen, 1), 4),
-                              "val_accuracy": round(accuracy, 4), "val_macs": round(macs),
+                              "val_accuracy": _rounded(accuracy), "val_macs": round(macs),
                               "seconds": round(time.perf_counter() - started, 1)})
         log.info("%s epoch %d: %s", name, epoch + 1, state.history[-1])
         if rank == 0:
@@ -318,6 +318,11 @@ def _average_buffers(model: nn.Module, world: int) -> None:
             buffer /= world
 
 
+def _rounded(accuracy: float | list[float]) -> float | list[float]:
+    """One accuracy, or one per exit of a staged model."""
+    return [round(a, 4) for a in accuracy] if isinstance(accuracy, list) else round(accuracy, 4)
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -333,7 +338,7 @@ def _finish(name, recipe, model, state, dataset, out_dir, device) -> dict:
     for half in ("fit", "check"):
         split = data.get_split(half, dataset)
         acc, macs = evaluate_accuracy(model, split.images(), split.labels, device)
-        metrics[half] = {"accuracy": round(acc, 4), "macs_mean": round(macs)}
+        metrics[half] = {"accuracy": _rounded(acc), "macs_mean": round(macs)}
     manifest = {
         "name": name, "model": recipe.model, "recipe": dataclasses.asdict(recipe),
         "metrics": metrics, "history": state.history,

@@ -119,3 +119,11 @@ def test_data_parallel_ranks_hold_identical_weights(train_env):
     assert not torch.equal(rank0["fc.weight"], initial["fc.weight"])
     last = torch.load(settings.cache_dir() / "runs" / "ddp-test" / "last.pt", weights_only=False)
     assert last["epoch"] == 1 and _same_weights(last["model"], rank0)   # rank 0 wrote it
+
+
+def test_an_early_exit_network_trains_and_reports_every_exit(train_env):
+    recipe = train.Recipe("exits_resnet20", epochs=1, batch_size=16, bf16=False)
+    manifest = train.train("exits-tiny", recipe, limit_batches=1, progress=False)
+    n_exits = models.create("exits_resnet20").n_stages
+    assert len(manifest["history"][0]["val_accuracy"]) == n_exits
+    assert len(manifest["metrics"]["check"]["accuracy"]) == n_exits
