@@ -84,6 +84,20 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ship(args: argparse.Namespace) -> int:
+    """Rebuild everything under assets/: caches, policies, results."""
+    from dynviz import cache, data, settings, zoo
+
+    val = data.get_split("val")
+    for name in zoo.available():
+        shipped = cache.ensure(name, zoo.load_system(name), val, zoo.checkpoint_sha(name),
+                               root=settings.assets_dir() / "outputs")
+        print(f"{name}: {shipped.directory}")
+    args.out = str(settings.assets_dir() / "results.json")
+    args.split, args.data = "check", None
+    return _cmd_policies(args) or _cmd_evaluate(args)
+
+
 def _cmd_policies(args: argparse.Namespace) -> int:
     from dynviz import data, evaluate, zoo
 
@@ -212,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default="threshold", choices=["constant", "threshold", "linear"])
     p.add_argument("--feature", default="max_prob", choices=["max_prob", "margin", "neg_entropy"])
     p.set_defaults(func=_cmd_policies)
+
+    p = sub.add_parser("ship", help="rebuild assets/: cached outputs, policies, results",
+                       description="Cache every trained system's outputs on the validation "
+                                   "split into assets/outputs, choose the default operating "
+                                   "points (assets/policies) and write assets/results.json.")
+    p.add_argument("--family", default="threshold", choices=["constant", "threshold", "linear"])
+    p.add_argument("--feature", default="max_prob", choices=["max_prob", "margin", "neg_entropy"])
+    p.add_argument("--no-timing", action="store_true", help="skip latency measurements")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
+    p.set_defaults(func=_cmd_ship)
 
     p = sub.add_parser("evaluate", help="the results table of every default system",
                        description="Accuracy, MACs, MAC reduction and measured speedups "

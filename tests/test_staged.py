@@ -141,6 +141,22 @@ def test_cache_round_trip_and_staleness(tiny_split, cache_env):
     assert out.n_stages == 3 and len(out) == 30
 
 
+def test_shipping_a_cache_copies_it_without_recomputing(tiny_split, cache_env, tmp_path):
+    local = cache.ensure("resnet8", models.create("resnet8").eval(), tiny_split, "e" * 64,
+                         progress=False)
+
+    class MustNotRun(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("the shipped copy was recomputed")
+
+    shipped = cache.ensure("resnet8", MustNotRun(), tiny_split, "e" * 64, progress=False,
+                           root=tmp_path / "assets")
+    assert shipped.directory.parent == tmp_path / "assets"
+    assert shipped.manifest == local.manifest
+    for name, array in local.arrays.items():
+        assert np.array_equal(shipped.arrays[name], array)
+
+
 def test_cache_of_a_gated_model_keeps_its_gates(tiny_split, cache_env):
     model = randomize(models.create("lcnet_resnet8").eval(), seed=12)
     cached = cache.ensure("lcnet_resnet8", model, tiny_split, "c" * 64, progress=False)
