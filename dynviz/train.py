@@ -348,7 +348,7 @@ def _finish(name, recipe, model, state, dataset, out_dir, device) -> dict:
         "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out_dir / f"{name}.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    log.info("wrote %s: check accuracy %.4f", weights, metrics["check"]["accuracy"])
+    log.info("wrote %s: check accuracy %s", weights, metrics["check"]["accuracy"])
     return manifest
 
 
