@@ -113,7 +113,7 @@ def _cmd_policies(args: argparse.Namespace) -> int:
             continue
         r = evaluate.policy_report(name, val, args.family, args.feature)
         op = r.operating_point or {}
-        print(f"| {name} | {r.beats_baseline}/{len(r.budgets)} | {r.worst_gap * 100:+.2f} pt | "
+        print(f"| {name} | {r.beats_baseline}/{r.compared} | {r.worst_gap * 100:+.2f} pt | "
               f"{op.get('accuracy', float('nan')) * 100:.2f}% | "
               f"{op.get('cost_fraction', float('nan')):.3f} | "
               f"{(r.oracle_share or float('nan')) * 100:.0f}% |")

@@ -84,6 +84,7 @@ class PolicyReport:
     system: str
     budgets: list[dict]
     beats_baseline: int          # budgets where learned >= baseline
+    compared: int                # budgets where some baseline policy is affordable
     worst_gap: float             # min over budgets of learned - baseline accuracy
     operating_point: dict | None
     oracle_share: float | None
@@ -111,8 +112,8 @@ def policy_report(name: str, val: data.Split, family: str = "threshold",
         point = outcome.summary(check.reference_cost, check.n_stages)
         oracle_frac = P.oracle_cost_at(check, point["accuracy"]) / check.reference_cost
         share = (1 - point["cost_fraction"]) / max(1 - oracle_frac, 1e-12)
-    return PolicyReport(name, rows, sum(g >= 0 for g in gaps), min(gaps, default=0.0),
-                        point, share)
+    return PolicyReport(name, rows, sum(g >= 0 for g in gaps), len(gaps),
+                        min(gaps, default=0.0), point, share)
 
 
 def load_policy(system: str, loss: float) -> P.Policy | None:
