@@ -122,14 +122,16 @@ def load_policy(system: str, loss: float) -> P.Policy | None:
 
 
 # ---------------------------------------------------------------------------- timing
-def _time_per_image(fn, images: np.ndarray, batch: int, device, repeats: int) -> float:
-    """Median seconds per image of ``fn`` over the images, in batches of ``batch``."""
+def _speedup(fn, reference, images: np.ndarray, batch: int, device, repeats: int) -> float:
+    """Reference time / ``fn`` time over the images in batches of ``batch``, both measured
+    round-robin (``engine.compare_times``) so that drift in the machine's speed cancels."""
     chunks = [data.to_tensor(np.ascontiguousarray(images[i:i + batch]), device)
               for i in range(0, len(images), batch)]
     with torch.no_grad():
-        seconds = engine.median_time(lambda: [fn(c) for c in chunks], repeats=repeats,
-                                     warmup=1, device=device)
-    return seconds / len(images)
+        times = engine.compare_times({"reference": lambda: [reference(c) for c in chunks],
+                                      "system": lambda: [fn(c) for c in chunks]},
+                                     repeats=repeats, warmup=1, device=device)
+    return times["reference"] / times["system"]
 
 
 @dataclass
@@ -146,32 +148,31 @@ class Row:
 
 
 def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
-             repeats: int = 3, progress: bool = True) -> list[Row]:
+             b256_images: int = 1024, repeats: int = 3, progress: bool = True) -> list[Row]:
     """One row per available system (static, gated, each staged system at each shipped
-    operating point, and the oracle of each staged system) on ``split``."""
+    operating point, and the oracle of each staged system) on ``split``. Speedups are
+    measured against the reference network on the first ``b1_images`` images one by one
+    and on the first ``b256_images`` in batches of 256."""
     device = settings.device()
     images = split.images()
     ref_out = zoo.outputs(zoo.REFERENCE, split, progress=progress).stage_outputs()
     ref_macs = float(ref_out.stage_costs.sum(1).mean())
-    latency: dict[str, tuple[float, float]] = {}
+    reference = engine.fold_batchnorm(zoo.load_system(zoo.REFERENCE, device))
 
-    def timed(key: str, fn) -> tuple[float, float] | tuple[None, None]:
+    def timed(name: str, fn) -> tuple[float, float] | tuple[None, None]:
         if not time_it:
             return None, None
-        if key not in latency:
-            latency[key] = (_time_per_image(fn, images[:b1_images], 1, device, repeats),
-                            _time_per_image(fn, images, 256, device, repeats))
-        return latency[key]
+        if name == zoo.REFERENCE:
+            return 1.0, 1.0                      # by definition
+        return (_speedup(fn, reference, images[:b1_images], 1, device, repeats),
+                _speedup(fn, reference, images[:b256_images], 256, device, repeats))
 
-    reference = engine.fold_batchnorm(zoo.load_system(zoo.REFERENCE, device))
-    ref_b1, ref_b256 = timed("reference", reference)
-
-    def row(name, kind, point, accuracy, macs, times, policy=None) -> Row:
-        b1, b256 = times
+    def row(name, kind, point, accuracy, macs, speedups, policy=None) -> Row:
+        b1, b256 = speedups
         return Row(name, kind, point, round(float(accuracy), 4), round(float(macs)),
                    round(ref_macs / float(macs), 3),
-                   None if b1 is None else round(ref_b1 / b1, 3),
-                   None if b256 is None else round(ref_b256 / b256, 3),
+                   None if b1 is None else round(b1, 3),
+                   None if b256 is None else round(b256, 3),
                    None if policy is None else json.loads(policy.to_json()))
 
     rows = []
@@ -198,8 +199,8 @@ def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
             sim = P.simulate(pol, out)
             rows.append(row(name, s.kind, f"≤{loss * 100:g}% loss (fit half)",
                             sim.correct.mean(), sim.cost.mean(),
-                            timed(f"{name}@{loss}",
-                                  AdaptiveClassifier(engine.fold_batchnorm(model), pol)), pol))
+                            timed(name, AdaptiveClassifier(engine.fold_batchnorm(model), pol)),
+                            pol))
         o = P.oracle(out)
         rows.append(row(f"{name} oracle", "oracle", "knows the correct stages",
                         o.correct.mean(), o.cost.mean(), (None, None)))

@@ -114,7 +114,14 @@ class EarlyExitNet(StagedMixin, nn.Module):
         return head(h), h, macs
 
     def stage_macs(self) -> list[int]:
-        """MACs of each stage for one image: its blocks plus its head (stem in stage 0)."""
+        """MACs of each stage for one image: its blocks plus its head (stem in stage 0).
+        Depends only on the architecture: computed once (``run_stage`` asks every call)."""
+        cached = self.__dict__.get("_stage_macs")
+        if cached is None:
+            cached = self.__dict__["_stage_macs"] = tuple(self._count_stage_macs())
+        return list(cached)
+
+    def _count_stage_macs(self) -> list[int]:
         stem, hw = self.backbone.stem_cost()
         costs, block_hw = [], []
         for table in self.backbone.block_costs():
