@@ -102,6 +102,14 @@ class StageOutputs:
             return float(self.reference)
         return float(self.cumulative_costs[:, -1].mean())
 
+    def feature_order(self, stage: int, feature: int) -> np.ndarray:
+        """Indices sorting feature ``feature`` of stage ``stage`` ascending; memoised, as every
+        refit (one per λ) sorts the same scores."""
+        memo = self.__dict__.setdefault("_orders", {})
+        if (stage, feature) not in memo:
+            memo[stage, feature] = np.argsort(self.features[:, stage, feature], kind="stable")
+        return memo[stage, feature]
+
     def subset(self, index: np.ndarray) -> "StageOutputs":
         return StageOutputs(self.logits[index], self.labels[index], self.stage_costs[index],
                             None if self.jump_costs is None else self.jump_costs[index],
@@ -132,13 +140,16 @@ ALWAYS = Decision((0.0, 0.0, 0.0), -math.inf)
 NEVER = Decision((0.0, 0.0, 0.0), math.inf)
 
 
-def fit_stump(score: np.ndarray, positive: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+def fit_stump(score: np.ndarray, positive: np.ndarray, weight: np.ndarray,
+              order: np.ndarray | None = None) -> tuple[float, float]:
     """Exact minimiser of the weighted error of ``score >= theta`` over theta.
 
     Returns (theta, weighted error). Thresholds sit midway between consecutive distinct
     scores (±inf at the ends), so a score recomputed with rounding noise decides alike.
+    ``order``: indices sorting ``score`` ascending (ties in any order), if known.
     """
-    order = np.argsort(score, kind="stable")
+    if order is None:
+        order = np.argsort(score, kind="stable")
     s, y, w = score[order], positive[order], weight[order]
     # error with the first i (lowest) scores negative: positives below + negatives at/above
     pos_below = np.concatenate([[0.0], np.cumsum(w * y)])
@@ -158,15 +169,18 @@ def fit_stump(score: np.ndarray, positive: np.ndarray, weight: np.ndarray) -> tu
 
 
 def _fit_decision(phi: np.ndarray, positive: np.ndarray, weight: np.ndarray, family: str,
-                  feature: int) -> Decision:
-    """The decision of ``family`` minimising the weighted error on (phi, positive, weight)."""
+                  feature: int, order: np.ndarray | None = None) -> Decision:
+    """The decision of ``family`` minimising the weighted error on (phi, positive, weight);
+    ``order`` sorts ``phi[:, feature]`` ascending (threshold family), if known."""
     n_features = phi.shape[1]
     if family == "constant":
         return ALWAYS if (weight * positive).sum() >= (weight * ~positive).sum() else NEVER
     if family == "threshold":
         best = None
-        for sign in (1.0, -1.0):                                # either polarity
-            theta, err = fit_stump(sign * phi[:, feature], positive, weight)
+        if order is None:
+            order = np.argsort(phi[:, feature], kind="stable")
+        for sign, sort in ((1.0, order), (-1.0, order[::-1])):   # either polarity
+            theta, err = fit_stump(sign * phi[:, feature], positive, weight, sort)
             if best is None or err < best[0]:
                 w = [0.0] * n_features
                 w[feature] = sign
@@ -300,14 +314,15 @@ def fit(out: StageOutputs, lam: float, family: str = "threshold", feature: str =
     exits, jumps = [NEVER] * (k - 1), [NEVER] * (k - 1)
     for stage in range(k - 2, -1, -1):
         phi = out.features[:, stage]
+        order = out.feature_order(stage, f_index) if family == "threshold" else None
         if topology == "jump":
             jump_loss = err[:, -1] + scale * (out.cumulative_costs[:, stage] + out.jump_costs)
             jumps[stage] = _fit_decision(phi, jump_loss < downstream,
-                                         np.abs(jump_loss - downstream), family, f_index)
+                                         np.abs(jump_loss - downstream), family, f_index, order)
             downstream = np.where(jumps[stage](phi), jump_loss, downstream)
         here = exit_loss[:, stage]
         exits[stage] = _fit_decision(phi, here <= downstream, np.abs(here - downstream),
-                                     family, f_index)
+                                     family, f_index, order)
         downstream = np.where(exits[stage](phi), here, downstream)
     return Policy(family, feature, topology, float(lam), tuple(exits),
                   tuple(jumps) if topology == "jump" else ())

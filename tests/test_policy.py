@@ -41,6 +41,11 @@ def test_stump_fit_equals_brute_force(seed):
     assert error == pytest.approx(brute)
     assert ((score >= theta) != positive).astype(float) @ weight == pytest.approx(brute)
     assert theta not in set(score.tolist())                       # thresholds between values
+    # a known order (here the reverse one, for the negated score) gives the same optimum
+    flipped = min(((-score >= t) != positive).astype(float) @ weight
+                  for t in np.concatenate([np.unique(-score), [np.inf]]))
+    _, error = P.fit_stump(-score, positive, weight, np.argsort(score, kind="stable")[::-1])
+    assert error == pytest.approx(flipped)
 
 
 def test_features_match_their_definitions():
