@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from models.macs import conv_out_hw, linear_macs
+from models.macs import linear_macs
 from models.registry import register_model
 from models.resnet import BasicBlock, Bottleneck, ResNet, ResNetConfig, cifar_config, imagenet_config
 
@@ -110,18 +110,12 @@ class SliceCache:
         return (weight.data_ptr(), weight._version, tuple(weight.shape), dim,
                 channels.cpu().numpy().tobytes())
 
-    def __contains__(self, key: tuple) -> bool:
-        with self._lock:
-            return key in self._entries
-
     def recurring(self, key: tuple) -> bool:
         """True if ``key``'s slice is cached or its channel set was met before. A set met
         for the first time is only remembered: gathering slices pays when a set recurs (a
         trained C-Net's few favourite sets), not for one-off per-image patterns."""
         with self._lock:
-            if key in self._entries:
-                return True
-            if key in self._seen:
+            if key in self._entries or key in self._seen:
                 return True
             self._seen[key] = None
             if len(self._seen) > self.max_seen:
