@@ -334,17 +334,20 @@ def objective(outcome: Outcome, lam: float, reference_cost: float) -> float:
 
 # ---------------------------------------------------------------------------- references
 def oracle(out: StageOutputs) -> Outcome:
-    """Knows which stages are right: leaves at the first correct stage (or, in a cascade,
-    jumps from the first stage to the last when only the last is right and that is cheaper);
-    when no stage is right, leaves at the first (cheapest)."""
+    """Knows which stages are right: takes each image's cheapest route to a right answer —
+    leaving at a right stage or, in a cascade, jumping from the first stage to the last when
+    the last is right — and, when no stage is right, leaves at the first (cheapest)."""
     n, k = len(out), out.n_stages
+    rows = np.arange(n)
+    route_costs = np.where(out.correct, out.cumulative_costs, np.inf)           # (N, K)
+    exit_stage = route_costs.argmin(1)
     any_correct = out.correct.any(1)
-    exit_stage = np.where(any_correct, out.correct.argmax(1), 0)
+    exit_stage[~any_correct] = 0
     jumped = np.zeros(n, bool)
     if out.jump_costs is not None and k > 2:
-        only_last = any_correct & (exit_stage == k - 1)
-        cheaper = out.cumulative_costs[:, 0] + out.jump_costs < out.cumulative_costs[:, -1]
-        jumped = only_last & cheaper
+        jump_cost = out.cumulative_costs[:, 0] + out.jump_costs
+        jumped = out.correct[:, -1] & (jump_cost < route_costs[rows, exit_stage])
+        exit_stage[jumped] = k - 1
     return _outcome(out, exit_stage, jumped, np.zeros(n, int))
 
 
