@@ -77,6 +77,7 @@ def test_policies_evaluate_and_inspect(fake_zoo, capsys):
         assert report.operating_point["accuracy"] == pytest.approx(shipped.correct.mean())
         assert report.oracle_share <= 1 + 1e-9
         assert report.beats_baseline <= report.compared <= len(report.budgets)
+        assert report.beats_hindsight <= report.compared
 
     image = val.images()[3]
     for name in ("resnet20", "lcnet_resnet20", "exits_resnet56", "cascade_r8_r20_r56"):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dynviz import policy as P
+from dynviz import evaluate, policy as P
 
 
 def synthetic(n: int = 600, k: int = 3, classes: int = 10, seed: int = 0,
@@ -120,30 +120,52 @@ def test_bottom_up_matches_brute_force_over_threshold_pairs(seed):
     assert best - 1e-12 <= learned <= best + 0.02
 
 
-def test_oracle_is_the_cheapest_way_to_its_accuracy():
-    out = synthetic(n=6, seed=7)
-    o = P.oracle(out)
-    rows = np.arange(len(out))
-    best = math.inf
-    for assignment in itertools.product(range(out.n_stages), repeat=len(out)):
-        a = np.array(assignment)
-        if out.correct[rows, a].sum() >= o.correct.sum():
-            best = min(best, out.cumulative_costs[rows, a].sum())
-    assert o.correct.mean() == out.correct.any(1).mean()
-    assert o.cost.sum() == pytest.approx(best)
+def _routes(out: P.StageOutputs) -> tuple[np.ndarray, np.ndarray]:
+    """Every way through the system, per image: (N, R) costs and correctness — leave at
+    stage k, and in a cascade also jump from stage j < K−1 straight to the last network."""
+    costs, right = [out.cumulative_costs], [out.correct]
+    if out.jump_costs is not None:
+        for j in range(out.n_stages - 2):
+            costs.append((out.cumulative_costs[:, j] + out.jump_costs)[:, None])
+            right.append(out.correct[:, -1:])
+    return np.concatenate(costs, 1), np.concatenate(right, 1)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_oracle_cost_at_an_accuracy_is_the_brute_force_minimum(seed):
-    out = synthetic(n=7, seed=seed)
+def _cheapest_per_hits(out: P.StageOutputs) -> dict[int, float]:
+    """#correct images -> least total cost of any assignment of routes reaching it."""
+    costs, right = _routes(out)
     rows = np.arange(len(out))
-    cheapest: dict[int, float] = {}              # #correct -> least total cost reaching it
-    for assignment in itertools.product(range(out.n_stages), repeat=len(out)):
+    cheapest: dict[int, float] = {}
+    for assignment in itertools.product(range(costs.shape[1]), repeat=len(out)):
         a = np.array(assignment)
-        hits, cost = int(out.correct[rows, a].sum()), out.cumulative_costs[rows, a].sum()
+        hits, cost = int(right[rows, a].sum()), costs[rows, a].sum()
         for h in range(hits + 1):
             cheapest[h] = min(cheapest.get(h, math.inf), cost)
-    for hits, cost in cheapest.items():
+    return cheapest
+
+
+def _cheap_jumps(out: P.StageOutputs) -> P.StageOutputs:
+    """A cascade whose last network alone costs less than its middle stage on some images,
+    so the oracle's cheapest right route is sometimes a jump."""
+    jump_costs = out.stage_costs[:, -1] * np.where(np.arange(len(out)) % 2, 0.1, 1.2)
+    return P.StageOutputs(out.logits, out.labels, out.stage_costs, jump_costs)
+
+
+@pytest.mark.parametrize("jump", [False, True])
+def test_oracle_is_the_cheapest_way_to_its_accuracy(jump):
+    out = synthetic(n=6, seed=7)
+    out = _cheap_jumps(out) if jump else out
+    o = P.oracle(out)
+    assert o.correct.mean() == out.correct.any(1).mean()
+    assert o.cost.sum() == pytest.approx(_cheapest_per_hits(out)[int(o.correct.sum())])
+
+
+@pytest.mark.parametrize("jump", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_oracle_cost_at_an_accuracy_is_the_brute_force_minimum(seed, jump):
+    out = synthetic(n=6 if jump else 7, k=4 if jump else 3, seed=seed)
+    out = _cheap_jumps(out) if jump else out
+    for hits, cost in _cheapest_per_hits(out).items():
         assert P.oracle_cost_at(out, hits / len(out)) * len(out) == pytest.approx(cost)
 
 
@@ -210,3 +232,41 @@ def test_policy_json_round_trip(family, topology):
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="shapes"):
         P.StageOutputs(np.zeros((4, 2, 3)), np.zeros(4, int), np.zeros((5, 2)))
+
+
+# ---------------------------------------------------------------------------- baseline
+def _global_threshold_by_hand(out: P.StageOutputs, thresholds: np.ndarray) -> np.ndarray:
+    """(T, 2) mean cost fraction and accuracy of leaving at the first early stage whose
+    softmax maximum reaches each threshold, computed image by image."""
+    z = out.logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    conf = (p / p.sum(-1, keepdims=True)).max(-1)
+    rows = []
+    for t in thresholds:
+        cost = right = 0.0
+        for i in range(len(out)):
+            k = next((k for k in range(out.n_stages - 1) if conf[i, k] >= t), out.n_stages - 1)
+            cost += out.stage_costs[i, :k + 1].sum()
+            right += out.logits[i, k].argmax() == out.labels[i]
+        rows.append((cost / len(out) / out.reference_cost, right / len(out)))
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("topology", ["chain", "jump"])
+def test_baseline_columns_equal_a_brute_force_scan_of_thresholds(topology):
+    fit, check = synthetic(n=300, seed=5, jump=True), synthetic(n=300, seed=6, jump=True)
+    thresholds = evaluate.baseline_thresholds(fit, "max_prob", n=60)
+    on_fit = _global_threshold_by_hand(fit, thresholds)
+    on_check = _global_threshold_by_hand(check, thresholds)
+    rows = evaluate.baseline_comparison(fit, check, topology=topology, n_points=15,
+                                        n_thresholds=60)
+    assert len(rows) >= 5
+    for row in rows:
+        affordable = np.flatnonzero(on_fit[:, 0] <= row["budget"] + 1e-9)
+        # chosen on fit: the most accurate affordable threshold there, then the cheapest
+        best = affordable[on_fit[affordable, 1] >= on_fit[affordable, 1].max() - 1e-12]
+        chosen = best[on_fit[best, 0].argmin()]
+        assert row["baseline"] == pytest.approx(on_check[chosen, 1])
+        assert row["baseline_cost"] == pytest.approx(on_check[chosen, 0])
+        within = on_check[:, 0] <= row["cost_fraction"] + 1e-9
+        assert row["baseline_hindsight"] == pytest.approx(on_check[within, 1].max())
