@@ -164,11 +164,14 @@ def find(system: str, split: data.Split | str, checkpoint_sha: str) -> CachedOut
     return None
 
 
-def ensure(system: str, model: nn.Module, split: data.Split, checkpoint_sha: str, *,
-           device: torch.device | None = None, root: Path | None = None,
-           progress: bool = True,
+def ensure(system: str, model: nn.Module | Callable[[], nn.Module], split: data.Split,
+           checkpoint_sha: str, *, device: torch.device | None = None,
+           root: Path | None = None, progress: bool = True,
            on_progress: Callable[[float], None] | None = None) -> CachedOutputs:
-    """The cache of ``system`` on ``split``, built (and stale ones removed) if missing."""
+    """The cache of ``system`` on ``split``, built (and stale ones removed) if missing.
+
+    ``model`` may be a function returning it, called only when outputs must be computed.
+    """
     if root is None:
         found = find(system, split, checkpoint_sha)
         if found is not None:
@@ -185,6 +188,8 @@ def ensure(system: str, model: nn.Module, split: data.Split, checkpoint_sha: str
                found.manifest)
         return load(directory)
     device = device or settings.device()
+    if not isinstance(model, nn.Module):
+        model = model()
     started = time.perf_counter()
     arrays = compute_outputs(model, split.images(), device=device, progress=progress,
                              on_progress=on_progress)

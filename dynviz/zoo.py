@@ -6,6 +6,7 @@ network, an early-exit network or a cascade, built from checkpoints in
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,13 @@ def train_command(checkpoint: str) -> str:
 
 
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
+    """Digest of a file, remembered while its modification time and size stay the same."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -123,14 +131,11 @@ def load_system(name: str, device: torch.device | None = None) -> nn.Module:
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-def outputs(name: str, split: data.Split, *, model: nn.Module | None = None,
-            progress: bool = True,
+def outputs(name: str, split: data.Split, *,
+            model: nn.Module | Callable[[], nn.Module] | None = None, progress: bool = True,
             on_progress: Callable[[float], None] | None = None) -> cache.CachedOutputs:
-    """Cached outputs of system ``name`` on ``split`` (built on first use; ``progress`` and
-    ``on_progress`` as in ``cache.compute_outputs``)."""
-    sha = checkpoint_sha(name)
-    found = cache.find(name, split, sha)
-    if found is not None:
-        return found
-    return cache.ensure(name, model or load_system(name), split, sha, progress=progress,
-                        on_progress=on_progress)
+    """Cached outputs of system ``name`` on ``split``, built on first use by ``model`` (or
+    the function returning it; default: the trained system), ``progress`` and
+    ``on_progress`` as in ``cache.compute_outputs``."""
+    return cache.ensure(name, model or (lambda: load_system(name)), split, checkpoint_sha(name),
+                        progress=progress, on_progress=on_progress)

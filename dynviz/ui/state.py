@@ -26,20 +26,24 @@ def system(name: str):
 
 @st.cache_resource(show_spinner=False)
 def outputs(name: str) -> cache.CachedOutputs | None:
+    """A system's cached validation outputs; built under a progress bar if missing."""
     split = val_split()
-    sha = zoo.checkpoint_sha(name)
     if split is None:  # shipped caches still work without the images
-        return cache.find(name, "val", sha)
-    found = cache.find(name, split, sha)
-    if found is not None:
-        return found
+        return cache.find(name, "val", zoo.checkpoint_sha(name))
     text = f"Caching {name}'s outputs on the {len(split)} validation images (once per checkpoint)…"
-    bar = st.progress(0.0, text=text)
+    bars = []
+
+    def show(done: float) -> None:
+        if not bars:
+            bars.append(st.progress(0.0, text=text))
+        bars[0].progress(done, text=text)
+
     try:
-        return zoo.outputs(name, split, model=system(name), progress=False,
-                           on_progress=lambda done: bar.progress(done, text=text))
+        return zoo.outputs(name, split, model=lambda: system(name), progress=False,
+                           on_progress=show)
     finally:
-        bar.empty()
+        for bar in bars:
+            bar.empty()
 
 
 @st.cache_resource(show_spinner="Preparing the live model (calibrating the sparse path)…")
