@@ -47,6 +47,8 @@ class Recipe:
     model_args: tuple[tuple[str, object], ...] = ()  # overrides for models.create
     init_into: str = ""              # module path the init_from weights load into
     trainable: str = ""              # train only parameters under this prefix ("": all)
+    distill: float = 0.0             # staged models: weight of the final exit as teacher
+    distill_temperature: float = 3.0
 
     def build(self) -> nn.Module:
         return models.create(self.model, **dict(self.model_args))
@@ -89,13 +91,27 @@ def _logits(out) -> tuple[torch.Tensor, object | None]:
     return out if isinstance(out, tuple) else (out, None)
 
 
-def classification_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Cross-entropy; for staged models (B, K, C) the mean over the K exits."""
-    if logits.ndim == 3:
-        k = logits.shape[1]
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.repeat_interleave(k),
-                               label_smoothing=smoothing)
-    return F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float,
+                        distill: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy; for staged models (B, K, C) the mean over images and the K exits.
+
+    With ``distill`` = w > 0 every exit but the last learns from the last one too (Hinton et
+    al.'s distillation): its term is (1 − w)·CE + w·T²·KL(p_K ‖ p_k), p at temperature T,
+    the last exit's p_K a constant teacher.
+    """
+    logits = logits.float()
+    if logits.ndim == 2:
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+    b, k, _ = logits.shape
+    ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(k),
+                         label_smoothing=smoothing, reduction="none").view(b, k)
+    if not distill or k == 1:
+        return ce.mean()
+    teacher = F.log_softmax(logits[:, -1:].detach() / temperature, -1)      # (B, 1, C)
+    student = F.log_softmax(logits[:, :-1] / temperature, -1)              # (B, K-1, C)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)                     # (B, K-1)
+    early = (1 - distill) * ce[:, :-1] + distill * temperature ** 2 * kl
+    return torch.cat([early, ce[:, -1:]], 1).mean()
 
 
 def _trace_macs(trace, batch: int, static: float) -> torch.Tensor:
@@ -282,7 +298,8 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
                 break
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
                 logits, trace = _logits(net(x))
-                loss = classification_loss(logits, y, recipe.label_smoothing)
+                loss = classification_loss(logits, y, recipe.label_smoothing,
+                                           recipe.distill, recipe.distill_temperature)
                 if recipe.l1_block or recipe.l1_channel:
                     loss = loss + sparsity_penalty(trace, recipe)
             optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -95,6 +96,42 @@ def test_sparsity_penalty_is_lcnets_l1_formula():
     by_hand = (0.3 * s_l.abs().sum() / s_l.numel()
                + 0.7 * sum(s.abs().sum() for s in s_c) / sum(s.numel() for s in s_c))
     assert torch.allclose(train.sparsity_penalty(trace, recipe), by_hand)
+
+
+def test_distillation_loss_is_its_formula_image_by_image():
+    torch.manual_seed(0)
+    logits, y = torch.randn(4, 3, 5) * 3, torch.tensor([0, 4, 2, 2])
+    w, t, smoothing = 0.6, 2.5, 0.1
+    terms = []
+    for i in range(4):
+        teacher = [math.exp(v / t) for v in logits[i, -1].tolist()]
+        teacher = [p / sum(teacher) for p in teacher]
+        for k in range(3):
+            z = logits[i, k].tolist()
+            log_z = math.log(sum(math.exp(v) for v in z))
+            # label smoothing: (1 − ε)·(−log p_y) + ε·mean over classes of −log p_c
+            ce = (1 - smoothing) * (log_z - z[y[i]]) + smoothing * sum(log_z - v for v in z) / 5
+            if k == 2:
+                terms.append(ce)
+                continue
+            soft_z = math.log(sum(math.exp(v / t) for v in z))
+            kl = sum(p * (math.log(p) - (v / t - soft_z)) for p, v in zip(teacher, z))
+            terms.append((1 - w) * ce + w * t * t * kl)
+    got = train.classification_loss(logits, y, smoothing, distill=w, temperature=t)
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    plain = train.classification_loss(logits, y, smoothing)
+    assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), y.repeat_interleave(3), label_smoothing=smoothing).item(), rel=1e-6)
+
+
+def test_distillation_does_not_train_the_teacher():
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    teacher_only = train.classification_loss(logits, torch.tensor([1, 2]), 0.0, distill=1.0)
+    teacher_only.backward()
+    # with w = 1 the last exit's only term is its own CE; the early exits' KL sends it nothing
+    ce_grad = torch.autograd.grad(torch.nn.functional.cross_entropy(
+        logits[:, -1], torch.tensor([1, 2]), reduction="sum") / 6, logits)[0]
+    assert torch.allclose(logits.grad[:, -1], ce_grad[:, -1], atol=1e-6)
 
 
 def _free_port() -> int:
