@@ -60,6 +60,8 @@ class AdaptiveClassifier(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, AdaptiveTrace]:
+        if x.shape[0] == 1:
+            return self._forward_one(x)
         system, k_total, b = self.system, self.system.n_stages, x.shape[0]
         out = torch.empty(b, 0, device=x.device)
         features = np.full((b, k_total, len(FEATURES)), np.nan)
@@ -103,3 +105,38 @@ class AdaptiveClassifier(nn.Module):
         trace = AdaptiveTrace(features, decisions, exit_stage, jumped, stage_macs,
                               list(system.stage_names), stage_logits)
         return out, trace
+
+    def _forward_one(self, x: torch.Tensor) -> tuple[torch.Tensor, AdaptiveTrace]:
+        """``forward`` for one image, without the batch bookkeeping (~0.1 ms of small array
+        operations per stage): the stages' answers are kept in lists and the trace's arrays
+        are built once at the end. Features and decisions are computed as in ``forward``."""
+        system, k_total = self.system, self.system.n_stages
+        rows, macs_spent, decisions = {}, {}, []
+        state = system.begin(x)
+        k, logits, jumped = 0, None, False
+        while True:
+            logits, state, macs = system.run_stage(k, state)
+            rows[k], macs_spent[k] = logits.float().cpu().numpy()[0], int(macs[0])
+            leave, jump = self.policy.decide(k, confidence_features(rows[k][None]), k_total)
+            if leave[0]:
+                decisions.append(EXIT)
+                break
+            if jump[0]:                              # straight to the last network
+                decisions.append(JUMP)
+                logits, _, macs = system.run_stage(k_total - 1, state)
+                k, jumped = k_total - 1, True
+                rows[k], macs_spent[k] = logits.float().cpu().numpy()[0], int(macs[0])
+                break
+            decisions.append(CONTINUE)
+            k += 1
+        stage_logits = np.full((1, k_total, logits.shape[1]), np.nan, np.float32)
+        stage_macs = np.zeros((1, k_total), dtype=np.int64)
+        for stage, row in rows.items():
+            stage_logits[0, stage] = row
+            stage_macs[0, stage] = macs_spent[stage]
+        features = confidence_features(stage_logits)  # NaN where a stage did not run
+        trace_decisions = np.full((1, k_total), NOT_REACHED, dtype=np.int8)
+        trace_decisions[0, :len(decisions)] = decisions
+        trace = AdaptiveTrace(features, trace_decisions, np.array([k]), np.array([jumped]),
+                              stage_macs, list(system.stage_names), stage_logits)
+        return logits, trace

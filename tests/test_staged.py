@@ -97,6 +97,18 @@ def test_live_classifier_equals_the_simulation(name, kw, topology, family):
     assert np.allclose(trace.macs, sim.cost)
     # every image leaves exactly once: an exit, or a jump to the last network
     assert (((trace.decisions == EXIT) | (trace.decisions == JUMP)).sum(1) == 1).all()
+    # one image at a time (the batch-1 path) takes the same route with the same numbers
+    live = AdaptiveClassifier(system, pol)
+    for i in range(0, len(x), 7):
+        with torch.no_grad():
+            one_logits, one = live(x[i:i + 1])
+        assert torch.allclose(one_logits[0], logits[i], atol=1e-5)
+        assert one.exit_stage[0] == sim.exit_stage[i] and one.jumped[0] == sim.jumped[i]
+        assert np.array_equal(one.decisions[0], trace.decisions[i])
+        assert np.array_equal(one.stage_macs[0], trace.stage_macs[i])
+        assert np.allclose(one.features[0], trace.features[i], equal_nan=True, atol=1e-5)
+        assert np.allclose(one.stage_logits[0], trace.stage_logits[i], equal_nan=True,
+                           atol=1e-5)
 
 
 def test_adaptive_classifier_checks_the_policy_shape():
