@@ -106,7 +106,8 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     val = data.get_split("val")
     print("\nOn the check half (learned policy vs one global threshold, and vs the oracle):")
     print("Baseline: the global threshold chosen on fit for the same budget; hindsight: the "
-          "best threshold on check at the learned policy's cost there.")
+          "best threshold on check at the learned policy's cost there;\n± one paired "
+          "standard error of the gap.")
     print("| system | learned >= baseline | worst gap | learned >= hindsight | worst gap "
           "| ≤0.5% point: accuracy | cost | oracle share |")
     print("|---|---|---|---|---|---|---|---|")
@@ -115,7 +116,8 @@ def _cmd_policies(args: argparse.Namespace) -> int:
             continue
         r = evaluate.policy_report(name, val, args.family, args.feature)
         op = r.operating_point or {}
-        print(f"| {name} | {r.beats_baseline}/{r.compared} | {r.worst_gap * 100:+.2f} pt | "
+        print(f"| {name} | {r.beats_baseline}/{r.compared} | "
+              f"{r.worst_gap * 100:+.2f} ± {r.worst_gap_se * 100:.2f} pt | "
               f"{r.beats_hindsight}/{r.compared} | {r.worst_gap_hindsight * 100:+.2f} pt | "
               f"{op.get('accuracy', float('nan')) * 100:.2f}% | "
               f"{op.get('cost_fraction', float('nan')):.3f} | "

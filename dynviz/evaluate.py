@@ -94,6 +94,7 @@ class PolicyReport:
     beats_hindsight: int         # budgets where learned >= baseline_hindsight
     compared: int                # budgets where some threshold is affordable
     worst_gap: float             # min over budgets of learned - baseline accuracy
+    worst_gap_se: float          # its paired standard error (``paired_se``)
     worst_gap_hindsight: float
     operating_point: dict | None
     oracle_share: float | None
@@ -130,18 +131,31 @@ def baseline_comparison(fit: P.StageOutputs, check: P.StageOutputs, family: str 
                        for t in thresholds])
     on_check = np.array([_cost_accuracy(P.global_threshold(check, t, feature), check)
                          for t in thresholds])
+    check_right = np.array([P.simulate(P.global_threshold(check, t, feature), check).correct
+                            for t in thresholds])                         # (T, N)
     rows = []
     for point in sweep:
-        cost, acc = _cost_accuracy(point.policy, check)
+        learned = P.simulate(point.policy, check)
+        cost = float(learned.cost.mean() / check.reference_cost)
         chosen = _best_within(on_fit, point.cost_fraction)
         hindsight = _best_within(on_check, cost)
         rows.append({
-            "budget": point.cost_fraction, "cost_fraction": cost, "learned": acc,
+            "budget": point.cost_fraction, "cost_fraction": cost,
+            "learned": float(learned.correct.mean()),
             "baseline": None if chosen is None else float(on_check[chosen, 1]),
             "baseline_cost": None if chosen is None else float(on_check[chosen, 0]),
+            "gap_se": None if chosen is None else paired_se(learned.correct,
+                                                             check_right[chosen]),
             "baseline_hindsight": None if hindsight is None else float(on_check[hindsight, 1]),
         })
     return rows
+
+
+def paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a) − mean(b) for two correctness vectors on the same images
+    (only the images where they disagree contribute)."""
+    d = a.astype(np.float64) - b.astype(np.float64)
+    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
 def policy_report(name: str, val: data.Split, family: str = "threshold",
@@ -149,7 +163,9 @@ def policy_report(name: str, val: data.Split, family: str = "threshold",
     cached = zoo.outputs(name, val)
     fit, check = cached.half("fit"), cached.half("check")
     rows = baseline_comparison(fit, check, family, feature, zoo.spec(name).topology, n_points)
-    gaps = [r["learned"] - r["baseline"] for r in rows if r["baseline"] is not None]
+    compared = [r for r in rows if r["baseline"] is not None]
+    gaps = [r["learned"] - r["baseline"] for r in compared]
+    worst = compared[int(np.argmin(gaps))] if compared else {"gap_se": 0.0}
     hindsight_gaps = [r["learned"] - r["baseline_hindsight"] for r in rows
                       if r["baseline_hindsight"] is not None]
     pol, op, share = load_policy(name, LOSSES[0]), None, None
@@ -160,7 +176,8 @@ def policy_report(name: str, val: data.Split, family: str = "threshold",
         share = (1 - op["cost_fraction"]) / max(1 - oracle_frac, 1e-12)
     return PolicyReport(name, rows, sum(g >= 0 for g in gaps),
                         sum(g >= 0 for g in hindsight_gaps), len(gaps),
-                        min(gaps, default=0.0), min(hindsight_gaps, default=0.0), op, share)
+                        min(gaps, default=0.0), worst["gap_se"],
+                        min(hindsight_gaps, default=0.0), op, share)
 
 
 def load_policy(system: str, loss: float) -> P.Policy | None:

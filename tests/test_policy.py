@@ -270,3 +270,13 @@ def test_baseline_columns_equal_a_brute_force_scan_of_thresholds(topology):
         assert row["baseline_cost"] == pytest.approx(on_check[chosen, 0])
         within = on_check[:, 0] <= row["cost_fraction"] + 1e-9
         assert row["baseline_hindsight"] == pytest.approx(on_check[within, 1].max())
+
+
+def test_paired_standard_error_is_the_formula():
+    a = np.array([1, 1, 0, 1, 0, 1, 1, 0], bool)
+    b = np.array([1, 0, 0, 1, 1, 1, 0, 0], bool)
+    d = [0, 1, 0, 0, -1, 0, 1, 0]                    # a − b per image
+    mean = sum(d) / 8
+    var = sum((x - mean) ** 2 for x in d) / 7
+    assert evaluate.paired_se(a, b) == pytest.approx(math.sqrt(var / 8))
+    assert evaluate.paired_se(a, a) == 0.0
