@@ -22,6 +22,10 @@ from models.lcnet import GatedResNet
 log = logging.getLogger(__name__)
 
 LOSSES = (0.005, 0.01)  # accuracy loss against the reference, for shipped operating points
+# Shipped points keep their loss on the fit half one paired standard error below the target,
+# as their loss on unseen images is larger: early exits chosen at ≤0.5% on fit without it
+# lost 1.0 point on the check half (0.3 on fit).
+MARGIN_SE = 1.0
 
 
 def policies_dir() -> Path:
@@ -32,13 +36,20 @@ def policy_path(system: str, loss: float) -> Path:
     return policies_dir() / f"{system}-loss{loss * 100:g}pct.json"
 
 
-def choose_operating_point(fit: P.StageOutputs, target_accuracy: float, *,
-                           family: str = "threshold", feature: str = "max_prob",
-                           topology: str = "chain", n_points: int = 60) -> P.Policy:
-    """The cheapest policy of the sweep whose accuracy on ``fit`` reaches ``target_accuracy``
-    (the most accurate one if none does)."""
+def choose_operating_point(fit: P.StageOutputs, reference_correct: np.ndarray, max_loss: float,
+                           *, margin_se: float = MARGIN_SE, family: str = "threshold",
+                           feature: str = "max_prob", topology: str = "chain",
+                           n_points: int = 60) -> P.Policy:
+    """The cheapest policy of the sweep on ``fit`` whose accuracy loss against the reference
+    (``reference_correct``, per image of ``fit``), plus ``margin_se`` paired standard errors,
+    is at most ``max_loss``; the most accurate policy if none is."""
     front = P.sweep(fit, n_points, family, feature, topology, lam_range=(1e-4, 30.0))
-    good = [p for p in front if p.accuracy >= target_accuracy]
+    good = []
+    for point in front:
+        correct = P.simulate(point.policy, fit).correct
+        loss = float(reference_correct.mean() - correct.mean())
+        if loss + margin_se * paired_se(reference_correct, correct) <= max_loss + 1e-12:
+            good.append(point)
     return (min(good, key=lambda p: p.cost_fraction) if good
             else max(front, key=lambda p: p.accuracy)).policy
 
@@ -53,8 +64,7 @@ def ship_operating_points(family: str = "threshold", feature: str = "max_prob",
     """Choose, on the fit half of ``val``, and write the default policies of every available
     staged system."""
     val = val if val is not None else data.get_split("val")
-    ref = zoo.outputs(zoo.REFERENCE, val).half("fit")
-    ref_accuracy = float(ref.correct[:, -1].mean())
+    ref_correct = zoo.outputs(zoo.REFERENCE, val).half("fit").correct[:, -1]
     written = []
     for name in zoo.available():
         s = zoo.spec(name)
@@ -62,7 +72,7 @@ def ship_operating_points(family: str = "threshold", feature: str = "max_prob",
             continue
         fit = zoo.outputs(name, val).half("fit")
         for loss in LOSSES:
-            pol = choose_operating_point(fit, ref_accuracy - loss, family=family,
+            pol = choose_operating_point(fit, ref_correct, loss, family=family,
                                          feature=feature, topology=s.topology)
             path = policy_path(name, loss)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -280,3 +280,26 @@ def test_paired_standard_error_is_the_formula():
     var = sum((x - mean) ** 2 for x in d) / 7
     assert evaluate.paired_se(a, b) == pytest.approx(math.sqrt(var / 8))
     assert evaluate.paired_se(a, a) == 0.0
+
+
+@pytest.mark.parametrize("max_loss", [0.0, 0.01, 0.03])
+def test_operating_point_is_the_cheapest_within_the_loss_and_its_margin(max_loss):
+    fit = synthetic(n=800, seed=9)
+    reference = fit.correct[:, -1]                    # the last stage alone
+    front = P.sweep(fit, 60, lam_range=(1e-4, 30.0))
+    chosen = {}
+    for margin in (0.0, 1.0):
+        pol = evaluate.choose_operating_point(fit, reference, max_loss, margin_se=margin)
+        chosen[margin] = P.simulate(pol, fit)
+        # by hand over the same sweep: every policy whose loss (plus margin) fits the budget
+        fits = []
+        for point in front:
+            right = P.simulate(point.policy, fit).correct
+            d = reference.astype(float) - right
+            se = d.std(ddof=1) / math.sqrt(len(d))
+            if d.mean() + margin * se <= max_loss + 1e-12:
+                fits.append(point.cost_fraction)
+        assert fits, "the sweep's most accurate policy loses nothing to the last stage"
+        assert chosen[margin].cost.mean() / fit.reference_cost == pytest.approx(min(fits))
+    assert chosen[1.0].cost.mean() >= chosen[0.0].cost.mean()
+    assert chosen[1.0].correct.mean() >= reference.mean() - max_loss
