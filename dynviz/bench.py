@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import models
-from dynviz import engine, settings
+from dynviz import data, engine, settings
 from models.lcnet import GatedResNet, SparsePlan
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ class GatedBenchRow:
     model: str
     placement: str
     batch: int
-    blocks_off: float
-    channels_off: float
+    blocks_off: float         # measured on the timed images: blocks with S_L = 0
+    channels_off: float       # channels with S_C = 0, over the blocks that ran
     same_channels: bool
     macs_dense: int
     macs_sparse: float        # mean traced MACs per image
@@ -76,6 +76,18 @@ def _inputs(model: GatedResNet, n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=g) + torch.randn(n, 3, 1, 1, generator=g)
 
 
+def _validation_images(n: int, size: int) -> torch.Tensor | None:
+    """The first ``n`` validation images as the models see them; None without the data or
+    when the model takes another input size."""
+    try:
+        images = data.get_split("val").images()
+    except data.DatasetNotFoundError:
+        return None
+    if images.shape[1] != size:
+        return None
+    return data.to_tensor(np.ascontiguousarray(images[:n]))
+
+
 def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
                 blocks_off: float = 0.5, channels_off: float = 0.0,
                 batch_sizes: tuple[int, ...] = (1, 256), repeats: int = 10,
@@ -85,7 +97,8 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
 
     Batch 1 is timed over 32 different images (each its own pattern), larger batches over
     one batch; both as medians of ``repeats`` after warm-up. ``checkpoint`` loads trained
-    weights and keeps their gates (``blocks_off``/``channels_off`` are then ignored).
+    weights and keeps their gates (``blocks_off``/``channels_off`` are then ignored); the
+    images are then CIFAR-10 validation images, as trained gates decide on real inputs.
     """
     device = settings.device()
     gated = models.create(name, placement=placement).eval()
@@ -95,8 +108,13 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
         gated.load_state_dict(state)
     plain = models.create(name.removeprefix("lcnet_")).eval()
     plain.load_state_dict(gated.state_dict(), strict=False)
-    pool = _inputs(gated, max(max(batch_sizes), 256), seed).to(device).contiguous(
-        memory_format=torch.channels_last)
+    n_images = max(max(batch_sizes), 256)
+    pool = _validation_images(n_images, gated.cfg.input_size) if checkpoint else None
+    if pool is None:
+        if checkpoint:
+            log.warning("no CIFAR-10 validation images: timing trained gates on noise")
+        pool = _inputs(gated, n_images, seed)
+    pool = pool.to(device).contiguous(memory_format=torch.channels_last)
     if not checkpoint:
         set_gate_pattern(gated, pool[:256], blocks_off, channels_off, seed, same_channels)
     gated = engine.fold_batchnorm(gated).to(device, memory_format=torch.channels_last)
@@ -107,7 +125,9 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
         plan = engine.calibrate(gated, batch) if calibrate else SparsePlan(1.0)
         chunks = [pool[i:i + 1] for i in range(32)] if batch == 1 else [pool[:batch]]
         with torch.no_grad():
-            macs = torch.cat([gated(c)[1].macs for c in chunks]).double().mean().item()
+            traces = [gated(c)[1] for c in chunks]
+            macs = torch.cat([t.macs for t in traces]).double().mean().item()
+            off_blocks, off_channels = _measured_sparsity(traces)
 
             medians = engine.compare_times({
                 "dense": lambda: [plain(c) for c in chunks],
@@ -120,12 +140,23 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
         mac_red = 1 - macs / dense_macs
         time_red = 1 - ms_sparse / ms_dense
         rows.append(GatedBenchRow(
-            name, placement, batch, blocks_off, channels_off, same_channels, dense_macs, round(macs),
+            name, placement, batch, off_blocks, off_channels, same_channels, dense_macs,
+            round(macs),
             round(mac_red, 4), round(ms_dense, 3), round(ms_masked, 3), round(ms_sparse, 3),
             round(time_red, 4), round(ms_dense / ms_sparse, 3),
             round(time_red / mac_red, 3) if mac_red > 0 else float("nan")))
         log.info("%s", rows[-1])
     return rows
+
+
+def _measured_sparsity(traces: list) -> tuple[float, float]:
+    """Fractions of blocks off, and of channels off inside the blocks that ran."""
+    s_l = torch.cat([t.block_scores for t in traces])                       # (N, blocks)
+    s_c = [torch.cat([t.channel_scores[i] for t in traces]) for i in range(s_l.shape[1])]
+    ran = s_l > 0
+    off = sum(float(((c == 0).float().mean(1) * ran[:, i]).sum()) for i, c in enumerate(s_c))
+    return (round(float((~ran).float().mean()), 3),
+            round(off / max(float(ran.sum()), 1.0), 3))
 
 
 def format_rows(rows: list) -> str:
