@@ -36,7 +36,8 @@ def test_available_systems_and_missing_ones(fake_zoo):
     assert {"resnet8", "resnet20", "resnet56", "lcnet_resnet20", "exits_resnet56",
             "cascade_r8_r20_r56"} <= set(avail)
     assert "lcnet_resnet56_seq" not in avail
-    with pytest.raises(zoo.MissingCheckpointError, match="python -m dynviz train lcnet_resnet56"):
+    with pytest.raises(zoo.MissingCheckpointError,
+                       match="python -m dynviz train lcnet_resnet56_blocks"):
         zoo.load_system("lcnet_resnet56_seq")
 
 
