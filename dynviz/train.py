@@ -56,7 +56,9 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "resnet8": Recipe("resnet8", epochs=30),
-    "resnet20": Recipe("resnet20", epochs=40),
+    # 40 epochs gave 86.80% on the check half (87.42% on all of val), under the 87.5% floor;
+    # the committed checkpoint is that run (its manifest holds its recipe). Retraining at 60.
+    "resnet20": Recipe("resnet20", epochs=60),
     "resnet56": Recipe("resnet56", epochs=40),
     # From scratch; α and β scaled from lcnet_resnet56's to give each gate the same pull
     # (ResNet-20 has 9 blocks and 336 gated channels against 27 and 1008).
