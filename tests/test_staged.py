@@ -140,6 +140,16 @@ def test_cache_round_trip_and_staleness(tiny_split, cache_env):
     assert not list(built.directory.parent.glob(".tmp-*"))
     again = cache.ensure("exits_resnet20", system, tiny_split, "a" * 64, progress=False)
     assert again.directory == built.directory and again.manifest["created"] == manifest["created"]
+
+    def must_not_load():
+        raise AssertionError("the model was loaded although its outputs are cached")
+
+    lazily = cache.ensure("exits_resnet20", must_not_load, tiny_split, "a" * 64, progress=False)
+    assert lazily.directory == built.directory
+    loads = []
+    cache.ensure("exits_resnet20", lambda: loads.append(1) or system, tiny_split, "c" * 64,
+                 progress=False)
+    assert loads == [1]                  # a missing cache loads the model once
     reported = []
     rebuilt = cache.ensure("exits_resnet20", system, tiny_split, "b" * 64, progress=False,
                            on_progress=reported.append)
