@@ -139,10 +139,10 @@ def baseline_comparison(fit: P.StageOutputs, check: P.StageOutputs, family: str 
     thresholds = baseline_thresholds(fit, feature, n_thresholds)
     on_fit = np.array([_cost_accuracy(P.global_threshold(fit, t, feature), fit)
                        for t in thresholds])
-    on_check = np.array([_cost_accuracy(P.global_threshold(check, t, feature), check)
-                         for t in thresholds])
-    check_right = np.array([P.simulate(P.global_threshold(check, t, feature), check).correct
-                            for t in thresholds])                         # (T, N)
+    outcomes = [P.simulate(P.global_threshold(check, t, feature), check) for t in thresholds]
+    check_right = np.array([o.correct for o in outcomes])                 # (T, N)
+    on_check = np.column_stack([[o.cost.mean() / check.reference_cost for o in outcomes],
+                                check_right.mean(1)])
     rows = []
     for point in sweep:
         learned = P.simulate(point.policy, check)
