@@ -2,9 +2,13 @@
 and checkpoints of random weights written to temporary directories."""
 from __future__ import annotations
 
+import base64
 import io
+import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -24,6 +28,13 @@ def _png(colour=(200, 30, 30), size=(48, 40)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, "PNG")
     return buf.getvalue()
+
+
+def _plotted(values) -> np.ndarray:
+    """An array of a plotly figure's JSON (plotly writes numpy arrays as base64 typed arrays)."""
+    if isinstance(values, dict):
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"])
+    return np.asarray(values)
 
 
 def _no_exception(at: AppTest) -> None:
@@ -54,13 +65,23 @@ def test_inspect_upload_good_then_broken_then_good(app_env):
     assert not at.error and [m for m in at.metric if m.label == "Prediction"]
 
 
-def test_inspect_gated_shows_blocks_and_channels(app_env):
-    at = _run("inspect", inspect_system="lcnet_resnet20", inspect_source="A validation image")
+def test_inspect_gated_shows_what_the_masked_model_computes(app_env):
+    at = _run("inspect", inspect_system="lcnet_resnet20", inspect_source="A validation image",
+              inspect_class="ship", inspect_index=2)
     _no_exception(at)
     charts = at.get("plotly_chart")
     assert len(charts) == 3  # top-5, block strip, channel heatmap
-    macs = [m for m in at.metric if m.label == "MACs"][0]
-    assert macs.value.endswith(" M")
+    # reference: the same image through the masked path of the checkpoint, outside the app
+    check = data.get_split("check", app_env.dataset)
+    index = np.flatnonzero(check.labels == data.CLASSES.index("ship"))[2]
+    model = zoo.load_system("lcnet_resnet20", torch.device("cpu"))
+    with torch.no_grad():
+        logits, trace = model(data.to_tensor(check.images()[index:index + 1]))
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Prediction"] == data.CLASSES[int(logits.argmax())]
+    assert shown["MACs"] == f"{int(trace.macs[0]) / 1e6:.1f} M"
+    strip = json.loads(charts[1].proto.spec)["data"][0]   # every block's S_L, as plotted
+    assert np.allclose(_plotted(strip["customdata"]), trace.block_scores[0].numpy(), atol=1e-5)
 
 
 def test_inspect_cascade_shows_the_stage_path(app_env):

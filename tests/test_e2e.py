@@ -12,9 +12,10 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from PIL import Image
 
-from dynviz import settings
+from dynviz import data, settings, zoo
 from tests.conftest import app_variables
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -90,17 +91,23 @@ def _no_exception(page) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0
 
 
-@pytest.mark.parametrize("path, title", [("", "Inspect"), ("budget", "Budget"),
-                                         ("galleries", "Galleries"), ("models", "Models")])
-def test_page_loads_without_exception(server, page, path, title):
+@pytest.mark.parametrize("path, title, content", [
+    ("", "Inspect", ["Pick or upload an image"]),
+    ("budget", "Budget", ["Mean cost (check)"]),
+    ("galleries", "Galleries", ["Cheapest", "Costliest"]),
+    ("models", "Models", ["Trained checkpoints", "The papers' figures"])])
+def test_page_renders_its_content(server, page, path, title, content):
     page.goto(f"{server}/{path}")
     page.get_by_role("heading", name=title).wait_for()
+    for text in content:
+        page.get_by_text(text).first.wait_for()
     _settle(page)
     _no_exception(page)
     page.screenshot(path=str(ARTIFACTS / f"{path or 'inspect'}.png"), full_page=True)
 
 
-def test_upload_shows_a_compute_path(server, page, tmp_path):
+def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_root,
+                                                monkeypatch):
     page.goto(server)  # Inspect is the default page
     page.get_by_role("heading", name="Inspect").wait_for()
     _settle(page)
@@ -117,6 +124,18 @@ def test_upload_shows_a_compute_path(server, page, tmp_path):
     page.get_by_text("Blocks:").first.wait_for()   # the block strip's title
     _settle(page)
     _no_exception(page)
+    # reference: the upload through the masked path of the same checkpoint, outside the app
+    for var, value in app_variables(app_root).items():
+        monkeypatch.setenv(var, value)
+    model = zoo.load_system("lcnet_resnet20", torch.device("cpu"))
+    with torch.no_grad():
+        logits, trace = model(data.to_tensor(data.preprocess_upload(buf.getvalue())[None]))
+    metrics = page.locator('[data-testid="stMetric"]')
+    shown = metrics.filter(has_text="Prediction").inner_text().split("\n")
+    assert shown[-1].strip() == data.CLASSES[int(logits.argmax())]
+    assert f"{int(trace.macs[0]) / 1e6:.1f} M" in metrics.filter(has_text="MACs").inner_text()
+    ran = int(trace.blocks_executed.sum())
+    page.get_by_text(f"Blocks: {ran} of {len(model.blocks)} ran").first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "inspect-upload.png"), full_page=True)
 
 
