@@ -49,6 +49,15 @@ class Recipe:
     trainable: str = ""              # train only parameters under this prefix ("": all)
     distill: float = 0.0             # staged models: weight of the final exit as teacher
     distill_temperature: float = 3.0
+    cycles: int = 1                  # the one-cycle schedule, repeated (warm restarts)
+
+    def __post_init__(self):
+        if self.cycles < 1 or self.epochs % self.cycles:
+            raise ValueError(f"{self.epochs} epochs do not split into {self.cycles} cycles")
+
+    @property
+    def cycle_epochs(self) -> int:
+        return self.epochs // self.cycles
 
     def build(self) -> nn.Module:
         return models.create(self.model, **dict(self.model_args))
@@ -59,7 +68,9 @@ RECIPES: dict[str, Recipe] = {
     # 40 epochs gave 86.80% on the check half (87.42% on all of val), under the 87.5% floor;
     # the committed checkpoint is that run (its manifest holds its recipe). Retraining at 60.
     "resnet20": Recipe("resnet20", epochs=60),
-    "resnet56": Recipe("resnet56", epochs=40),
+    # Two one-cycle schedules of 40 epochs (a warm restart): one cycle gave 88.16% on the
+    # check half, under the 89.5% floor. The first cycle is the committed 40-epoch run.
+    "resnet56": Recipe("resnet56", epochs=80, cycles=2),
     # From scratch; α and β scaled from lcnet_resnet56's to give each gate the same pull
     # (ResNet-20 has 9 blocks and 336 gated channels against 27 and 1008).
     "lcnet_resnet20": Recipe("lcnet_resnet20", epochs=30, gate_lr=0.1,
@@ -93,6 +104,20 @@ def _saved_recipe(saved: dict) -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(Recipe)
                 if f.default is not dataclasses.MISSING}
     return {**defaults, **saved}
+
+
+def _resumable(saved: dict, done: int, recipe: Recipe) -> bool:
+    """Whether a run of ``saved`` recipe, ``done`` epochs in, can go on under ``recipe``: the
+    same recipe, or one that adds whole cycles of the same length to a run that finished
+    its own (its schedule is a prefix of the new one)."""
+    new = dataclasses.asdict(recipe)
+    if saved == new:
+        return True
+    same_but_length = {k: v for k, v in saved.items() if k not in ("epochs", "cycles")} == \
+        {k: v for k, v in new.items() if k not in ("epochs", "cycles")}
+    saved_cycle = saved["epochs"] // saved["cycles"]
+    return (same_but_length and done == saved["epochs"] and saved_cycle == recipe.cycle_epochs
+            and recipe.cycles > saved["cycles"])
 
 
 def _rank_world() -> tuple[int, int]:
@@ -278,24 +303,32 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
     steps_per_epoch = len(train_split) // recipe.batch_size // world
     if limit_batches:
         steps_per_epoch = min(steps_per_epoch, limit_batches)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-        total_steps=recipe.epochs * steps_per_epoch, pct_start=recipe.warmup,
-        div_factor=10.0, final_div_factor=100.0)
+    peaks = [g["lr"] for g in optimizer.param_groups]
+
+    def one_cycle() -> torch.optim.lr_scheduler.OneCycleLR:
+        """A fresh cycle: the LR rises from peak/10 to the peak and anneals to peak/1000."""
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=peaks, total_steps=recipe.cycle_epochs * steps_per_epoch,
+            pct_start=recipe.warmup, div_factor=10.0, final_div_factor=100.0)
+
+    scheduler = one_cycle()
     generator = torch.Generator().manual_seed(recipe.seed)
     state = TrainState()
     if resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        if _saved_recipe(ckpt["recipe"]) != dataclasses.asdict(recipe):
+        if not _resumable(_saved_recipe(ckpt["recipe"]), ckpt["epoch"], recipe):
             raise ValueError(f"{last} was written by another recipe; delete it or drop --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["epoch"] % recipe.cycle_epochs:        # else a new cycle starts below
+            scheduler.load_state_dict(ckpt["scheduler"])
         generator.set_state(ckpt["generator"])
         state = TrainState(ckpt["epoch"], ckpt["history"], ckpt["wall_seconds"])
         log.info("resumed %s at epoch %d", name, state.epoch)
 
     for epoch in range(state.epoch, recipe.epochs):
+        if epoch % recipe.cycle_epochs == 0 and epoch > 0:
+            scheduler = one_cycle()                    # warm restart
         started = time.perf_counter()
         net.train()
         if recipe.trainable:  # frozen parts keep their BatchNorm statistics

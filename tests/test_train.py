@@ -64,6 +64,57 @@ def test_resume_refuses_another_recipe(train_env):
                   limit_batches=1, progress=False)
 
 
+def _lr_per_step(monkeypatch) -> list[float]:
+    """Records the LR of the first parameter group at every optimizer step."""
+    seen, real_step = [], torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    return seen
+
+
+def test_cycles_repeat_the_one_cycle_schedule(train_env, monkeypatch):
+    lrs = _lr_per_step(monkeypatch)
+    train.fit("cycles", dataclasses.replace(TINY, epochs=4, cycles=2), limit_batches=5,
+              progress=False)
+    lrs = list(lrs)
+    # reference: torch's OneCycleLR over one cycle (2 epochs of 5 steps), twice
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=TINY.peak_lr, momentum=0.9)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=TINY.peak_lr, total_steps=10,
+                                              pct_start=TINY.warmup, div_factor=10.0,
+                                              final_div_factor=100.0)
+    cycle = []
+    for _ in range(10):
+        cycle.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert lrs == pytest.approx(cycle * 2)
+    assert lrs[10] == pytest.approx(TINY.peak_lr / 10) and lrs[9] < lrs[10]   # a restart
+
+
+def test_a_finished_run_goes_on_with_more_cycles(train_env):
+    one = dataclasses.replace(TINY, epochs=1, cycles=1)
+    two = dataclasses.replace(TINY, epochs=2, cycles=2)
+    straight = train.fit("straight", two, limit_batches=2, progress=False)
+    train.fit("extended", one, limit_batches=2, progress=False)
+    extended = train.fit("extended", two, resume=True, limit_batches=2, progress=False)
+    assert _same_weights(extended.model.state_dict(), straight.model.state_dict())
+    assert extended.state.history == [
+        {**h, "seconds": e["seconds"]} for h, e in zip(straight.state.history,
+                                                       extended.state.history)]
+    longer_cycles = dataclasses.replace(TINY, epochs=4, cycles=2)   # cycle of 2, not 1
+    with pytest.raises(ValueError, match="another recipe"):
+        train.fit("extended", longer_cycles, resume=True, limit_batches=1, progress=False)
+
+
+def test_epochs_must_split_into_cycles():
+    with pytest.raises(ValueError, match="cycles"):
+        dataclasses.replace(TINY, epochs=5, cycles=2)
+
+
 def test_checkpoints_older_than_a_new_recipe_field_still_resume():
     saved = dataclasses.asdict(TINY)
     del saved["trainable"]              # written before the field existed
