@@ -18,29 +18,29 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def set_gate_pattern(model: GatedResNet, x: torch.Tensor, blocks_off: float,
                      channels_off: float, seed: int = 0, same_channels: bool = False) -> None:
-    """Rewrite every gate so that, on images like ``x``, a fraction ``blocks_off`` of the
-    blocks and ``channels_off`` of the channels is off *per image*, in random patterns
-    (``same_channels``: one random channel set per block, shared by every image).
+    """Rewrite every gate so that, on the images ``x``, each block is skipped by a fraction
+    ``blocks_off`` of them and each channel is off for ``channels_off`` of them, in random
+    per-image patterns (``same_channels``: one random set of channels per block, shared by
+    every image, is off instead).
 
-    Each gate's pre-activation becomes ``k·(u + q)`` with ``u`` a standardised random
-    projection of the pooled block input (different for every image) and
-    ``q = Φ⁻¹(1 − p_off)``; the large ``k`` saturates scores to 0 or 1.
+    Each gate output's pre-activation becomes ``k·(u − t)``: ``u`` a random projection of the
+    pooled block input (different for every image), ``t`` the midpoint between the order
+    statistics of ``u`` over ``x`` that leaves exactly the requested share below it; the
+    large ``k`` saturates scores to 0 or 1.
     """
     g = torch.Generator().manual_seed(seed)
-    normal = torch.distributions.Normal(0.0, 1.0)
     k = 50.0
     h = model.forward_stem(x)
     for block in model.blocks:
         pooled = h.mean((2, 3))                                   # (B, C_in)
-        mu = pooled.mean(0)
         for gate, p_off in ((block.block_gate, blocks_off), (block.channel_gate, channels_off)):
             fc = gate.fc
             w = torch.randn(fc.weight.shape, generator=g).to(fc.weight)
-            z = (pooled - mu) @ w.T                               # (B, out)
-            w = w / z.std(0).clamp_min(1e-12)[:, None]
-            q = normal.icdf(torch.tensor(1.0 - min(max(p_off, 1e-6), 1 - 1e-6)))
-            fc.weight.copy_(k * w)
-            fc.bias.copy_(k * (q - w @ mu))
+            u = pooled @ w.T                                      # (B, out)
+            scale = u.std(0).clamp_min(1e-12)
+            cut = _cut(u, p_off)                                  # (out,)
+            fc.weight.copy_(k * w / scale[:, None])
+            fc.bias.copy_(-k * cut / scale)
         if same_channels:
             fc = block.channel_gate.fc
             n_off = round(channels_off * fc.out_features)
@@ -48,6 +48,17 @@ def set_gate_pattern(model: GatedResNet, x: torch.Tensor, blocks_off: float,
             fc.weight.zero_()
             fc.bias.fill_(k).index_fill_(0, off, -k)
         h, _ = block(h)
+
+
+def _cut(u: torch.Tensor, p_off: float) -> torch.Tensor:
+    """Per column of ``u`` (B, out), a value with round(p_off·B) entries below it and the
+    rest above: the midpoint of the two order statistics around it."""
+    n = u.shape[0]
+    n_off = min(max(round(p_off * n), 0), n)
+    ordered = u.sort(0).values
+    lo = ordered[n_off - 1] if n_off > 0 else ordered[0] - 1.0
+    hi = ordered[n_off] if n_off < n else ordered[-1] + 1.0
+    return (lo + hi) / 2
 
 
 @dataclass

@@ -1,0 +1,59 @@
+"""What the benchmark scripts measure: the gate patterns they impose and the sparsity and MACs
+they report (not timings: benchmarks are scripts, these tests check their bookkeeping)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from dynviz import bench
+
+
+def _patterned(name: str, blocks_off: float, channels_off: float, same: bool = False):
+    model = models.create(name).eval()
+    images = bench._inputs(model, 256, seed=1)
+    bench.set_gate_pattern(model, images, blocks_off, channels_off, seed=2, same_channels=same)
+    with torch.no_grad():
+        _, trace = model(images)
+    return model, trace
+
+
+@pytest.mark.parametrize("blocks_off, channels_off", [(0.5, 0.0), (0.25, 0.5), (0.0, 0.75)])
+def test_gate_pattern_switches_off_the_requested_fractions(blocks_off, channels_off):
+    model, trace = _patterned("lcnet_resnet20", blocks_off, channels_off)
+    ran = trace.blocks_executed
+    for i in range(len(model.blocks)):   # exactly the share asked for, block by block
+        assert (~ran[:, i]).sum().item() == round(blocks_off * 256)
+        off_per_channel = (trace.channel_scores[i] == 0).sum(0)
+        assert (off_per_channel == round(channels_off * 256)).all()
+    patterns = {tuple(r) for r in ran.tolist()}   # per image: images differ in what ran
+    assert len(patterns) > 20 if blocks_off else patterns == {(True,) * len(model.blocks)}
+
+
+def test_same_channels_gives_every_image_one_set_per_block():
+    model, trace = _patterned("lcnet_resnet20", 0.0, 0.5, same=True)
+    for i, block in enumerate(model.blocks):
+        on = trace.channel_scores[i] > 0
+        assert (on == on[0]).all()
+        assert on[0].sum().item() == block.mid_channels - round(0.5 * block.mid_channels)
+
+
+def test_bench_rows_report_the_traced_sparsity_and_macs():
+    torch.manual_seed(5)
+    rows = bench.bench_gated("lcnet_resnet8", blocks_off=0.5, channels_off=0.25,
+                             batch_sizes=(1, 8), repeats=1, calibrate=False)
+    # reference: the same weights and pattern, traced here on the images the benchmark times
+    torch.manual_seed(5)
+    model = models.create("lcnet_resnet8").eval()
+    pool = bench._inputs(model, 256, seed=0)
+    bench.set_gate_pattern(model, pool, 0.5, 0.25, seed=0)
+    with torch.no_grad():
+        for row, images in zip(rows, (pool[:32], pool[:8])):
+            _, trace = model(images)
+            macs = trace.macs.double().mean().item()
+            assert row.macs_dense == models.create("resnet8").macs()
+            assert row.macs_sparse == round(macs)
+            assert row.mac_reduction == pytest.approx(1 - macs / row.macs_dense, abs=1e-4)
+            assert row.blocks_off == pytest.approx(
+                (~trace.blocks_executed).float().mean().item(), abs=1e-3)
+            assert row.speedup == pytest.approx(row.ms_dense / row.ms_sparse, rel=1e-2)
