@@ -116,7 +116,22 @@ def test_budget_policy_goes_to_inspect(app_env):
     at = _run("budget", budget_system="exits_resnet56")
     at.button(key="budget_use").click().run()
     _no_exception(at)
-    assert "exits_resnet56" in at.session_state["budget_policy"]
+    handed = at.session_state["budget_policy"]["exits_resnet56"]
+    # the policy handed over is the one the library learns for the budget the page shows
+    cached = zoo.outputs("exits_resnet56", app_env, progress=False)
+    query = budget.BudgetQuery("threshold", "max_prob", zoo.spec("exits_resnet56").topology,
+                               at.session_state["budget_last"]["budget"])
+    expected = budget.solve(cached.half("fit"), cached.half("check"), query)
+    assert handed == expected.policy.to_json()
+    # Inspect offers it, and runs the image with it
+    inspect = _run("inspect", inspect_system="exits_resnet56", budget_policy={
+        "exits_resnet56": handed}, inspect_source="A validation image")
+    _no_exception(inspect)
+    point = inspect.selectbox(key="inspect_point")
+    assert "from the Budget page" in point.options
+    point.set_value("from the Budget page").run()
+    _no_exception(inspect)
+    assert [m for m in inspect.metric if m.label == "Prediction"]
 
 
 def test_galleries_show_cheapest_and_costliest(app_env):

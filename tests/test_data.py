@@ -248,4 +248,6 @@ def test_upload_preprocessing_rejects_bad_input(name):
 
 def test_upload_accepts_file_objects():
     raw, _ = GOOD_UPLOADS["bmp"]
-    assert data.preprocess_upload(io.BytesIO(raw)).shape == (32, 32, 3)
+    from_file = data.preprocess_upload(io.BytesIO(raw))
+    assert from_file.shape == (32, 32, 3)
+    assert np.array_equal(from_file, data.preprocess_upload(raw))
