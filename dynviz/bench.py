@@ -3,6 +3,7 @@ plain dense network with the same weights."""
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -75,8 +76,8 @@ class GatedBenchRow:
     ms_dense: float           # plain ResNet, per batch (BN folded, like the gated model)
     ms_masked: float          # gated model, masked path
     ms_sparse: float          # gated model, sparse path with the calibrated plan
-    time_reduction: float     # 1 - sparse / dense
-    speedup: float            # dense / sparse
+    time_reduction: float     # 1 - 1 / speedup
+    speedup: float            # dense / sparse: median over rounds of the paired ratio
     efficiency: float         # time_reduction / mac_reduction
 
 
@@ -140,21 +141,22 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
             macs = torch.cat([t.macs for t in traces]).double().mean().item()
             off_blocks, off_channels = _measured_sparsity(traces)
 
-            medians = engine.compare_times({
+            times = engine.round_robin_times({
                 "dense": lambda: [plain(c) for c in chunks],
                 "masked": lambda: [gated(c) for c in chunks],
                 "sparse": lambda: [gated(c, plan) for c in chunks],
             }, repeats=repeats, device=device)
-        ms_dense, ms_masked, ms_sparse = (medians[k] * 1e3 / len(chunks)
+        ms_dense, ms_masked, ms_sparse = (statistics.median(times[k]) * 1e3 / len(chunks)
                                           for k in ("dense", "masked", "sparse"))
+        speedup = engine.paired_ratio(times["dense"], times["sparse"])
         dense_macs = plain.macs()
         mac_red = 1 - macs / dense_macs
-        time_red = 1 - ms_sparse / ms_dense
+        time_red = 1 - 1 / speedup
         rows.append(GatedBenchRow(
             name, placement, batch, off_blocks, off_channels, same_channels, dense_macs,
             round(macs),
             round(mac_red, 4), round(ms_dense, 3), round(ms_masked, 3), round(ms_sparse, 3),
-            round(time_red, 4), round(ms_dense / ms_sparse, 3),
+            round(time_red, 4), round(speedup, 3),
             round(time_red / mac_red, 3) if mac_red > 0 else float("nan")))
         log.info("%s", rows[-1])
     return rows

@@ -48,10 +48,12 @@ def median_time(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 3,
     return statistics.median(times)
 
 
-def compare_times(fns: dict[str, Callable[[], object]], *, repeats: int = 10,
-                  warmup: int = 3, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Median seconds of each function, measured round-robin so that drift in the machine's
-    speed (other tenants, frequency) hits every contender alike."""
+def round_robin_times(fns: dict[str, Callable[[], object]], *, repeats: int = 10,
+                      warmup: int = 3, device: torch.device | str = "cpu"
+                      ) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` runs of every function after ``warmup`` runs, measured
+    round-robin (one run of each per round) so that drift in the machine's speed (other
+    tenants, frequency) hits every contender alike."""
     device = torch.device(device)
     for fn in fns.values():
         for _ in range(warmup):
@@ -64,7 +66,24 @@ def compare_times(fns: dict[str, Callable[[], object]], *, repeats: int = 10,
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def compare_times(fns: dict[str, Callable[[], object]], *, repeats: int = 10,
+                  warmup: int = 3, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Median seconds of each function, measured round-robin (``round_robin_times``)."""
+    times = round_robin_times(fns, repeats=repeats, warmup=warmup, device=device)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of ``numerator[i] / denominator[i]``. Each ratio compares runs
+    taken moments apart, so a burst of load that slows some rounds moves it less than it
+    moves the ratio of the two medians (on this shared 2-core VM, medians of one contender
+    drift by up to 30% between runs of the same benchmark)."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("paired_ratio needs two equally long, non-empty series")
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -198,14 +198,14 @@ def load_policy(system: str, loss: float) -> P.Policy | None:
 # ---------------------------------------------------------------------------- timing
 def _speedup(fn, reference, images: np.ndarray, batch: int, device, repeats: int) -> float:
     """Reference time / ``fn`` time over the images in batches of ``batch``, both measured
-    round-robin (``engine.compare_times``) so that drift in the machine's speed cancels."""
+    round-robin, as the median of the per-round ratios (``engine.paired_ratio``)."""
     chunks = [data.to_tensor(np.ascontiguousarray(images[i:i + batch]), device)
               for i in range(0, len(images), batch)]
     with torch.no_grad():
-        times = engine.compare_times({"reference": lambda: [reference(c) for c in chunks],
-                                      "system": lambda: [fn(c) for c in chunks]},
-                                     repeats=repeats, warmup=1, device=device)
-    return times["reference"] / times["system"]
+        times = engine.round_robin_times({"reference": lambda: [reference(c) for c in chunks],
+                                          "system": lambda: [fn(c) for c in chunks]},
+                                         repeats=repeats, warmup=1, device=device)
+    return engine.paired_ratio(times["reference"], times["system"])
 
 
 @dataclass

@@ -57,3 +57,26 @@ def test_bench_rows_report_the_traced_sparsity_and_macs():
             assert row.blocks_off == pytest.approx(
                 (~trace.blocks_executed).float().mean().item(), abs=1e-3)
             assert row.speedup == pytest.approx(row.ms_dense / row.ms_sparse, rel=1e-2)
+
+
+def test_round_robin_runs_each_function_once_per_round():
+    from dynviz import engine
+
+    calls = []
+    times = engine.round_robin_times({"a": lambda: calls.append("a"),
+                                      "b": lambda: calls.append("b")}, repeats=3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert [len(t) for t in times.values()] == [3, 3]
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    from dynviz import engine
+
+    # a load burst slows the sparse run of rounds 2-4 and the dense run of rounds 4-5: the
+    # ratio of medians (2/3) follows the burst, the median of round ratios does not
+    dense, sparse = [2.0, 2.0, 2.0, 6.0, 6.0], [1.0, 3.0, 3.0, 3.0, 1.0]
+    assert engine.paired_ratio(dense, sparse) == 2.0
+    ratios = sorted(d / s for d, s in zip(dense, sparse))
+    assert engine.paired_ratio(dense, sparse) == ratios[2]
+    with pytest.raises(ValueError):
+        engine.paired_ratio([1.0], [1.0, 2.0])
