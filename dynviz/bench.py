@@ -53,13 +53,17 @@ def set_gate_pattern(model: GatedResNet, x: torch.Tensor, blocks_off: float,
 
 def _cut(u: torch.Tensor, p_off: float) -> torch.Tensor:
     """Per column of ``u`` (B, out), a value with round(p_off·B) entries below it and the
-    rest above: the midpoint of the two order statistics around it."""
+    rest above: the midpoint of the two order statistics around it; none or all below:
+    one standard deviation beyond the extreme (a margin no rounding difference crosses)."""
     n = u.shape[0]
     n_off = min(max(round(p_off * n), 0), n)
     ordered = u.sort(0).values
-    lo = ordered[n_off - 1] if n_off > 0 else ordered[0] - 1.0
-    hi = ordered[n_off] if n_off < n else ordered[-1] + 1.0
-    return (lo + hi) / 2
+    spread = u.std(0).clamp_min(1e-12) if n > 1 else torch.ones_like(ordered[0])
+    if n_off == 0:
+        return ordered[0] - spread
+    if n_off == n:
+        return ordered[-1] + spread
+    return (ordered[n_off - 1] + ordered[n_off]) / 2
 
 
 @dataclass
