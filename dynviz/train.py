@@ -289,10 +289,12 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
     train_images, val_images = train_split.images(), val_split.images()
 
     model = recipe.build()
+    init_sha = None
     if recipe.init_from:
         target = model.get_submodule(recipe.init_into) if recipe.init_into else model
-        load_weights(target, settings.checkpoint_dir() / f"{recipe.init_from}.pt",
-                     strict=bool(recipe.init_into))
+        init_path = settings.checkpoint_dir() / f"{recipe.init_from}.pt"
+        load_weights(target, init_path, strict=bool(recipe.init_into))
+        init_sha = file_sha256(init_path)
     if recipe.trainable:
         for pname, p in model.named_parameters():
             p.requires_grad_(pname.startswith(recipe.trainable))
@@ -318,6 +320,12 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         if not _resumable(_saved_recipe(ckpt["recipe"]), ckpt["epoch"], recipe):
             raise ValueError(f"{last} was written by another recipe; delete it or drop --resume")
+        if init_sha and "init_sha256" not in ckpt:
+            log.warning("%s predates starting-checkpoint digests: cannot tell whether it "
+                        "started from the current %s.pt", last, recipe.init_from)
+        elif ckpt.get("init_sha256") != init_sha:
+            raise ValueError(f"{last} started from another {recipe.init_from}.pt (retrained "
+                             f"since); delete it or drop --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["epoch"] % recipe.cycle_epochs:        # else a new cycle starts below
@@ -372,6 +380,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
                           "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(),
                           "generator": generator.get_state(), "epoch": state.epoch,
+                          "init_sha256": init_sha,
                           "history": state.history, "wall_seconds": state.wall_seconds}, last)
 
     return FitResult(model, recipe, state, dataset, device)

@@ -110,6 +110,17 @@ def test_a_finished_run_goes_on_with_more_cycles(train_env):
         train.fit("extended", longer_cycles, resume=True, limit_batches=1, progress=False)
 
 
+def test_resume_refuses_a_run_whose_starting_checkpoint_was_retrained(train_env):
+    base = dataclasses.replace(TINY, epochs=1)
+    train.train("base", base, limit_batches=1, progress=False)
+    child = dataclasses.replace(TINY, epochs=2, init_from="base")
+    train.fit("child", child, epochs=1, limit_batches=1, progress=False)  # interrupted
+    train.fit("child", child, epochs=1, resume=True, limit_batches=1, progress=False)
+    train.train("base", dataclasses.replace(base, seed=1), limit_batches=1, progress=False)
+    with pytest.raises(ValueError, match="started from another base.pt"):
+        train.fit("child", child, epochs=1, resume=True, limit_batches=1, progress=False)
+
+
 def test_epochs_must_split_into_cycles():
     with pytest.raises(ValueError, match="cycles"):
         dataclasses.replace(TINY, epochs=5, cycles=2)
