@@ -110,6 +110,25 @@ def test_a_finished_run_goes_on_with_more_cycles(train_env):
         train.fit("extended", longer_cycles, resume=True, limit_batches=1, progress=False)
 
 
+def test_an_unfinished_run_cannot_take_more_cycles(train_env, monkeypatch):
+    real_eval, calls = train.evaluate_accuracy, {"n": 0}
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_accuracy", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):   # a 2-epoch cycle, stopped after epoch 1
+        train.fit("unfinished", dataclasses.replace(TINY, epochs=2), limit_batches=1,
+                  progress=False)
+    monkeypatch.setattr(train, "evaluate_accuracy", real_eval)
+    with pytest.raises(ValueError, match="another recipe"):
+        train.fit("unfinished", dataclasses.replace(TINY, epochs=4, cycles=2), resume=True,
+                  limit_batches=1, progress=False)
+
+
 def test_resume_refuses_a_run_whose_starting_checkpoint_was_retrained(train_env):
     base = dataclasses.replace(TINY, epochs=1)
     train.train("base", base, limit_batches=1, progress=False)
