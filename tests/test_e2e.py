@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dynviz import data, settings, zoo
+from dynviz import budget, data, settings, zoo
 from tests.conftest import app_variables
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -139,9 +139,12 @@ def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_roo
     page.screenshot(path=str(ARTIFACTS / "inspect-upload.png"), full_page=True)
 
 
-def test_budget_slider_updates_the_operating_point(server, page):
+def test_budget_slider_updates_the_operating_point(server, page, app_root, monkeypatch):
     page.goto(f"{server}/budget")
     page.get_by_role("heading", name="Budget").wait_for()
+    name = "cascade_r8_r20_r56"
+    page.locator('[data-testid="stSelectbox"]').first.click()
+    page.get_by_role("option", name=name).click()
     metric = page.locator('[data-testid="stMetric"]').filter(has_text="Mean cost (check)")
     metric.wait_for()
     _settle(page)
@@ -157,3 +160,14 @@ def test_budget_slider_updates_the_operating_point(server, page):
     _settle(page)
     _no_exception(page)
     page.screenshot(path=str(ARTIFACTS / "budget-moved.png"), full_page=True)
+    # reference: the policy the library learns for the slider's budget, outside the app
+    percent = int(page.locator('[data-testid="stSliderThumbValue"]').inner_text())
+    assert percent == 80                          # 50 + 30 steps of 1
+    for var, value in app_variables(app_root).items():
+        monkeypatch.setenv(var, value)
+    cached = zoo.outputs(name, data.get_split("val"), progress=False)
+    expected = budget.solve(cached.half("fit"), cached.half("check"), budget.BudgetQuery(
+        "threshold", "max_prob", zoo.spec(name).topology, percent / 100)).check
+    assert f"{expected['cost_mean'] * 1e-6:.1f} M" in metric.inner_text()
+    shown = page.locator('[data-testid="stMetric"]').filter(has_text="Accuracy (check)")
+    assert f"{expected['accuracy']:.2%}" in shown.inner_text()
