@@ -62,6 +62,14 @@ def _cmd_bench_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_stages(args: argparse.Namespace) -> int:
+    from dynviz import bench
+
+    print(bench.format_rows(bench.bench_stages(args.model, batch_sizes=tuple(args.batch),
+                                               repeats=args.repeats)))
+    return 0
+
+
 def _split_arg(args: argparse.Namespace):
     from dynviz import data
 
@@ -212,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.set_defaults(func=_cmd_bench_policy)
+
+    p = bench_sub.add_parser("stages", help="time vs MACs, stage by stage, of a plain ResNet",
+                             description="Median time of the stem, every stage and the head "
+                                         "of a plain ResNet (random weights, BN folded) "
+                                         "beside its share of the MACs.")
+    p.add_argument("--model", default="resnet56", help="plain ResNet (registry name)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 256], help="batch sizes")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
+    p.set_defaults(func=_cmd_bench_stages)
 
     def add_split(p):
         p.add_argument("--split", default="val", choices=["train", "val", "fit", "check"],

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import models
 from dynviz import data, engine, settings
 from models.lcnet import GatedResNet, SparsePlan
+from models.macs import linear_macs
+from models.resnet import ResNet
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +240,63 @@ def bench_policy(n: int = 2500, k: int = 3, repeats: int = 20,
     return [PolicyBenchRow(name, len(out), out.n_stages,
                            round(engine.median_time(fn, repeats=repeats) * 1e3, 2))
             for name, fn in tasks.items()]
+
+
+# ---------------------------------------------------------------------------- stages
+@dataclass
+class StageBenchRow:
+    model: str
+    batch: int
+    part: str
+    macs: int
+    mac_share: float
+    ms: float              # median per batch
+    time_share: float
+    time_per_mac: float    # time share / MAC share: > 1 costs more time than its MACs say
+
+
+def network_parts(model: nn.Module) -> list[tuple[str, int, Callable]]:
+    """A plain ResNet cut into stem, its stages and head: (name, MACs per image, function
+    from the previous part's output to this part's)."""
+    if not isinstance(model, ResNet) or isinstance(model, GatedResNet):
+        raise TypeError(f"bench stages needs a plain ResNet, not {type(model).__name__}")
+    stem, _ = model.stem_cost()
+    tables = model.block_costs()
+    parts = [("stem", sum(stem.values()), model.forward_stem)]
+    start = 0
+    for name in model.stage_names:
+        stop = start + len(getattr(model, name))
+        parts.append((name, sum(sum(t.values()) for t in tables[start:stop]),
+                      lambda x, a=start, b=stop: model.forward_blocks(x, a, b)))
+        start = stop
+    parts.append(("head", linear_macs(model.fc), model.forward_head))
+    return parts
+
+
+@torch.no_grad()
+def bench_stages(name: str = "resnet56", *, batch_sizes: tuple[int, ...] = (1, 256),
+                 repeats: int = 10) -> list[StageBenchRow]:
+    """Where the time of a plain ResNet goes, stage by stage, against where its MACs go
+    (random weights, BN folded, channels_last: timing does not depend on the weights)."""
+    device = settings.device()
+    model = engine.fold_batchnorm(models.create(name).eval()).to(
+        device, memory_format=torch.channels_last)
+    parts = network_parts(model)
+    total_macs = sum(macs for _, macs, _ in parts)
+    size = model.cfg.input_size
+    rows = []
+    for batch in batch_sizes:
+        x = torch.randn(batch, 3, size, size, device=device).contiguous(
+            memory_format=torch.channels_last)
+        inputs = [x]
+        for _, _, fn in parts[:-1]:
+            inputs.append(fn(inputs[-1]))
+        fns = {part: (lambda fn=fn, h=h: fn(h)) for (part, _, fn), h in zip(parts, inputs)}
+        times = engine.compare_times(fns, repeats=repeats, device=device)
+        total_time = sum(times.values())
+        for part, macs, _ in parts:
+            mac_share, time_share = macs / total_macs, times[part] / total_time
+            rows.append(StageBenchRow(name, batch, part, macs, round(mac_share, 4),
+                                      round(times[part] * 1e3, 3), round(time_share, 4),
+                                      round(time_share / mac_share, 2)))
+    return rows

@@ -80,3 +80,29 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert engine.paired_ratio(dense, sparse) == ratios[2]
     with pytest.raises(ValueError):
         engine.paired_ratio([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet50"])
+def test_network_parts_partition_the_forward_and_its_macs(name):
+    """bench stages' parts, run in turn, are the network, and their MACs add up to what
+    torch's FLOP counter measures (÷2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = models.create(name).eval()
+    size = model.cfg.input_size
+    x = torch.randn(1, 3, size, size)
+    parts = bench.network_parts(model)
+    assert [p[0] for p in parts] == ["stem", *model.stage_names, "head"]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        expected = model(x)
+    h = x
+    with torch.no_grad():
+        for _, _, fn in parts:
+            h = fn(h)
+    torch.testing.assert_close(h, expected)
+    assert sum(macs for _, macs, _ in parts) == counter.get_total_flops() // 2
+
+
+def test_network_parts_refuse_a_gated_model():
+    with pytest.raises(TypeError, match="plain ResNet"):
+        bench.network_parts(models.create("lcnet_resnet20"))
