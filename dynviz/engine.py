@@ -97,7 +97,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         if isinstance(module, ResNet):
             _fold_resnet(module)
         elif isinstance(module, ExitHead):
-            _fold_pairs([(module, "conv", "bn")])
+            _fold_pairs([(module, conv, bn) for conv, bn in module.conv_bn_pairs()])
     return folded.requires_grad_(False)
 
 

@@ -96,6 +96,14 @@ RECIPES: dict[str, Recipe] = {
     # Heads on the frozen backbone; each learns from the final head too (distillation).
     "exits_resnet56": Recipe("exits_resnet56", epochs=8, peak_lr=0.05, init_from="resnet56",
                              init_into="backbone", trainable="heads.", distill=0.5),
+    # A trial, not a default system (judged by scripts/exits_trial.py): two-conv heads in
+    # stage 2, where one-conv heads (65–69%) almost never let an image leave, and no head in
+    # stage 1 (48%, taken by 0.4% of the images).
+    "exits_resnet56_deep": Recipe("exits_resnet56", epochs=8, peak_lr=0.05,
+                                  init_from="resnet56", init_into="backbone",
+                                  trainable="heads.", distill=0.5,
+                                  model_args=(("exits", (13, 17, 19, 21, 23)),
+                                              ("head_convs", (2, 2, 1, 1, 1)))),
 }
 
 

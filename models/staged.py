@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.macs import conv_macs, linear_macs
+from models.macs import conv_macs, conv_out_hw, linear_macs
 from models.lcnet import GatedResNet
 from models.registry import create, register_model
 from models.resnet import BasicBlock, Bottleneck, ResNet, conv3x3
@@ -27,22 +27,39 @@ from models.resnet import BasicBlock, Bottleneck, ResNet, conv3x3
 
 class ExitHead(nn.Module):
     """A cheap classifier on an intermediate feature map:
-    3×3 conv, stride 2 (C → 2C) → BN → ReLU → global average pool → FC."""
+    3×3 conv, stride 2 (C → 2C) → BN → ReLU, then ``convs - 1`` more 3×3 convs (2C → 2C,
+    each with BN → ReLU) → global average pool → FC."""
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, num_classes: int, convs: int = 1):
         super().__init__()
+        if convs < 1:
+            raise ValueError(f"an exit head needs at least one conv; got convs={convs}")
         width = 2 * in_channels
+        self.convs = convs
         self.conv = conv3x3(in_channels, width, stride=2)
         self.bn = nn.BatchNorm2d(width)
+        for i in range(2, convs + 1):
+            setattr(self, f"conv{i}", conv3x3(width, width))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(width))
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(width, num_classes)
 
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """(conv, BN) attribute names, in order."""
+        return [("conv", "bn")] + [(f"conv{i}", f"bn{i}") for i in range(2, self.convs + 1)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn(self.conv(x)))                       # (B, 2C, H/2, W/2)
+        for conv, bn in self.conv_bn_pairs():
+            x = self.relu(getattr(self, bn)(getattr(self, conv)(x)))   # (B, 2C, H/2, W/2)
         return self.fc(x.mean((2, 3)))
 
     def macs(self, hw: tuple[int, int]) -> int:
-        return conv_macs(self.conv, hw) + linear_macs(self.fc)
+        total = 0
+        for conv, _ in self.conv_bn_pairs():
+            conv = getattr(self, conv)
+            total += conv_macs(conv, hw)
+            hw = conv_out_hw(conv, hw)
+        return total + linear_macs(self.fc)
 
 
 def _logits_and_macs(model: nn.Module, x: torch.Tensor, static_macs: int):
@@ -87,18 +104,24 @@ class EarlyExitNet(StagedMixin, nn.Module):
     Args:
         backbone: a ``ResNet`` (plain) with ``forward_stem``/``forward_blocks``/``forward_head``.
         exits: block indices (ascending) whose outputs feed an ``ExitHead``.
+        head_convs: 3×3 convs of every exit head (see ``ExitHead``), or one count per exit.
     """
 
-    def __init__(self, backbone: ResNet, exits: tuple[int, ...]):
+    def __init__(self, backbone: ResNet, exits: tuple[int, ...],
+                 head_convs: int | tuple[int, ...] = 1):
         super().__init__()
         if list(exits) != sorted(set(exits)) or exits[-1] >= len(backbone.blocks) - 1:
             raise ValueError(f"exits must be ascending block indices before the last block; "
                              f"got {exits} for {len(backbone.blocks)} blocks")
+        convs = (head_convs,) * len(exits) if isinstance(head_convs, int) else tuple(head_convs)
+        if len(convs) != len(exits):
+            raise ValueError(f"head_convs needs one count per exit ({len(exits)}); "
+                             f"got {head_convs}")
         self.backbone = backbone
         self.exits = tuple(exits)
         channels = backbone.block_channels()
-        self.heads = nn.ModuleList(ExitHead(channels[i], backbone.cfg.num_classes)
-                                   for i in exits)
+        self.heads = nn.ModuleList(ExitHead(channels[i], backbone.cfg.num_classes, c)
+                                   for i, c in zip(exits, convs))
         self.n_stages = len(exits) + 1
         self.stage_names = [f"exit@{i}" for i in exits] + ["final"]
         self.cfg = backbone.cfg
@@ -206,20 +229,22 @@ class ExitsConfig:
     # reached 87.4% against 72.1% after block 17 and 88.2% for the whole network, while
     # heads inside stage 1 stayed below 50% and were almost never taken.
     exits: tuple[int, ...] = (8, 13, 17, 19, 21, 23)
+    head_convs: int | tuple[int, ...] = 1
 
 
 @register_model
 def exits_resnet56(backbone: str = ExitsConfig.backbone,
-                   exits: tuple[int, ...] = ExitsConfig.exits, **overrides) -> EarlyExitNet:
+                   exits: tuple[int, ...] = ExitsConfig.exits,
+                   head_convs: int | tuple[int, ...] = ExitsConfig.head_convs, **overrides) -> EarlyExitNet:
     """Exit heads on a ResNet-56 (after blocks 8, 13, 17, 19, 21, 23 and the final head)."""
-    return EarlyExitNet(create(backbone, **overrides), tuple(exits))
+    return EarlyExitNet(create(backbone, **overrides), tuple(exits), head_convs)
 
 
 @register_model
 def exits_resnet20(backbone: str = "resnet20", exits: tuple[int, ...] = (2, 5),
-                   **overrides) -> EarlyExitNet:
+                   head_convs: int | tuple[int, ...] = 1, **overrides) -> EarlyExitNet:
     """Exit heads after the first two stages of a ResNet-20 (small, for tests)."""
-    return EarlyExitNet(create(backbone, **overrides), tuple(exits))
+    return EarlyExitNet(create(backbone, **overrides), tuple(exits), head_convs)
 
 
 @register_model

@@ -329,8 +329,9 @@ def test_calibrated_plan_covers_every_block():
 
 def test_folding_batchnorm_keeps_the_function():
     from dynviz import engine
-    for name in ("resnet20", "lcnet_resnet20"):
-        model = randomize(models.create(name).eval(), seed=10)
+    for name, kw in (("resnet20", {}), ("lcnet_resnet20", {}),
+                     ("exits_resnet20", {"head_convs": 2})):
+        model = randomize(models.create(name, **kw).eval(), seed=10)
         folded = engine.fold_batchnorm(model)
         x = _input(model, 3)
         with torch.no_grad():

@@ -42,7 +42,8 @@ def _stage_outputs(system, x) -> P.StageOutputs:
 
 
 def test_stage_macs_equal_flop_counter():
-    for name, kw in (("exits_resnet20", {}), ("cascade_r8_r20_r56", {})):
+    for name, kw in (("exits_resnet20", {}), ("exits_resnet20", {"head_convs": (3, 2)}),
+                     ("cascade_r8_r20_r56", {})):
         system = models.create(name, **kw).eval()
         x = torch.randn(1, 3, 32, 32)
         with torch.no_grad():
@@ -196,3 +197,10 @@ def test_halves_need_the_val_split(tiny_split, cache_env):
                           progress=False)
     with pytest.raises(ValueError, match="val"):
         cached.half("fit")
+
+
+def test_exit_head_counts_are_checked():
+    with pytest.raises(ValueError, match="one count per exit"):
+        models.create("exits_resnet20", head_convs=(1, 2, 3))
+    with pytest.raises(ValueError, match="at least one conv"):
+        models.create("exits_resnet20", head_convs=0)
