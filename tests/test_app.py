@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dynviz import budget, data, settings, zoo
+from dynviz import budget, data, evaluate, settings, zoo
+from dynviz import policy as P
 
 PAGES = str(settings.PROJECT_ROOT / "dynviz" / "ui" / "{}_page.py")
 
@@ -89,7 +90,29 @@ def test_inspect_cascade_shows_the_stage_path(app_env):
               inspect_source="A validation image", inspect_class="ship", inspect_index=3)
     _no_exception(at)
     assert len(at.get("plotly_chart")) == 2  # top-5 and the stage path
-    assert any("MACs per stage" in c.value for c in at.caption)
+    # reference: every stage of the cascade on the image, outside the app, and the shipped
+    # ≤0.5% policy simulated on those answers (the batch rule, not the app's batch-1 path)
+    check = data.get_split("check", app_env.dataset)
+    index = np.flatnonzero(check.labels == data.CLASSES.index("ship"))[3]
+    x = data.to_tensor(check.images()[index:index + 1])
+    system = zoo.load_system("cascade_r8_r20_r56", torch.device("cpu"))
+    with torch.no_grad():
+        logits, macs = system(x)
+        answers = P.StageOutputs(logits.numpy(), check.labels[index:index + 1],
+                                 macs.numpy().astype(float), system.jump_macs(x).numpy())
+    outcome = P.simulate(evaluate.load_policy("cascade_r8_r20_r56", evaluate.LOSSES[0]),
+                         answers)
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Prediction"] == data.CLASSES[int(outcome.predictions[0])]
+    assert shown["MACs"] == f"{outcome.cost[0] / 1e6:.1f} M"
+    # what each stage spent on it: its full cost if it ran, else 0, adding up to the total
+    (caption,) = [c.value for c in at.caption if c.value.startswith("MACs per stage: ")]
+    parts = [p.rsplit(" ", 2) for p in caption.removeprefix("MACs per stage: ").split(", ")]
+    assert [name for name, _, _ in parts] == system.stage_names
+    spent = [float(m) for _, m, _ in parts]
+    assert all(m in (0.0, round(full / 1e6, 1)) for m, full in zip(spent, system.stage_macs()))
+    assert spent[0] > 0 and (spent[-1] > 0) == (outcome.exit_stage[0] == 2)
+    assert abs(sum(spent) - outcome.cost[0] / 1e6) < 0.1
 
 
 def test_budget_slider_moves_the_operating_point_as_the_library_says(app_env):
@@ -134,13 +157,27 @@ def test_budget_policy_goes_to_inspect(app_env):
     assert [m for m in inspect.metric if m.label == "Prediction"]
 
 
-def test_galleries_show_cheapest_and_costliest(app_env):
+def test_galleries_rank_a_class_by_what_the_model_spent(app_env):
     at = _run("galleries", gallery_system="lcnet_resnet20")
     _no_exception(at)
     assert [s.value for s in at.subheader][:2] == ["Cheapest", "Costliest"]
     assert len(at.get("plotly_chart")) == 2  # class cost, channel firing
     at.selectbox(key="gallery_class").set_value("cat").run()
     _no_exception(at)
+    # reference: every cat of the validation split through the checkpoint, outside the app
+    cats = np.flatnonzero(app_env.labels == data.CLASSES.index("cat"))
+    n = min(8, len(cats))
+    model = zoo.load_system("lcnet_resnet20", torch.device("cpu"))
+    with torch.no_grad():
+        _, trace = model(data.to_tensor(app_env.images()[cats]))
+    spent = np.sort(trace.macs.numpy()) / 1e6
+    assert spent[n - 1] < spent[-n]            # the two galleries can be told apart
+    captions = [c for el in at.get("image") for c in el.captions]   # one image per column
+    assert len(captions) == 2 * n and all(c.startswith("cat → ") for c in captions)
+    shown = [[float(c.rsplit(" ", 1)[1].rstrip("M")) for c in g]
+             for g in (captions[:n], captions[n:])]
+    assert np.allclose(shown[0], spent[:n], atol=0.051)
+    assert np.allclose(shown[1], spent[::-1][:n], atol=0.051)
 
 
 def test_models_page_lists_checkpoints_and_papers(app_env):
