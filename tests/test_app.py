@@ -180,11 +180,30 @@ def test_galleries_rank_a_class_by_what_the_model_spent(app_env):
     assert np.allclose(shown[1], spent[::-1][:n], atol=0.051)
 
 
-def test_models_page_lists_checkpoints_and_papers(app_env):
+def test_models_page_lists_results_checkpoints_and_papers(app_env, tmp_path, monkeypatch):
+    rows = [evaluate.Row("resnet56", "static", "trained", 0.8916, 125.7e6, 1.0, 1.0, 1.0),
+            evaluate.Row("cascade_r8_r20_r56", "cascade", "≤0.5% loss (fit half)", 0.8964,
+                         45.1e6, 2.79, 1.64, 2.15)]
+    (tmp_path / "assets").mkdir()
+    evaluate.write(rows, tmp_path / "assets" / "results.json")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "resnet8.json").write_text(json.dumps({
+        "name": "resnet8", "model": "resnet8", "history": [{}] * 30, "wall_seconds": 1500,
+        "metrics": {"check": {"accuracy": 0.8156, "macs_mean": 12.5e6}}}))
+    monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path / "assets"))
+    monkeypatch.setenv("DYNVIZ_CHECKPOINTS", str(tmp_path / "ckpt"))
     at = _run("models")
     _no_exception(at)
-    assert len(at.dataframe) >= 1
-    assert any("LC-Net" in str(df.value) for df in at.dataframe)
+    results, checkpoints, papers = (df.value for df in at.dataframe)
+    assert results["system"].tolist() == [r.system for r in rows]
+    assert results["accuracy"].tolist() == [r.accuracy for r in rows]
+    assert results["MAC reduction"].tolist() == [r.macs_reduction for r in rows]
+    assert checkpoints.to_dict("records") == [{
+        "checkpoint": "resnet8", "model": "resnet8", "check accuracy": 0.8156,
+        "MACs (M)": 12.5, "epochs": 30, "train minutes": 25}]
+    assert any("LC-Net" in s for s in papers["source"])
+    # no weights in this checkpoint directory: every system says how to train it
+    assert all(f"**{name}**" in at.info[0].value for name in zoo.SYSTEMS)
 
 
 def test_budget_in_measured_latency(app_env):
