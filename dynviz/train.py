@@ -89,8 +89,9 @@ RECIPES: dict[str, Recipe] = {
     # Reversed pull (and 8 epochs): per MAC, blocks 2× (stage 3) to 8× (stage 1) harder
     # than channels, so that the saving is in skipped blocks, which turn into time. From the
     # one-cycle resnet56 (88.16%): check 87.36% at 78.3 M MACs (1.61× fewer); from the
-    # two-cycle one (89.16%): 87.68% at 68.9 M (1.82× fewer), 1.48× faster at batch 1. The
-    # default systems lcnet_resnet56_seq/_par load this checkpoint.
+    # two-cycle one (89.16%): 87.68% at 68.9 M (1.82× fewer); from the three-cycle one
+    # (89.48%): 86.96% at 59.4 M (2.12× fewer), 1.44× faster at batch 1 and 1.73× at 256.
+    # The default systems lcnet_resnet56_seq/_par load this checkpoint.
     "lcnet_resnet56_blocks": Recipe("lcnet_resnet56", epochs=8, peak_lr=0.02, gate_lr=0.1,
                                     init_from="resnet56", l1_block=1.0, l1_channel=0.3),
     # Heads on the frozen backbone; each learns from the final head too (distillation).
