@@ -1,8 +1,8 @@
 """Judge an early-exit layout trained outside the default zoo, as `ship` would judge it:
 
-    .venv/bin/python -m dynviz train exits_resnet56_deep --out-dir .cache/trials
-    .venv/bin/python scripts/exits_trial.py .cache/trials/exits_resnet56_deep.pt \\
-        --exits 13 17 19 21 23 --head-convs 2 2 1 1 1
+    .venv/bin/python -m dynviz train exits_resnet56_shallow --out-dir .cache/trials
+    .venv/bin/python scripts/exits_trial.py .cache/trials/exits_resnet56_shallow.pt \\
+        --exits 8 13 17 19 21 23 --head-convs 1
 
 Caches the layout's outputs on the validation split (in .cache/trials), chooses the ≤0.5%
 and ≤1% loss operating points on the *fit* half exactly as `python -m dynviz policies` does
