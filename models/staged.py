@@ -237,7 +237,8 @@ class ExitsConfig:
 @register_model
 def exits_resnet56(backbone: str = ExitsConfig.backbone,
                    exits: tuple[int, ...] = ExitsConfig.exits,
-                   head_convs: int | tuple[int, ...] = ExitsConfig.head_convs, **overrides) -> EarlyExitNet:
+                   head_convs: int | tuple[int, ...] = ExitsConfig.head_convs,
+                   **overrides) -> EarlyExitNet:
     """Exit heads on a ResNet-56 (after blocks 13, 17, 19, 21, 23 and the final head)."""
     return EarlyExitNet(create(backbone, **overrides), tuple(exits), head_convs)
 

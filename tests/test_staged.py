@@ -199,6 +199,20 @@ def test_halves_need_the_val_split(tiny_split, cache_env):
         cached.half("fit")
 
 
+def test_deeper_exit_heads_run_their_extra_convs():
+    # by formula: a stride-2 conv C -> 2C to (H/2)², then (convs - 1) 2C -> 2C convs there
+    def head_macs(c: int, side: int, convs: int) -> int:
+        out = (side // 2) ** 2
+        return c * 2 * c * 9 * out + (convs - 1) * (2 * c) ** 2 * 9 * out + 2 * c * 10
+
+    system = models.create("exits_resnet20", head_convs=(3, 2)).eval()
+    assert [h.macs(hw) for h, hw in zip(system.heads, [(32, 32), (16, 16)])] == \
+        [head_macs(16, 32, 3), head_macs(32, 16, 2)]
+    shallow = models.create("exits_resnet20").eval()
+    extra = [b - a for a, b in zip(shallow.stage_macs(), system.stage_macs())]
+    assert extra == [2 * 32 * 32 * 9 * 16 * 16, 64 * 64 * 9 * 8 * 8, 0]
+
+
 def test_exit_head_counts_are_checked():
     with pytest.raises(ValueError, match="one count per exit"):
         models.create("exits_resnet20", head_convs=(1, 2, 3))
