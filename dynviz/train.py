@@ -106,6 +106,11 @@ RECIPES: dict[str, Recipe] = {
                                      trainable="heads.", distill=0.5,
                                      model_args=(("exits", (8, 13, 17, 19, 21, 23)),
                                                  ("head_convs", 1))),
+    # A trial: three-conv heads in stage 2 (the default has two).
+    "exits_resnet56_stage2x3": Recipe("exits_resnet56", epochs=8, peak_lr=0.05,
+                                      init_from="resnet56", init_into="backbone",
+                                      trainable="heads.", distill=0.5,
+                                      model_args=(("head_convs", (3, 3, 1, 1, 1)),)),
 }
 
 

@@ -245,3 +245,11 @@ def test_an_early_exit_network_trains_and_reports_every_exit(train_env):
     n_exits = models.create("exits_resnet20").n_stages
     assert len(manifest["history"][0]["val_accuracy"]) == n_exits
     assert len(manifest["metrics"]["check"]["accuracy"]) == n_exits
+
+
+def test_every_recipe_builds_its_model():
+    for name, recipe in train.RECIPES.items():
+        model = recipe.build()
+        assert sum(p.numel() for p in model.parameters()) > 0, name
+        if recipe.trainable:
+            assert any(n.startswith(recipe.trainable) for n, _ in model.named_parameters()), name
