@@ -63,6 +63,10 @@ class Recipe:
         return models.create(self.model, **dict(self.model_args))
 
 
+# Early-exit heads on the frozen resnet56 (the default layout and trials of others).
+_EXITS = Recipe("exits_resnet56", epochs=8, peak_lr=0.05, init_from="resnet56",
+                init_into="backbone", trainable="heads.", distill=0.5)
+
 RECIPES: dict[str, Recipe] = {
     "resnet8": Recipe("resnet8", epochs=30),
     # 40 epochs gave 86.80% on the check half (87.42% on all of val), under the 87.5% floor;
@@ -95,25 +99,19 @@ RECIPES: dict[str, Recipe] = {
     "lcnet_resnet56_blocks": Recipe("lcnet_resnet56", epochs=8, peak_lr=0.02, gate_lr=0.1,
                                     init_from="resnet56", l1_block=1.0, l1_channel=0.3),
     # Heads on the frozen backbone; each learns from the final head too (distillation).
-    "exits_resnet56": Recipe("exits_resnet56", epochs=8, peak_lr=0.05, init_from="resnet56",
-                             init_into="backbone", trainable="heads.", distill=0.5),
+    "exits_resnet56": _EXITS,
     # The layout before (a one-conv head after blocks 8, 13, 17, 19, 21, 23), kept to compare
     # against (scripts/exits_trial.py): on the three-cycle resnet56 its ≤0.5% point saved
     # 1.18× MACs on check at −0.52 points, the default layout's 1.26× at −0.72 (1.30× at
     # −1.12 for ≤1%, against 1.23× at −1.44).
-    "exits_resnet56_shallow": Recipe("exits_resnet56", epochs=8, peak_lr=0.05,
-                                     init_from="resnet56", init_into="backbone",
-                                     trainable="heads.", distill=0.5,
-                                     model_args=(("exits", (8, 13, 17, 19, 21, 23)),
-                                                 ("head_convs", 1))),
+    "exits_resnet56_shallow": dataclasses.replace(
+        _EXITS, model_args=(("exits", (8, 13, 17, 19, 21, 23)), ("head_convs", 1))),
     # A trial: three-conv heads in stage 2 (the default has two). Stage-2 heads 81.4% and
     # 82.2% on check (default 77.3%, 79.4%); ≤0.5% point 1.24× at −0.24 points (within its
     # budget on check, unlike the default's 1.26× at −0.72), ≤1% 1.38× at −1.04; best policy
     # within 0.5% chosen on check itself 1.32× (default 1.29×). Not yet the default.
-    "exits_resnet56_stage2x3": Recipe("exits_resnet56", epochs=8, peak_lr=0.05,
-                                      init_from="resnet56", init_into="backbone",
-                                      trainable="heads.", distill=0.5,
-                                      model_args=(("head_convs", (3, 3, 1, 1, 1)),)),
+    "exits_resnet56_stage2x3": dataclasses.replace(
+        _EXITS, model_args=(("head_convs", (3, 3, 1, 1, 1)),)),
 }
 
 

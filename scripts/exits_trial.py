@@ -29,13 +29,13 @@ from dynviz import cache, data, evaluate, settings, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 
-def trial_outputs(checkpoint: Path, exits: list[int], head_convs: list[int],
+def trial_outputs(checkpoint: Path, exits: tuple[int, ...], head_convs: int | tuple[int, ...],
                   val: data.Split) -> cache.CachedOutputs:
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     directory = ROOT / ".cache" / "trials" / f"{checkpoint.stem}-{sha[:12]}"
     if (directory / "manifest.json").exists():
         return cache.load(directory)
-    model = models.create("exits_resnet56", exits=tuple(exits), head_convs=tuple(head_convs))
+    model = models.create("exits_resnet56", exits=exits, head_convs=head_convs)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     model = model.to(settings.device(), memory_format=torch.channels_last).eval()
     with torch.no_grad():
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
         parser.error(f"no checkpoint at {args.checkpoint}")
-    convs = args.head_convs * len(args.exits) if len(args.head_convs) == 1 else args.head_convs
+    convs = args.head_convs[0] if len(args.head_convs) == 1 else tuple(args.head_convs)
     val = data.get_split("val")
     reference = zoo.outputs(zoo.REFERENCE, val)
     ref_fit = reference.half("fit").correct[:, -1]
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if "exits_resnet56" in zoo.available():
         report("exits_resnet56 (shipped)", zoo.outputs("exits_resnet56", val), ref_fit,
                ref_check)
-    report(args.checkpoint.stem, trial_outputs(args.checkpoint, args.exits, convs, val),
+    report(args.checkpoint.stem, trial_outputs(args.checkpoint, tuple(args.exits), convs, val),
            ref_fit, ref_check)
 
 
