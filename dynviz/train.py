@@ -47,13 +47,16 @@ class Recipe:
     model_args: tuple[tuple[str, object], ...] = ()  # overrides for models.create
     init_into: str = ""              # module path the init_from weights load into
     trainable: str = ""              # train only parameters under this prefix ("": all)
-    distill: float = 0.0             # staged models: weight of the final exit as teacher
+    distill: float = 0.0             # weight of the teacher: the final exit (staged models)
     distill_temperature: float = 3.0
+    teacher: str | None = None       # else this frozen checkpoint (a registry name) teaches
     cycles: int = 1                  # the one-cycle schedule, repeated (warm restarts)
 
     def __post_init__(self):
         if self.cycles < 1 or self.epochs % self.cycles:
             raise ValueError(f"{self.epochs} epochs do not split into {self.cycles} cycles")
+        if self.teacher and not 0 < self.distill <= 1:
+            raise ValueError(f"a teacher needs a distill weight in (0, 1]; got {self.distill}")
 
     @property
     def cycle_epochs(self) -> int:
@@ -66,6 +69,10 @@ class Recipe:
 # Early-exit heads on the frozen resnet56 (the default layout and trials of others).
 _EXITS = Recipe("exits_resnet56", epochs=8, peak_lr=0.05, init_from="resnet56",
                 init_into="backbone", trainable="heads.", distill=0.5)
+
+# LC-Net gates on the trained resnet56, pulled to skip blocks rather than channels.
+_LCNET_BLOCKS = Recipe("lcnet_resnet56", epochs=8, peak_lr=0.02, gate_lr=0.1,
+                       init_from="resnet56", l1_block=1.0, l1_channel=0.3)
 
 RECIPES: dict[str, Recipe] = {
     "resnet8": Recipe("resnet8", epochs=30),
@@ -96,22 +103,20 @@ RECIPES: dict[str, Recipe] = {
     # two-cycle one (89.16%): 87.68% at 68.9 M (1.82× fewer); from the three-cycle one
     # (89.48%): 86.96% at 59.4 M (2.12× fewer), 1.59× faster at batch 1 and 1.80× at 256.
     # The default systems lcnet_resnet56_seq/_par load this checkpoint.
-    "lcnet_resnet56_blocks": Recipe("lcnet_resnet56", epochs=8, peak_lr=0.02, gate_lr=0.1,
-                                    init_from="resnet56", l1_block=1.0, l1_channel=0.3),
+    "lcnet_resnet56_blocks": _LCNET_BLOCKS,
+    # A trial: the same, learning from the frozen resnet56 too (distillation, weight 0.7).
+    "lcnet_resnet56_kd": dataclasses.replace(_LCNET_BLOCKS, teacher="resnet56", distill=0.7),
     # Heads on the frozen backbone; each learns from the final head too (distillation).
     "exits_resnet56": _EXITS,
-    # The layout before (a one-conv head after blocks 8, 13, 17, 19, 21, 23), kept to compare
-    # against (scripts/exits_trial.py): on the three-cycle resnet56 its ≤0.5% point saved
-    # 1.18× MACs on check at −0.52 points, the default layout's 1.26× at −0.72 (1.30× at
-    # −1.12 for ≤1%, against 1.23× at −1.44).
+    # Earlier layouts, kept to compare against (scripts/exits_trial.py; three-cycle resnet56,
+    # operating points chosen on fit, judged on check). One-conv heads after blocks 8, 13, 17,
+    # 19, 21, 23: ≤0.5% point 1.18× MACs at −0.52 points, ≤1% 1.23× at −1.44. Two-conv
+    # stage-2 heads: ≤0.5% 1.26× at −0.72 (over its budget), ≤1% 1.30× at −1.12. The default
+    # (three-conv): ≤0.5% 1.24× at −0.24, ≤1% 1.38× at −1.04.
     "exits_resnet56_shallow": dataclasses.replace(
         _EXITS, model_args=(("exits", (8, 13, 17, 19, 21, 23)), ("head_convs", 1))),
-    # A trial: three-conv heads in stage 2 (the default has two). Stage-2 heads 81.4% and
-    # 82.2% on check (default 77.3%, 79.4%); ≤0.5% point 1.24× at −0.24 points (within its
-    # budget on check, unlike the default's 1.26× at −0.72), ≤1% 1.38× at −1.04; best policy
-    # within 0.5% chosen on check itself 1.32× (default 1.29×). Not yet the default.
-    "exits_resnet56_stage2x3": dataclasses.replace(
-        _EXITS, model_args=(("head_convs", (3, 3, 1, 1, 1)),)),
+    "exits_resnet56_stage2x2": dataclasses.replace(
+        _EXITS, model_args=(("head_convs", (2, 2, 1, 1, 1)),)),
 }
 
 
@@ -150,26 +155,40 @@ def _logits(out) -> tuple[torch.Tensor, object | None]:
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float,
-                        distill: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+                        distill: float = 0.0, temperature: float = 1.0,
+                        teacher: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy; for staged models (B, K, C) the mean over images and the K exits.
 
-    With ``distill`` = w > 0 every exit but the last learns from the last one too (Hinton et
-    al.'s distillation): its term is (1 − w)·CE + w·T²·KL(p_K ‖ p_k), p at temperature T,
-    the last exit's p_K a constant teacher.
+    With ``distill`` = w > 0 a student learns from a teacher too (Hinton et al.'s
+    distillation): its term is (1 − w)·CE + w·T²·KL(p_teacher ‖ p_student), p at temperature
+    T. The teacher is ``teacher`` (B, C) logits of another model, for a (B, C) student;
+    in a staged model without one, every exit but the last learns from the last exit.
     """
     logits = logits.float()
     if logits.ndim == 2:
-        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+        ce = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="none")
+        if teacher is None or not distill:
+            return ce.mean()
+        kd = _distillation(logits, teacher.float(), temperature)
+        return ((1 - distill) * ce + distill * kd).mean()
+    if teacher is not None:
+        raise ValueError("staged models learn from their final exit, not from a teacher")
     b, k, _ = logits.shape
     ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(k),
                          label_smoothing=smoothing, reduction="none").view(b, k)
     if not distill or k == 1:
         return ce.mean()
-    teacher = F.log_softmax(logits[:, -1:].detach() / temperature, -1)      # (B, 1, C)
-    student = F.log_softmax(logits[:, :-1] / temperature, -1)              # (B, K-1, C)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)                     # (B, K-1)
-    early = (1 - distill) * ce[:, :-1] + distill * temperature ** 2 * kl
+    kd = _distillation(logits[:, :-1], logits[:, -1:], temperature)         # (B, K-1)
+    early = (1 - distill) * ce[:, :-1] + distill * kd
     return torch.cat([early, ce[:, -1:]], 1).mean()
+
+
+def _distillation(student: torch.Tensor, teacher: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """T²·KL(p_teacher ‖ p_student) over the last dim; the teacher is a constant."""
+    t = F.log_softmax(teacher.detach() / temperature, -1)
+    s = F.log_softmax(student / temperature, -1)
+    return temperature ** 2 * (t.exp() * (t - s)).sum(-1)
 
 
 def _trace_macs(trace, batch: int, static: float) -> torch.Tensor:
@@ -317,6 +336,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
         for pname, p in model.named_parameters():
             p.requires_grad_(pname.startswith(recipe.trainable))
     model = model.to(device, memory_format=torch.channels_last)
+    teacher = _teacher(recipe, device)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.SGD(param_groups(model, recipe), momentum=recipe.momentum,
                                 nesterov=True)
@@ -343,6 +363,9 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
                         "started from the current %s.pt", last, recipe.init_from)
         elif ckpt.get("init_sha256") != init_sha:
             raise ValueError(f"{last} started from another {recipe.init_from}.pt (retrained "
+                             f"since); delete it or drop --resume")
+        if teacher and ckpt.get("teacher_sha256") != teacher[1]:
+            raise ValueError(f"{last} learned from another {recipe.teacher}.pt (retrained "
                              f"since); delete it or drop --resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -371,9 +394,13 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
             if step >= steps_per_epoch:
                 break
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
+                target = None
+                if teacher:
+                    with torch.no_grad():
+                        target = _logits(teacher[0](x))[0]
                 logits, trace = _logits(net(x))
-                loss = classification_loss(logits, y, recipe.label_smoothing,
-                                           recipe.distill, recipe.distill_temperature)
+                loss = classification_loss(logits, y, recipe.label_smoothing, recipe.distill,
+                                           recipe.distill_temperature, target)
                 if recipe.l1_block or recipe.l1_channel:
                     loss = loss + sparsity_penalty(trace, recipe)
             optimizer.zero_grad(set_to_none=True)
@@ -398,10 +425,26 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
                           "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(),
                           "generator": generator.get_state(), "epoch": state.epoch,
-                          "init_sha256": init_sha,
+                          "init_sha256": init_sha, "teacher_sha256": teacher and teacher[1],
                           "history": state.history, "wall_seconds": state.wall_seconds}, last)
 
     return FitResult(model, recipe, state, dataset, device)
+
+
+def _teacher(recipe: Recipe, device: torch.device) -> tuple[nn.Module, str] | None:
+    """The recipe's frozen teacher in eval mode, and the digest of its checkpoint. The model
+    is the one named in the checkpoint's manifest (else the checkpoint's name)."""
+    if not recipe.teacher:
+        return None
+    path = settings.checkpoint_dir() / f"{recipe.teacher}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} (the teacher) is missing: train {recipe.teacher} first")
+    manifest = path.with_suffix(".json")
+    model = models.create(json.loads(manifest.read_text())["model"] if manifest.exists()
+                          else recipe.teacher)
+    load_weights(model, path)
+    model.requires_grad_(False)
+    return model.to(device, memory_format=torch.channels_last).eval(), file_sha256(path)
 
 
 @torch.no_grad()

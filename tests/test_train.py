@@ -215,6 +215,76 @@ def test_distillation_does_not_train_the_teacher():
     assert torch.allclose(logits.grad[:, -1], ce_grad[:, -1], atol=1e-6)
 
 
+def test_distillation_from_a_teacher_is_its_formula_image_by_image():
+    torch.manual_seed(1)
+    logits, teacher = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5)
+    y, smoothing, w, t = torch.tensor([0, 3, 4, 1]), 0.1, 0.7, 3.0
+    terms = []
+    for i in range(4):
+        z, zt = logits[i].tolist(), teacher[i].tolist()
+        log_z = math.log(sum(math.exp(v) for v in z))
+        ce = (1 - smoothing) * (log_z - z[y[i]]) + smoothing * sum(log_z - v for v in z) / 5
+        soft_z = math.log(sum(math.exp(v / t) for v in z))
+        soft_t = math.log(sum(math.exp(v / t) for v in zt))
+        p_t = [math.exp(v / t - soft_t) for v in zt]
+        kl = sum(p * (math.log(p) - (v / t - soft_z)) for p, v in zip(p_t, z))
+        terms.append((1 - w) * ce + w * t * t * kl)
+    got = train.classification_loss(logits, y, smoothing, w, t, teacher=teacher)
+    assert got.item() == pytest.approx(sum(terms) / 4, rel=1e-5)
+    # the teacher is a constant: a teacher that requires grad receives none
+    teacher.requires_grad_(True)
+    train.classification_loss(logits, y, smoothing, w, t, teacher=teacher).backward()
+    assert teacher.grad is None and logits.grad is not None
+
+
+def test_a_recipe_with_a_teacher_needs_a_distill_weight():
+    with pytest.raises(ValueError, match="distill weight"):
+        dataclasses.replace(TINY, teacher="resnet8")
+
+
+def test_the_teacher_is_the_frozen_checkpoint_in_eval_mode(train_env, monkeypatch):
+    train.train("base", dataclasses.replace(TINY, epochs=1), limit_batches=2, progress=False)
+    seen_x, seen_teacher = [], []
+    real_batches, real_loss = train.data.batches, train.classification_loss
+
+    def recording_batches(*args, **kwargs):
+        for x, y in real_batches(*args, **kwargs):
+            seen_x.append(x.clone())
+            yield x, y
+
+    def recording_loss(*args, **kwargs):
+        seen_teacher.append(args[5].clone())
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train.data, "batches", recording_batches)
+    monkeypatch.setattr(train, "classification_loss", recording_loss)
+    student = dataclasses.replace(TINY, epochs=1, model="resnet20", teacher="base",
+                                  distill=0.5)
+    with pytest.raises(FileNotFoundError, match="train absent first"):
+        train.fit("kd", dataclasses.replace(student, teacher="absent"), limit_batches=2,
+                  progress=False)
+    train.fit("kd", student, limit_batches=2, progress=False)
+    reference = models.create("resnet8")
+    reference.load_state_dict(torch.load(settings.checkpoint_dir() / "base.pt",
+                                         weights_only=True))
+    reference.eval()
+    assert len(seen_teacher) == 2
+    with torch.no_grad():
+        for x, target in zip(seen_x, seen_teacher):
+            torch.testing.assert_close(target, reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_refuses_a_run_whose_teacher_was_retrained(train_env):
+    base = dataclasses.replace(TINY, epochs=1)
+    train.train("base", base, limit_batches=1, progress=False)
+    student = dataclasses.replace(TINY, epochs=2, teacher="base", distill=0.5)
+    train.fit("student", student, epochs=1, limit_batches=1, progress=False)  # interrupted
+    train.fit("student", student, epochs=1, resume=True, limit_batches=1, progress=False)
+    train.train("base", dataclasses.replace(base, seed=1), limit_batches=1, progress=False)
+    with pytest.raises(ValueError, match="learned from another base.pt"):
+        train.fit("student", student, epochs=1, resume=True, limit_batches=1, progress=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
