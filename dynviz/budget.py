@@ -2,6 +2,7 @@
 judge it on the *check* half, and the curves it is shown against."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -41,6 +42,13 @@ def solve(fit: P.StageOutputs, check: P.StageOutputs, query: BudgetQuery) -> Bud
     k = fit.n_stages
     return BudgetResult(pol, P.simulate(pol, fit).summary(fit.reference_cost, k),
                         P.simulate(pol, check).summary(check.reference_cost, k), refit_ms)
+
+
+def start_percent(policy: P.Policy, fit: P.StageOutputs, lo: int = 5, hi: int = 100) -> int:
+    """Where the budget slider starts for a shipped policy: its mean cost on the fit half,
+    in whole percent of the reference, rounded up (a budget it fits in), within [lo, hi]."""
+    fraction = float(P.simulate(policy, fit).cost.mean() / fit.reference_cost)
+    return min(hi, max(lo, math.ceil(round(fraction * 100, 6))))
 
 
 @dataclass

@@ -135,6 +135,24 @@ def test_budget_slider_moves_the_operating_point_as_the_library_says(app_env):
     assert seen == sorted(seen) and seen[0] < seen[-1]
 
 
+def test_budget_slider_starts_at_each_systems_shipped_point(app_env):
+    at = _run("budget", budget_system="cascade_r8_r20_r56")
+    starts = {}
+    for name in ("exits_resnet56", "cascade_r8_r20_r56"):
+        at.selectbox(key="budget_system").set_value(name).run()
+        _no_exception(at)
+        shipped = P.Policy.from_json(evaluate.policy_path(name, 0.005).read_text())
+        fit = zoo.outputs(name, app_env, progress=False).half("fit")
+        cost = P.simulate(shipped, fit).cost.mean() / fit.reference_cost   # a fraction
+        starts[name] = at.slider(key="budget_slider").value
+        assert starts[name] - 1 < 100 * cost <= starts[name] or starts[name] == 5
+        assert at.session_state["budget_last"]["budget"] == starts[name] / 100
+        at.slider(key="budget_slider").set_value(97).run()     # a move stays put...
+        assert at.session_state["budget_last"]["budget"] == 0.97
+    at.selectbox(key="budget_system").set_value("exits_resnet56").run()   # ...until a switch
+    assert at.slider(key="budget_slider").value == starts["exits_resnet56"]
+
+
 def test_budget_policy_goes_to_inspect(app_env):
     at = _run("budget", budget_system="exits_resnet56")
     at.button(key="budget_use").click().run()
@@ -212,4 +230,5 @@ def test_budget_in_measured_latency(app_env):
     _no_exception(at)
     cost = [m for m in at.metric if m.label == "Mean cost (check)"][0]
     assert cost.value.endswith(" ms")
-    assert 0 < at.session_state["budget_last"]["check"]["cost_fraction"] <= 0.55
+    budget_set = at.slider(key="budget_slider").value / 100
+    assert 0 < at.session_state["budget_last"]["check"]["cost_fraction"] <= budget_set + 0.05

@@ -32,8 +32,16 @@ def render() -> None:
 
 @st.fragment
 def panel(name: str, family: str, feature: str, topology: str, metric: str) -> None:
-    percent = st.slider("Budget: mean cost, % of the dense network", 5, 100, 50, step=1,
-                        key="budget_slider")
+    shipped = state.shipped_percent(name, metric)
+    if st.session_state.get("budget_slider_for") != (name, metric):
+        # a system (or cost) just chosen: start at its shipped ≤0.5%-loss operating point
+        st.session_state["budget_slider"] = shipped or 50
+        st.session_state["budget_slider_for"] = (name, metric)
+    percent = st.slider("Budget: mean cost, % of the dense network", 5, 100, step=1,
+                        key="budget_slider",
+                        help=None if shipped is None else
+                        f"Starts at {shipped}%: the shipped operating point within 0.5% of "
+                        "the dense network's accuracy, chosen on the fit half.")
     query = budget.BudgetQuery(family, feature, topology, percent / 100)
     fit, check = state.halves(name, metric)
     result = budget.solve(fit, check, query)

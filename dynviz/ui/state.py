@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dynviz import budget, cache, data, engine, inspect, policy as P, zoo
+from dynviz import budget, cache, data, engine, evaluate, inspect, policy as P, zoo
 
 
 @st.cache_resource(show_spinner="Reading the validation split…")
@@ -64,6 +64,15 @@ def halves(name: str, metric: str) -> tuple[P.StageOutputs, P.StageOutputs]:
         per_stage, dense = stage_latency(name)
         fit, check = (budget.latency_costs(o, per_stage, dense) for o in (fit, check))
     return fit, check
+
+
+def shipped_percent(name: str, metric: str, loss: float = 0.005) -> int | None:
+    """The budget (whole % of the dense cost, in ``metric``) of the system's shipped
+    operating point for ``loss``, or None when none is shipped."""
+    path = evaluate.policy_path(name, loss)
+    if not path.exists():
+        return None
+    return budget.start_percent(P.Policy.from_json(path.read_text()), halves(name, metric)[0])
 
 
 @st.cache_data(show_spinner="Sweeping the trade-off…", max_entries=64)
