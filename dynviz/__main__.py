@@ -242,19 +242,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_split(p)
     p.set_defaults(func=_cmd_cache)
 
+    def add_policy_kind(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--family", default="auto",
+                       choices=["auto", "constant", "threshold", "linear"],
+                       help="policy family; auto (default): the cheapest on the fit half "
+                            "among thresholds on each feature and the linear family")
+        p.add_argument("--feature", default="max_prob",
+                       choices=["max_prob", "margin", "neg_entropy"],
+                       help="feature of a threshold family, and of the global-threshold "
+                            "baseline (default: %(default)s)")
+
     p = sub.add_parser("policies", help="choose and ship the default operating points",
                        description="For every staged system, the cheapest policy within 0.5%% "
                                    "and 1%% accuracy of resnet56 on the fit half -> assets/policies.")
-    p.add_argument("--family", default="threshold", choices=["constant", "threshold", "linear"])
-    p.add_argument("--feature", default="max_prob", choices=["max_prob", "margin", "neg_entropy"])
+    add_policy_kind(p)
     p.set_defaults(func=_cmd_policies)
 
     p = sub.add_parser("ship", help="rebuild assets/: cached outputs, policies, results",
                        description="Cache every trained system's outputs on the validation "
                                    "split into assets/outputs, choose the default operating "
                                    "points (assets/policies) and write assets/results.json.")
-    p.add_argument("--family", default="threshold", choices=["constant", "threshold", "linear"])
-    p.add_argument("--feature", default="max_prob", choices=["max_prob", "margin", "neg_entropy"])
+    add_policy_kind(p)
     p.add_argument("--no-timing", action="store_true", help="skip latency measurements")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
     p.set_defaults(func=_cmd_ship)

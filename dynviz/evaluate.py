@@ -22,6 +22,12 @@ from models.lcnet import GatedResNet
 log = logging.getLogger(__name__)
 
 LOSSES = (0.005, 0.01)  # accuracy loss against the reference, for shipped operating points
+# The policy kinds a shipped operating point is chosen among, as (family, feature): each is
+# swept on the fit half, and the cheapest policy of any of them within the budget is shipped.
+CANDIDATES = (("threshold", "max_prob"), ("threshold", "margin"),
+              ("threshold", "neg_entropy"), ("linear", "max_prob"))
+AUTO = "auto"   # a family argument meaning: every candidate
+
 # Shipped points keep their loss on the fit half one paired standard error below the target,
 # as their loss on unseen images is larger: early exits chosen at ≤0.5% on fit without it
 # lost 1.0 point on the check half (0.3 on fit).
@@ -36,14 +42,32 @@ def policy_path(system: str, loss: float) -> Path:
     return policies_dir() / f"{system}-loss{loss * 100:g}pct.json"
 
 
+def candidates(family: str = AUTO, feature: str = "max_prob") -> tuple[tuple[str, str], ...]:
+    """``CANDIDATES`` for ``AUTO``, else the one (family, feature) pair."""
+    if family == AUTO:
+        return CANDIDATES
+    if family not in P.FAMILIES or feature not in P.FEATURES:
+        raise ValueError(f"unknown policy {family!r}/{feature!r}: family one of "
+                         f"{(AUTO,) + P.FAMILIES}, feature one of {P.FEATURES}")
+    return ((family, feature),)
+
+
+def learned_frontier(fit: P.StageOutputs, kinds=CANDIDATES, topology: str = "chain",
+                     n_points: int = 60) -> list[P.SweepPoint]:
+    """The Pareto frontier on ``fit`` of the λ sweeps of every (family, feature) in ``kinds``."""
+    return P.pareto([point for family, feature in kinds
+                     for point in P.sweep(fit, n_points, family, feature, topology,
+                                          lam_range=(1e-4, 30.0))])
+
+
 def choose_operating_point(fit: P.StageOutputs, reference_correct: np.ndarray, max_loss: float,
-                           *, margin_se: float = MARGIN_SE, family: str = "threshold",
-                           feature: str = "max_prob", topology: str = "chain",
-                           n_points: int = 60) -> P.Policy:
-    """The cheapest policy of the sweep on ``fit`` whose accuracy loss against the reference
-    (``reference_correct``, per image of ``fit``), plus ``margin_se`` paired standard errors,
-    is at most ``max_loss``; the most accurate policy if none is."""
-    front = P.sweep(fit, n_points, family, feature, topology, lam_range=(1e-4, 30.0))
+                           *, margin_se: float = MARGIN_SE, kinds=CANDIDATES,
+                           topology: str = "chain", n_points: int = 60) -> P.Policy:
+    """The cheapest policy of the frontier on ``fit`` (``learned_frontier`` of ``kinds``)
+    whose accuracy loss against the reference (``reference_correct``, per image of ``fit``),
+    plus ``margin_se`` paired standard errors, is at most ``max_loss``; the most accurate
+    policy if none is."""
+    front = learned_frontier(fit, kinds, topology, n_points)
     good = []
     for point in front:
         correct = P.simulate(point.policy, fit).correct
@@ -59,10 +83,11 @@ def reference_accuracy(split: data.Split) -> float:
     return float(out.correct[:, -1].mean())
 
 
-def ship_operating_points(family: str = "threshold", feature: str = "max_prob",
+def ship_operating_points(family: str = AUTO, feature: str = "max_prob",
                           val: data.Split | None = None) -> list[Path]:
     """Choose, on the fit half of ``val``, and write the default policies of every available
-    staged system."""
+    staged system (among every candidate kind of policy, or ``family``/``feature``)."""
+    kinds = candidates(family, feature)
     val = val if val is not None else data.get_split("val")
     ref_correct = zoo.outputs(zoo.REFERENCE, val).half("fit").correct[:, -1]
     written = []
@@ -72,8 +97,8 @@ def ship_operating_points(family: str = "threshold", feature: str = "max_prob",
             continue
         fit = zoo.outputs(name, val).half("fit")
         for loss in LOSSES:
-            pol = choose_operating_point(fit, ref_correct, loss, family=family,
-                                         feature=feature, topology=s.topology)
+            pol = choose_operating_point(fit, ref_correct, loss, kinds=kinds,
+                                         topology=s.topology)
             path = policy_path(name, loss)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(pol.to_json() + "\n")
@@ -131,11 +156,12 @@ def _best_within(points: np.ndarray, budget: float) -> int | None:
     return int(idx[np.lexsort((points[idx, 0], -points[idx, 1]))[0]])
 
 
-def baseline_comparison(fit: P.StageOutputs, check: P.StageOutputs, family: str = "threshold",
+def baseline_comparison(fit: P.StageOutputs, check: P.StageOutputs, kinds=CANDIDATES,
                         feature: str = "max_prob", topology: str = "chain",
                         n_points: int = 40, n_thresholds: int = BASELINE_GRID) -> list[dict]:
-    """The ``budgets`` rows of ``PolicyReport`` (see there) for outputs split in two."""
-    sweep = P.sweep(fit, n_points, family, feature, topology, lam_range=(1e-4, 30.0))
+    """The ``budgets`` rows of ``PolicyReport`` (see there) for outputs split in two: the
+    learned frontier of ``kinds`` against one global threshold on ``feature``."""
+    sweep = learned_frontier(fit, kinds, topology, n_points)
     thresholds = baseline_thresholds(fit, feature, n_thresholds)
     on_fit = np.array([_cost_accuracy(P.global_threshold(fit, t, feature), fit)
                        for t in thresholds])
@@ -168,11 +194,14 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
     return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
-def policy_report(name: str, val: data.Split, family: str = "threshold",
+def policy_report(name: str, val: data.Split, family: str = AUTO,
                   feature: str = "max_prob", n_points: int = 40) -> PolicyReport:
+    """``family`` ``AUTO``: the learned frontier of every candidate kind against a global
+    threshold on the maximum probability; else that family and feature for both."""
     cached = zoo.outputs(name, val)
     fit, check = cached.half("fit"), cached.half("check")
-    rows = baseline_comparison(fit, check, family, feature, zoo.spec(name).topology, n_points)
+    kinds = candidates(family, feature)
+    rows = baseline_comparison(fit, check, kinds, feature, zoo.spec(name).topology, n_points)
     compared = [r for r in rows if r["baseline"] is not None]
     gaps = [r["learned"] - r["baseline"] for r in compared]
     worst = compared[int(np.argmin(gaps))] if compared else {"gap_se": 0.0}

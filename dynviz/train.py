@@ -108,8 +108,8 @@ RECIPES: dict[str, Recipe] = {
     "lcnet_resnet56_kd": dataclasses.replace(_LCNET_BLOCKS, teacher="resnet56", distill=0.7),
     # Heads on the frozen backbone; each learns from the final head too (distillation).
     "exits_resnet56": _EXITS,
-    # Earlier layouts, kept to compare against (scripts/exits_trial.py; three-cycle resnet56,
-    # operating points chosen on fit, judged on check). One-conv heads after blocks 8, 13, 17,
+    # Earlier layouts, kept to compare against (three-cycle resnet56; thresholds on the
+    # maximum probability chosen on fit, judged on check). One-conv heads after blocks 8, 13, 17,
     # 19, 21, 23: ≤0.5% point 1.18× MACs at −0.52 points, ≤1% 1.23× at −1.44. Two-conv
     # stage-2 heads: ≤0.5% 1.26× at −0.72 (over its budget), ≤1% 1.30× at −1.12. The default
     # (three-conv): ≤0.5% 1.24× at −0.24, ≤1% 1.38× at −1.04.

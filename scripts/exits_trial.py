@@ -7,9 +7,9 @@
 Caches the layout's outputs on the validation split (in .cache/trials), chooses the ≤0.5%
 and ≤1% loss operating points on the *fit* half exactly as `python -m dynviz policies` does
 and prints, on the *check* half, each point's accuracy and MAC reduction against resnet56,
-the oracle's reduction and the hindsight ceiling (the cheapest policy within 0.5% of
-resnet56 when chosen on the check half itself) — beside the same figures for the shipped
-exits_resnet56.
+the oracle's reduction and the hindsight ceiling (the cheapest policy of per-stage
+maximum-probability thresholds within 0.5% of resnet56 when chosen on the check half
+itself) — beside the same figures for the shipped exits_resnet56.
 """
 from __future__ import annotations
 

@@ -283,13 +283,19 @@ def test_paired_standard_error_is_the_formula():
 
 
 @pytest.mark.parametrize("max_loss", [0.0, 0.01, 0.03])
-def test_operating_point_is_the_cheapest_within_the_loss_and_its_margin(max_loss):
+@pytest.mark.parametrize("kinds", [(("threshold", "max_prob"),), evaluate.CANDIDATES])
+def test_operating_point_is_the_cheapest_within_the_loss_and_its_margin(max_loss, kinds):
     fit = synthetic(n=800, seed=9)
     reference = fit.correct[:, -1]                    # the last stage alone
-    front = P.sweep(fit, 60, lam_range=(1e-4, 30.0))
+    # every kind's sweep, and of all their policies those no other beats on cost and accuracy
+    swept = [point for family, feature in kinds
+             for point in P.sweep(fit, 60, family, feature, lam_range=(1e-4, 30.0))]
+    front = [p for p in swept if not any(q.cost_fraction <= p.cost_fraction and
+                                         q.accuracy > p.accuracy for q in swept)]
     chosen = {}
     for margin in (0.0, 1.0):
-        pol = evaluate.choose_operating_point(fit, reference, max_loss, margin_se=margin)
+        pol = evaluate.choose_operating_point(fit, reference, max_loss, margin_se=margin,
+                                              kinds=kinds)
         chosen[margin] = P.simulate(pol, fit)
         # by hand over the same sweep: every policy whose loss (plus margin) fits the budget
         fits = []
@@ -303,3 +309,10 @@ def test_operating_point_is_the_cheapest_within_the_loss_and_its_margin(max_loss
         assert chosen[margin].cost.mean() / fit.reference_cost == pytest.approx(min(fits))
     assert chosen[1.0].cost.mean() >= chosen[0.0].cost.mean()
     assert chosen[1.0].correct.mean() >= reference.mean() - max_loss
+
+
+def test_policy_kinds_are_every_candidate_or_the_one_named():
+    assert evaluate.candidates() == evaluate.CANDIDATES
+    assert evaluate.candidates("linear", "margin") == (("linear", "margin"),)
+    with pytest.raises(ValueError, match="unknown policy"):
+        evaluate.candidates("threshold", "entropy")
