@@ -49,7 +49,7 @@ class Recipe:
     trainable: str = ""              # train only parameters under this prefix ("": all)
     distill: float = 0.0             # weight of the teacher: the final exit (staged models)
     distill_temperature: float = 3.0
-    teacher: str | None = None       # else this frozen checkpoint (a registry name) teaches
+    teacher: str | None = None       # else this frozen checkpoint (by name) teaches
     cycles: int = 1                  # the one-cycle schedule, repeated (warm restarts)
 
     def __post_init__(self):

@@ -41,7 +41,7 @@ def panel(name: str, family: str, feature: str, topology: str, metric: str) -> N
                         key="budget_slider",
                         help=None if shipped is None else
                         f"Starts at {shipped}%: the shipped operating point within 0.5% of "
-                        "the dense network's accuracy, chosen on the fit half.")
+                        f"{zoo.REFERENCE}'s accuracy, chosen on the fit half.")
     query = budget.BudgetQuery(family, feature, topology, percent / 100)
     fit, check = state.halves(name, metric)
     result = budget.solve(fit, check, query)
