@@ -145,7 +145,10 @@ def test_budget_slider_starts_at_each_systems_shipped_point(app_env):
         fit = zoo.outputs(name, app_env, progress=False).half("fit")
         cost = P.simulate(shipped, fit).cost.mean() / fit.reference_cost   # a fraction
         starts[name] = at.slider(key="budget_slider").value
-        assert starts[name] - 1 < 100 * cost <= starts[name] or starts[name] == 5
+        # the smallest whole percent the shipped point fits in, within the slider's 5..100
+        assert starts[name] - 1 < 100 * cost <= starts[name] or \
+            (starts[name], 100 * cost <= 5) == (5, True) or \
+            (starts[name], 100 * cost > 99) == (100, True)
         assert at.session_state["budget_last"]["budget"] == starts[name] / 100
         at.slider(key="budget_slider").set_value(97).run()     # a move stays put...
         assert at.session_state["budget_last"]["budget"] == 0.97
