@@ -81,6 +81,9 @@ class InspectResult:
     stage_probs: np.ndarray | None = None       # (K, C), NaN where not run
     features: np.ndarray | None = None          # (K, 3)
     decisions: np.ndarray | None = None         # (K,) adaptive.NOT_REACHED/CONTINUE/EXIT/JUMP
+    exit_scores: np.ndarray | None = None       # (K-1,) what the policy's exits compare...
+    exit_thresholds: np.ndarray | None = None   # (K-1,) ...with these (leave iff >=)
+    score_name: str | None = None
     exit_stage: int | None = None
     jumped: bool = False
     stage_macs: np.ndarray | None = None        # (K,)
@@ -135,9 +138,12 @@ def inspect_image(runner: Runner, image: np.ndarray, timing_repeats: int = 3) ->
     if runner.kind in ("exits", "cascade"):
         logits, trace = out
         stage_probs = _softmax(torch.from_numpy(trace.stage_logits[0]))  # NaN rows stay NaN
+        scores, thresholds = runner.policy.exit_scores(trace.features[0])
         return InspectResult(probs=_softmax(logits[0]), macs=int(trace.macs[0]),
                              stage_names=trace.stage_names, stage_probs=stage_probs,
                              features=trace.features[0], decisions=trace.decisions[0],
+                             exit_scores=scores, exit_thresholds=thresholds,
+                             score_name=runner.policy.score_name(),
                              exit_stage=int(trace.exit_stage[0]), jumped=bool(trace.jumped[0]),
                              stage_macs=trace.stage_macs[0], **common)
     return InspectResult(probs=_softmax(out[0]), macs=dense_macs, **common)

@@ -51,18 +51,25 @@ def channel_heatmap(channel_scores: list[np.ndarray], block_scores: np.ndarray,
                    yaxis=dict(autorange="reversed"))
 
 
-def stage_path(stage_names: list[str], features: np.ndarray, decisions: np.ndarray,
-               exit_stage: int) -> go.Figure:
-    """Max-probability at every stage reached, with the policy's decision."""
+def stage_path(stage_names: list[str], scores: np.ndarray, thresholds: np.ndarray,
+               decisions: np.ndarray, exit_stage: int, score_name: str) -> go.Figure:
+    """At every early stage reached, the score the policy's exit decision compares with its
+    threshold (leave iff score >= threshold), and the decision taken."""
     labels = {-1: "not reached", 0: "continue", 1: "exit", 2: "jump to last"}
-    conf = features[:, 0]
+    y = np.append(np.nan_to_num(scores, nan=0.0), 0.0)    # the last stage has no decision
     colors = ["#2ca02c" if i == exit_stage else (OFF if d == -1 else ON)
               for i, d in enumerate(decisions)]
-    fig = go.Figure(go.Bar(x=stage_names, y=np.nan_to_num(conf), marker_color=colors,
+    fig = go.Figure(go.Bar(x=stage_names, y=y, marker_color=colors, name=score_name,
                            text=[labels[int(d)] for d in decisions], textposition="outside",
-                           hovertemplate="%{x}: max prob %{y:.3f}<extra></extra>"))
-    return _layout(fig, f"Stages: left at {stage_names[exit_stage]} (green)", height=260,
-                   yaxis=dict(range=[0, 1.15], title="max probability"))
+                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    finite = np.isfinite(thresholds)
+    fig.add_trace(go.Scatter(
+        x=[n for n, f in zip(stage_names, finite) if f], y=thresholds[finite], mode="markers",
+        name="threshold (leave at or above)",
+        marker=dict(symbol="line-ew-open", size=28, color="#d62728", line=dict(width=3)),
+        hovertemplate="%{x}: threshold %{y:.3f}<extra></extra>"))
+    return _layout(fig, f"Stages: left at {stage_names[exit_stage]} (green)", height=280,
+                   yaxis=dict(title=score_name), showlegend=False)
 
 
 def frontier(curves: dict[str, tuple[np.ndarray, np.ndarray]],

@@ -26,6 +26,8 @@ from functools import cached_property
 import numpy as np
 
 FEATURES = ("max_prob", "margin", "neg_entropy")   # larger = more confident
+FEATURE_NAMES = {"max_prob": "max probability", "margin": "top-1 − top-2 probability",
+                 "neg_entropy": "negative entropy"}
 FAMILIES = ("constant", "threshold", "linear")
 TOPOLOGIES = ("chain", "jump")
 
@@ -132,8 +134,12 @@ class Decision:
     w: tuple[float, ...]
     theta: float
 
+    def score(self, phi: np.ndarray) -> np.ndarray:
+        """φ·w, the value compared with ``theta``."""
+        return phi @ np.asarray(self.w)
+
     def __call__(self, phi: np.ndarray) -> np.ndarray:
-        return phi @ np.asarray(self.w) >= self.theta
+        return self.score(phi) >= self.theta
 
 
 ALWAYS = Decision((0.0, 0.0, 0.0), -math.inf)
@@ -240,6 +246,22 @@ class Policy:
         raw["exits"] = tuple(Decision(tuple(d["w"]), float(d["theta"])) for d in raw["exits"])
         raw["jumps"] = tuple(Decision(tuple(d["w"]), float(d["theta"])) for d in raw["jumps"])
         return cls(**raw)
+
+    def score_name(self) -> str:
+        """What ``Decision.score`` of its exits measures, for display."""
+        if self.family == "linear":
+            return "policy score φ·w"
+        if self.family == "threshold":
+            negated = any(sum(d.w) < 0 for d in self.exits)   # a stage leaves on low values
+            return ("± " if negated else "") + FEATURE_NAMES[self.feature]
+        return "max probability"
+
+    def exit_scores(self, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For one image's features (K, 3): per early stage, the exit decision's score and
+        its threshold (it leaves iff score >= threshold). A constant decision scores the
+        maximum probability against −inf (always leave) or +inf (never)."""
+        scores = [d.score(phi[k]) if any(d.w) else phi[k, 0] for k, d in enumerate(self.exits)]
+        return np.asarray(scores, float), np.asarray([d.theta for d in self.exits], float)
 
     def decide(self, stage: int, phi: np.ndarray, n_stages: int) -> tuple[np.ndarray, np.ndarray]:
         """For images at ``stage`` with features (B, 3): (exit (B,), jump (B,)) booleans."""

@@ -316,3 +316,20 @@ def test_policy_kinds_are_every_candidate_or_the_one_named():
     assert evaluate.candidates("linear", "margin") == (("linear", "margin"),)
     with pytest.raises(ValueError, match="unknown policy"):
         evaluate.candidates("threshold", "entropy")
+
+
+@pytest.mark.parametrize("family", P.FAMILIES)
+@pytest.mark.parametrize("feature", P.FEATURES)
+def test_exit_scores_are_what_the_exits_decide_on(family, feature):
+    out = synthetic(n=300, seed=11, jump=True)
+    for lam in (0.05, 0.5, 5.0):
+        pol = P.fit(out, lam, family, feature, "chain")
+        for i in range(0, 300, 37):
+            phi = out.features[i]                                    # (K, 3)
+            scores, thresholds = pol.exit_scores(phi)
+            for k, decision in enumerate(pol.exits):
+                assert (scores[k] >= thresholds[k]) == bool(decision(phi[k][None])[0])
+                if family == "threshold" and feature == "margin":     # ±φ_margin by hand
+                    assert abs(scores[k]) == pytest.approx(phi[k, 1])
+        assert pol.score_name().endswith(
+            {"linear": "φ·w", "constant": "max probability"}.get(family, P.FEATURE_NAMES[feature]))

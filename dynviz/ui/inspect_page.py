@@ -83,8 +83,9 @@ def render_result(result) -> None:
             st.plotly_chart(plots.channel_heatmap(result.channel_scores, result.block_scores,
                                                   result.block_names), key="inspect_channels")
         elif result.stage_names is not None:
-            st.plotly_chart(plots.stage_path(result.stage_names, result.features,
-                                             result.decisions, result.exit_stage),
+            st.plotly_chart(plots.stage_path(result.stage_names, result.exit_scores,
+                                             result.exit_thresholds, result.decisions,
+                                             result.exit_stage, result.score_name),
                             key="inspect_stages")
             st.caption("MACs per stage: " + ", ".join(
                 f"{n} {m / 1e6:.1f} M" for n, m in zip(result.stage_names, result.stage_macs)))
