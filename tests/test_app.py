@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -113,6 +114,19 @@ def test_inspect_cascade_shows_the_stage_path(app_env):
     assert all(m in (0.0, round(full / 1e6, 1)) for m, full in zip(spent, system.stage_macs()))
     assert spent[0] > 0 and (spent[-1] > 0) == (outcome.exit_stage[0] == 2)
     assert abs(sum(spent) - outcome.cost[0] / 1e6) < 0.1
+    # the stage path plots what each early exit decided on: φ·w of the shipped policy at the
+    # stages the image reached, beside θ; it left where φ·w >= θ, not before
+    policy = evaluate.load_policy("cascade_r8_r20_r56", evaluate.LOSSES[0])
+    bars, marks = json.loads(at.get("plotly_chart")[1].proto.spec)["data"]
+    reached = outcome.exit_stage[0] if not outcome.jumped[0] else 0
+    for k, decision in enumerate(policy.exits):
+        phi = answers.features[0, k]
+        if k <= reached:
+            score = sum(a * b for a, b in zip(phi.tolist(), decision.w))
+            assert _plotted(bars["y"])[k] == pytest.approx(score, abs=1e-5)
+            assert (score >= decision.theta) == (k == outcome.exit_stage[0])
+    finite = [d.theta for d in policy.exits if math.isfinite(d.theta)]
+    assert np.allclose(_plotted(marks["y"]), finite)
 
 
 def test_budget_slider_moves_the_operating_point_as_the_library_says(app_env):
@@ -125,7 +139,8 @@ def test_budget_slider_moves_the_operating_point_as_the_library_says(app_env):
         at.slider(key="budget_slider").set_value(percent).run()
         _no_exception(at)
         expected = budget.solve(fit, check, budget.BudgetQuery(
-            "threshold", "max_prob", "jump", percent / 100))
+            at.selectbox(key="budget_family").value, at.selectbox(key="budget_feature").value,
+            "jump", percent / 100))
         shown = at.session_state["budget_last"]
         assert shown["check"] == expected.check and shown["fit"] == expected.fit
         assert shown["check"]["cost_fraction"] <= percent / 100 + 0.05
@@ -150,6 +165,9 @@ def test_budget_slider_starts_at_each_systems_shipped_point(app_env):
             (starts[name], 100 * cost <= 5) == (5, True) or \
             (starts[name], 100 * cost > 99) == (100, True)
         assert at.session_state["budget_last"]["budget"] == starts[name] / 100
+        # ...with the kind of policy it ships
+        assert at.selectbox(key="budget_family").value == shipped.family
+        assert at.selectbox(key="budget_feature").value == shipped.feature
         at.slider(key="budget_slider").set_value(97).run()     # a move stays put...
         assert at.session_state["budget_last"]["budget"] == 0.97
     at.selectbox(key="budget_system").set_value("exits_resnet56").run()   # ...until a switch
@@ -163,7 +181,9 @@ def test_budget_policy_goes_to_inspect(app_env):
     handed = at.session_state["budget_policy"]["exits_resnet56"]
     # the policy handed over is the one the library learns for the budget the page shows
     cached = zoo.outputs("exits_resnet56", app_env, progress=False)
-    query = budget.BudgetQuery("threshold", "max_prob", zoo.spec("exits_resnet56").topology,
+    query = budget.BudgetQuery(at.selectbox(key="budget_family").value,
+                               at.selectbox(key="budget_feature").value,
+                               zoo.spec("exits_resnet56").topology,
                                at.session_state["budget_last"]["budget"])
     expected = budget.solve(cached.half("fit"), cached.half("check"), query)
     assert handed == expected.policy.to_json()

@@ -173,7 +173,7 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
                       / cached.half("fit").reference_cost)
     assert percent == min(100, max(5, start) + 30)
     expected = budget.solve(cached.half("fit"), cached.half("check"), budget.BudgetQuery(
-        "threshold", "max_prob", zoo.spec(name).topology, percent / 100)).check
+        shipped.family, shipped.feature, zoo.spec(name).topology, percent / 100)).check
     assert f"{expected['cost_mean'] * 1e-6:.1f} M" in metric.inner_text()
     shown = page.locator('[data-testid="stMetric"]').filter(has_text="Accuracy (check)")
     assert f"{expected['accuracy']:.2%}" in shown.inner_text()

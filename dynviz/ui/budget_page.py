@@ -19,7 +19,13 @@ def render() -> None:
         return
     c1, c2, c3, c4 = st.columns(4)
     name = c1.selectbox("System", staged, key="budget_system")
-    family = c2.selectbox("Policy family", P.FAMILIES, index=1, key="budget_family")
+    if st.session_state.get("budget_kind_for") != name:
+        # a system just chosen: start with the kind of policy it ships
+        shipped = state.shipped_policy(name)
+        st.session_state["budget_family"] = shipped.family if shipped else "threshold"
+        st.session_state["budget_feature"] = shipped.feature if shipped else "max_prob"
+        st.session_state["budget_kind_for"] = name
+    family = c2.selectbox("Policy family", P.FAMILIES, key="budget_family")
     feature = c3.selectbox("Feature", P.FEATURES, key="budget_feature",
                            disabled=family != "threshold")
     metric = METRICS[c4.selectbox("Cost", list(METRICS), key="budget_metric")]

@@ -66,13 +66,16 @@ def halves(name: str, metric: str) -> tuple[P.StageOutputs, P.StageOutputs]:
     return fit, check
 
 
+def shipped_policy(name: str, loss: float = 0.005) -> P.Policy | None:
+    """The system's shipped operating point for ``loss``, or None when none is shipped."""
+    return evaluate.load_policy(name, loss)
+
+
 def shipped_percent(name: str, metric: str, loss: float = 0.005) -> int | None:
     """The budget (whole % of the dense cost, in ``metric``) of the system's shipped
     operating point for ``loss``, or None when none is shipped."""
-    path = evaluate.policy_path(name, loss)
-    if not path.exists():
-        return None
-    return budget.start_percent(P.Policy.from_json(path.read_text()), halves(name, metric)[0])
+    policy = shipped_policy(name, loss)
+    return None if policy is None else budget.start_percent(policy, halves(name, metric)[0])
 
 
 @st.cache_data(show_spinner="Sweeping the trade-off…", max_entries=64)
