@@ -66,15 +66,11 @@ def halves(name: str, metric: str) -> tuple[P.StageOutputs, P.StageOutputs]:
     return fit, check
 
 
-def shipped_policy(name: str, loss: float = 0.005) -> P.Policy | None:
-    """The system's shipped operating point for ``loss``, or None when none is shipped."""
-    return evaluate.load_policy(name, loss)
-
-
-def shipped_percent(name: str, metric: str, loss: float = 0.005) -> int | None:
+@st.cache_data(show_spinner=False, max_entries=64)
+def shipped_percent(name: str, metric: str) -> int | None:
     """The budget (whole % of the dense cost, in ``metric``) of the system's shipped
-    operating point for ``loss``, or None when none is shipped."""
-    policy = shipped_policy(name, loss)
+    ≤0.5%-loss operating point, or None when none is shipped."""
+    policy = evaluate.load_policy(name, evaluate.LOSSES[0])
     return None if policy is None else budget.start_percent(policy, halves(name, metric)[0])
 
 
