@@ -158,10 +158,13 @@ def _best_within(points: np.ndarray, budget: float) -> int | None:
 
 def baseline_comparison(fit: P.StageOutputs, check: P.StageOutputs, kinds=CANDIDATES,
                         feature: str = "max_prob", topology: str = "chain",
-                        n_points: int = 40, n_thresholds: int = BASELINE_GRID) -> list[dict]:
+                        n_points: int = 40, n_thresholds: int = BASELINE_GRID,
+                        frontier: list[P.SweepPoint] | None = None) -> list[dict]:
     """The ``budgets`` rows of ``PolicyReport`` (see there) for outputs split in two: the
-    learned frontier of ``kinds`` against one global threshold on ``feature``."""
-    sweep = learned_frontier(fit, kinds, topology, n_points)
+    learned frontier of ``kinds`` (or the given ``frontier``, whose points' budgets are their
+    ``cost_fraction``) against one global threshold on ``feature``."""
+    sweep = frontier if frontier is not None else learned_frontier(fit, kinds, topology,
+                                                                     n_points)
     thresholds = baseline_thresholds(fit, feature, n_thresholds)
     on_fit = np.array([_cost_accuracy(P.global_threshold(fit, t, feature), fit)
                        for t in thresholds])

@@ -1,0 +1,105 @@
+"""Does choosing among the policy kinds by cross-validation on the *fit* half beat one
+global threshold at more budgets than choosing on fit itself (what `policies` does)?
+
+    .venv/bin/python scripts/policy_cv_trial.py                  # every shipped staged system
+    .venv/bin/python scripts/policy_cv_trial.py --system exits_resnet56 --folds 5
+
+For every candidate kind (`evaluate.CANDIDATES`) and every λ of the sweep, the policy is fit
+on k − 1 folds of *fit* and run on the held-out fold, so every image of fit gets an
+out-of-fold outcome. The Pareto frontier of these out-of-fold (cost, accuracy) estimates picks
+the (kind, λ) pairs; each is then refit on all of fit and judged on *check* against the
+global maximum-probability threshold exactly as `python -m dynviz policies` judges the
+in-sample frontier (`evaluate.baseline_comparison`). The ≤0.5% / ≤1% points are chosen with
+the shipped rule (loss plus one paired standard error within budget) on the out-of-fold
+outcomes. Both reports are printed, the in-sample one first.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dynviz import data, evaluate, zoo  # noqa: E402
+from dynviz import policy as P  # noqa: E402
+
+
+def out_of_fold_frontier(fit: P.StageOutputs, topology: str, folds: int, n_points: int,
+                         seed: int = 0) -> tuple[list[P.SweepPoint], dict[int, np.ndarray]]:
+    """Frontier of the out-of-fold estimates (each point's policy refit on all of ``fit``)
+    and, per point (by ``id``), the out-of-fold correctness of its images."""
+    fold = np.random.default_rng(seed).permutation(len(fit)) % folds
+    parts = [(fit.subset(np.flatnonzero(fold != f)), fit.subset(np.flatnonzero(fold == f)),
+              np.flatnonzero(fold == f)) for f in range(folds)]
+    points, correct_of = [], {}
+    for family, feature in evaluate.CANDIDATES:
+        for lam in np.geomspace(1e-4, 30.0, n_points):
+            correct, cost = np.zeros(len(fit), bool), np.zeros(len(fit))
+            for train, held, index in parts:
+                outcome = P.simulate(P.fit(train, float(lam), family, feature, topology), held)
+                correct[index], cost[index] = outcome.correct, outcome.cost
+            point = P.SweepPoint(float(lam), float(correct.mean()),
+                                 float(cost.mean() / fit.reference_cost),
+                                 P.fit(fit, float(lam), family, feature, topology))
+            points.append(point)
+            correct_of[id(point)] = correct
+    return P.pareto(points), correct_of
+
+
+def summarise(title: str, rows: list[dict]) -> None:
+    compared = [r for r in rows if r["baseline"] is not None]
+    gaps = np.array([r["learned"] - r["baseline"] for r in compared])
+    worst = compared[int(gaps.argmin())]
+    print(f"  {title}: learned >= baseline at {int((gaps >= 0).sum())}/{len(gaps)} budgets; "
+          f"worst {gaps.min() * 100:+.2f} ± {worst['gap_se'] * 100:.2f} pt "
+          f"(budget {worst['budget']:.3f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", nargs="+", default=None,
+                        help="staged systems (default: every available exits/cascade system)")
+    parser.add_argument("--folds", type=int, default=5, help="folds of the fit half (5)")
+    parser.add_argument("--points", type=int, default=40, help="λ values per kind (40)")
+    args = parser.parse_args(argv)
+    if args.folds < 2:
+        parser.error("--folds must be at least 2")
+    systems = args.system or [n for n in zoo.available()
+                              if zoo.spec(n).kind in ("exits", "cascade")]
+    val = data.get_split("val")
+    reference = zoo.outputs(zoo.REFERENCE, val)
+    ref_fit = reference.half("fit").correct[:, -1]
+    ref_check = reference.half("check").correct[:, -1].mean()
+    for name in systems:
+        if zoo.spec(name).kind not in ("exits", "cascade"):
+            parser.error(f"{name} is not a staged system")
+        cached = zoo.outputs(name, val)
+        fit, check = cached.half("fit"), cached.half("check")
+        topology = zoo.spec(name).topology
+        print(f"{name} (check half, resnet56 at {ref_check * 100:.2f}%)")
+        summarise("in-sample frontier (shipped rule)", evaluate.baseline_comparison(
+            fit, check, topology=topology, n_points=args.points))
+        front, correct_of = out_of_fold_frontier(fit, topology, args.folds, args.points)
+        summarise(f"{args.folds}-fold frontier", evaluate.baseline_comparison(
+            fit, check, topology=topology, frontier=front))
+        for loss in evaluate.LOSSES:
+            good = [p for p in front
+                    if ref_fit.mean() - p.accuracy
+                    + evaluate.MARGIN_SE * evaluate.paired_se(ref_fit, correct_of[id(p)])
+                    <= loss + 1e-12]
+            point = (min(good, key=lambda p: p.cost_fraction) if good
+                     else max(front, key=lambda p: p.accuracy))
+            outcome = P.simulate(point.policy, check)
+            print(f"  {args.folds}-fold ≤{loss * 100:g}% point: {point.policy.family}/"
+                  f"{point.policy.feature}, check {outcome.correct.mean() * 100:.2f}% at "
+                  f"{check.reference_cost / outcome.cost.mean():.2f}× fewer MACs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
