@@ -52,6 +52,9 @@ def out_of_fold_frontier(fit: P.StageOutputs, topology: str, folds: int, n_point
 
 def summarise(title: str, rows: list[dict]) -> None:
     compared = [r for r in rows if r["baseline"] is not None]
+    if not compared:
+        print(f"  {title}: no budget where a global threshold is affordable")
+        return
     gaps = np.array([r["learned"] - r["baseline"] for r in compared])
     worst = compared[int(gaps.argmin())]
     print(f"  {title}: learned >= baseline at {int((gaps >= 0).sum())}/{len(gaps)} budgets; "
@@ -69,15 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.folds < 2:
         parser.error("--folds must be at least 2")
-    systems = args.system or [n for n in zoo.available()
-                              if zoo.spec(n).kind in ("exits", "cascade")]
+    staged = [n for n in zoo.available() if zoo.spec(n).kind in ("exits", "cascade")]
+    for name in args.system or []:
+        if name not in staged:
+            parser.error(f"{name!r} is not a trained staged system; choose from {staged}")
+    systems = args.system or staged
     val = data.get_split("val")
     reference = zoo.outputs(zoo.REFERENCE, val)
     ref_fit = reference.half("fit").correct[:, -1]
     ref_check = reference.half("check").correct[:, -1].mean()
     for name in systems:
-        if zoo.spec(name).kind not in ("exits", "cascade"):
-            parser.error(f"{name} is not a staged system")
         cached = zoo.outputs(name, val)
         fit, check = cached.half("fit"), cached.half("check")
         topology = zoo.spec(name).topology
