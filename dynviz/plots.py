@@ -54,14 +54,23 @@ def channel_heatmap(channel_scores: list[np.ndarray], block_scores: np.ndarray,
 def stage_path(stage_names: list[str], scores: np.ndarray, thresholds: np.ndarray,
                decisions: np.ndarray, exit_stage: int, score_name: str) -> go.Figure:
     """At every early stage reached, the score the policy's exit decision compares with its
-    threshold (leave iff score >= threshold), and the decision taken."""
+    threshold (leave iff score >= threshold), and the decision taken. Stages with no score
+    (not reached, or the last, which decides nothing) get no bar, only their label."""
     labels = {-1: "not reached", 0: "continue", 1: "exit", 2: "jump to last"}
-    y = np.append(np.nan_to_num(scores, nan=0.0), 0.0)    # the last stage has no decision
-    colors = ["#2ca02c" if i == exit_stage else (OFF if d == -1 else ON)
-              for i, d in enumerate(decisions)]
-    fig = go.Figure(go.Bar(x=stage_names, y=y, marker_color=colors, name=score_name,
-                           text=[labels[int(d)] for d in decisions], textposition="outside",
-                           hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    y = np.append(np.asarray(scores, dtype=float), np.nan)     # the last stage: no score
+    has_bar = np.isfinite(y) & (np.asarray(decisions) != -1)
+    colors = ["#2ca02c" if i == exit_stage else ON for i in range(len(stage_names))]
+    fig = go.Figure(go.Bar(
+        x=stage_names, y=[float(v) if bar else None for v, bar in zip(y, has_bar)],
+        marker_color=colors, name=score_name, textposition="outside",
+        text=[labels[int(d)] if bar else "" for d, bar in zip(decisions, has_bar)],
+        hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
+    for i, (name, bar) in enumerate(zip(stage_names, has_bar)):
+        if not bar:
+            exited = i == exit_stage
+            fig.add_annotation(x=name, y=0, yanchor="bottom", showarrow=False,
+                               text=labels[int(decisions[i])],
+                               font=dict(color="#2ca02c" if exited else "#7f7f7f"))
     finite = np.isfinite(thresholds)
     fig.add_trace(go.Scatter(
         x=[n for n, f in zip(stage_names, finite) if f], y=thresholds[finite], mode="markers",
