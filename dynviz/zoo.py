@@ -56,11 +56,12 @@ SYSTEMS: dict[str, SystemSpec] = {s.name: s for s in (
     _static("resnet20"),
     _static("resnet56"),
     SystemSpec("lcnet_resnet20", "gated", "lcnet_resnet20", (("", "lcnet_resnet20"),)),
-    # lcnet_resnet56_kd: savings in skipped blocks, learning from resnet56 (see dynviz/train.py)
+    # lcnet_resnet56_kd16: savings in skipped blocks, learning from resnet56, 16 epochs (see
+    # dynviz/train.py)
     SystemSpec("lcnet_resnet56_seq", "gated", "lcnet_resnet56",
-               (("", "lcnet_resnet56_kd"),), (("placement", "sequential"),)),
+               (("", "lcnet_resnet56_kd16"),), (("placement", "sequential"),)),
     SystemSpec("lcnet_resnet56_par", "gated", "lcnet_resnet56",
-               (("", "lcnet_resnet56_kd"),), (("placement", "parallel"),)),
+               (("", "lcnet_resnet56_kd16"),), (("placement", "parallel"),)),
     SystemSpec("exits_resnet56", "exits", "exits_resnet56", (("", "exits_resnet56"),)),
     SystemSpec("cascade_r8_r20_r56", "cascade", "cascade_r8_r20_r56",
                (("stages.0", "resnet8"), ("stages.1", "resnet20"), ("stages.2", "resnet56")),

@@ -37,7 +37,7 @@ def test_available_systems_and_missing_ones(fake_zoo):
             "cascade_r8_r20_r56"} <= set(avail)
     assert "lcnet_resnet56_seq" not in avail
     with pytest.raises(zoo.MissingCheckpointError,
-                       match="python -m dynviz train lcnet_resnet56_kd"):
+                       match="python -m dynviz train lcnet_resnet56_kd16"):
         zoo.load_system("lcnet_resnet56_seq")
 
 
