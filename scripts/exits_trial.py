@@ -8,9 +8,9 @@ Caches the layout's outputs on the validation split (in .cache/trials), chooses 
 and ≤1% loss operating points on the *fit* half exactly as `python -m dynviz policies` does
 and prints each point's accuracy and MAC reduction against resnet56 on *fit* (where a
 trial is to be judged, so that adopting it does not look at check) and on *check*, the
-per-stage accuracies, the oracle's reduction and the hindsight ceiling (the cheapest policy of per-stage
-maximum-probability thresholds within 0.5% of resnet56 when chosen on the check half
-itself) — beside the same figures for the shipped exits_resnet56.
+per-stage accuracies, the oracle's reduction and the hindsight ceiling (the cheapest policy
+of per-stage maximum-probability thresholds within 0.5% of resnet56 when chosen on the
+check half itself) — beside the same figures for the shipped exits_resnet56.
 """
 from __future__ import annotations
 
