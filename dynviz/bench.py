@@ -121,7 +121,9 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
     images are then CIFAR-10 validation images, as trained gates decide on real inputs.
     """
     device = settings.device()
-    gated = models.create(name, placement=placement).eval()
+    with torch.random.fork_rng(devices=[]):   # the same random weights, hence patterns,
+        torch.manual_seed(seed)              # in either placement
+        gated = models.create(name, placement=placement).eval()
     if checkpoint:
         state = torch.load(settings.checkpoint_dir() / f"{checkpoint}.pt", map_location="cpu",
                            weights_only=True)
