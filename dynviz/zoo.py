@@ -68,6 +68,7 @@ SYSTEMS: dict[str, SystemSpec] = {s.name: s for s in (
                topology="jump"),
 )}
 REFERENCE = "resnet56"  # speedups and MAC reductions are against this static network
+FEATURED = "lcnet_resnet56_seq"  # the system the app's pickers start on, when trained
 
 
 def spec(name: str) -> SystemSpec:
@@ -88,6 +89,11 @@ def missing(name: str) -> list[str]:
 
 def available() -> list[str]:
     return [name for name in SYSTEMS if not missing(name)]
+
+
+def dynamic(names: list[str]) -> list[str]:
+    """The systems among ``names`` that spend per image (every kind but static)."""
+    return [name for name in names if spec(name).kind != "static"]
 
 
 def train_command(checkpoint: str) -> str:

@@ -50,8 +50,25 @@ def test_every_page_loads(app_env, page):
     assert at.title[0].value.lower() == page
 
 
+def test_pickers_start_on_a_dynamic_system_and_inspect_shows_an_image(app_env):
+    trained = [n for n in zoo.SYSTEMS if not zoo.missing(n)]
+    dynamic = [n for n in trained if zoo.spec(n).kind in ("gated", "exits", "cascade")]
+    start = zoo.FEATURED if zoo.FEATURED in trained else dynamic[0]
+    assert zoo.spec(start).kind != "static"
+    inspect = _run("inspect")
+    _no_exception(inspect)
+    assert inspect.selectbox(key="inspect_system").value == start
+    assert inspect.radio(key="inspect_source").value == "A validation image"
+    assert [m for m in inspect.metric if m.label == "Prediction"]   # something on arrival
+    galleries = _run("galleries")
+    _no_exception(galleries)
+    picker = galleries.selectbox(key="gallery_system")
+    assert picker.value == start and picker.options == dynamic   # no static network
+
+
 def test_inspect_upload_good_then_broken_then_good(app_env):
-    at = _run("inspect", inspect_system="resnet20")
+    at = _run("inspect", inspect_system="resnet20", inspect_source="Upload an image")
+    assert at.caption[-1].value.startswith("Pick or upload an image")
     at.file_uploader(key="inspect_upload").set_value(("red.png", _png(), "image/png")).run()
     _no_exception(at)
     prediction = [m for m in at.metric if m.label == "Prediction"]
@@ -237,10 +254,10 @@ def test_models_page_lists_results_checkpoints_and_papers(app_env, tmp_path, mon
     _no_exception(at)
     results, checkpoints, papers = (df.value for df in at.dataframe)
     assert results["system"].tolist() == [r.system for r in rows]
-    assert results["accuracy"].tolist() == [r.accuracy for r in rows]
+    assert results["accuracy"].tolist() == pytest.approx([100 * r.accuracy for r in rows])
     assert results["MAC reduction"].tolist() == [r.macs_reduction for r in rows]
     assert checkpoints.to_dict("records") == [{
-        "checkpoint": "resnet8", "model": "resnet8", "check accuracy": 0.8156,
+        "checkpoint": "resnet8", "model": "resnet8", "check accuracy": pytest.approx(81.56),
         "MACs (M)": 12.5, "epochs": 30, "train minutes": 25}]
     assert any("LC-Net" in s for s in papers["source"])
     # no weights in this checkpoint directory: every system says how to train it

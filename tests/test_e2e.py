@@ -94,7 +94,7 @@ def _no_exception(page) -> None:
 
 
 @pytest.mark.parametrize("path, title, content", [
-    ("", "Inspect", ["Pick or upload an image"]),
+    ("", "Inspect", ["Prediction", "as the model sees it"]),   # opens on a validation image
     ("budget", "Budget", ["Mean cost (check)"]),
     ("galleries", "Galleries", ["Cheapest", "Costliest"]),
     ("models", "Models", ["Trained checkpoints", "The papers' figures"])])
@@ -116,6 +116,8 @@ def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_roo
     box = page.locator('[data-testid="stSelectbox"]').first
     box.click()
     page.get_by_role("option", name="lcnet_resnet20").click()
+    _settle(page)
+    page.get_by_text("Upload an image").click()
     _settle(page)
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (30, 160, 40)).save(buf, "PNG")

@@ -35,15 +35,17 @@ def gallery(title: str, order: np.ndarray, cost, pred, labels, images) -> None:
 
 def render() -> None:
     st.title("Galleries")
-    names = zoo.available()
-    if not names:
-        st.info(state.missing_systems_message())
+    names = zoo.dynamic(zoo.available())
+    if not names:   # a static network spends the same on every image: nothing to rank
+        st.info("No dynamic system is trained yet.\n\n" + state.missing_systems_message())
         return
     split = state.val_split()
     if split is None:
         st.warning(data.missing_data_message())
         return
-    name = st.selectbox("System", names, key="gallery_system")
+    name = st.selectbox("System", names, index=state.start_index(names), key="gallery_system",
+                        help="Dynamic systems only: a static network spends the same on "
+                             "every image.")
     cached = state.outputs(name)
     cost, pred, reference = per_image_cost(name, cached)
     labels = cached.arrays["labels"].astype(int)

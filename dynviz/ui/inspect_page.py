@@ -41,7 +41,8 @@ def choose_policy(name: str) -> str | None:
 def choose_image() -> np.ndarray | None:
     split = state.val_split()
     sources = ["Upload an image"] + (["A validation image"] if split is not None else [])
-    source = st.radio("Image", sources, horizontal=True, key="inspect_source")
+    source = st.radio("Image", sources, index=len(sources) - 1, horizontal=True,
+                      key="inspect_source")   # a validation image when there is one
     if source == "Upload an image":
         upload = st.file_uploader("Image file", type=UPLOAD_TYPES, key="inspect_upload",
                                   help=f"Up to {MAX_UPLOAD_MB} MB; resized to 32×32.")
@@ -99,7 +100,7 @@ def render() -> None:
     if not names:
         st.info(state.missing_systems_message())
         return
-    name = st.selectbox("System", names, key="inspect_system")
+    name = st.selectbox("System", names, index=state.start_index(names), key="inspect_system")
     inputs = InspectInputs(name, choose_policy(name), choose_image())
     if inputs.image is None:
         st.caption("Pick or upload an image to see its compute path.")

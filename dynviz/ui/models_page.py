@@ -25,13 +25,26 @@ PAPER_ROWS = [
 ]
 
 
+_PERCENT = st.column_config.NumberColumn(format="%.2f%%")   # columns hold percentages
+_TIMES = st.column_config.NumberColumn(format="%.2f×")
+_MILLIONS = st.column_config.NumberColumn(format="%.1f")
+RESULT_COLUMNS = {"accuracy": _PERCENT, "MACs (M)": _MILLIONS, "MAC reduction": _TIMES,
+                  "speedup b1": _TIMES, "speedup b256": _TIMES}
+CHECKPOINT_COLUMNS = {"check accuracy": _PERCENT, "MACs (M)": _MILLIONS}
+
+
+def _height(n_rows: int) -> int:
+    """Pixels that show a table of ``n_rows`` whole, header included, without scrolling."""
+    return 35 * (n_rows + 1) + 3
+
+
 def results_rows() -> list[dict]:
     """From ``assets/results.json`` (python -m dynviz evaluate --out assets/results.json)."""
     path = settings.assets_dir() / "results.json"
     if not path.exists():
         return []
     return [{"system": r["system"], "operating point": r["operating_point"],
-             "accuracy": r["accuracy"], "MACs (M)": r["macs_mean"] / 1e6,
+             "accuracy": 100 * r["accuracy"], "MACs (M)": r["macs_mean"] / 1e6,
              "MAC reduction": r["macs_reduction"], "speedup b1": r["speedup_b1"],
              "speedup b256": r["speedup_b256"]} for r in json.loads(path.read_text())]
 
@@ -42,8 +55,9 @@ def checkpoint_rows() -> list[dict]:
         meta = json.loads(manifest.read_text())
         check = meta.get("metrics", {}).get("check", {})
         acc = check.get("accuracy")
+        acc = acc[-1] if isinstance(acc, list) else acc
         rows.append({"checkpoint": meta["name"], "model": meta["model"],
-                     "check accuracy": acc[-1] if isinstance(acc, list) else acc,
+                     "check accuracy": None if acc is None else 100 * acc,
                      "MACs (M)": (check.get("macs_mean") or 0) / 1e6,
                      "epochs": len(meta.get("history", [])),
                      "train minutes": round(meta.get("wall_seconds", 0) / 60)})
@@ -56,11 +70,14 @@ def render() -> None:
     if rows:
         st.subheader("Results on the check half (vs resnet56)")
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="results",
-                     column_config={"accuracy": st.column_config.NumberColumn(format="percent")})
+                     height=_height(len(rows)), column_config=RESULT_COLUMNS)
+        st.caption("Speedups are measured wall-clock against resnet56 on this machine; an "
+                   "oracle is a bound, not a runnable system, so it has none.")
     st.subheader("Trained checkpoints")
     ckpts = checkpoint_rows()
     if ckpts:
-        st.dataframe(pd.DataFrame(ckpts), hide_index=True, key="checkpoints")
+        st.dataframe(pd.DataFrame(ckpts), hide_index=True, key="checkpoints",
+                     height=_height(len(ckpts)), column_config=CHECKPOINT_COLUMNS)
     if any(zoo.missing(n) for n in zoo.SYSTEMS):
         st.info(state.missing_systems_message())
     st.subheader("The papers' figures")

@@ -80,6 +80,16 @@ def curves(name: str, family: str, feature: str, topology: str, metric: str) -> 
     return budget.curves(fit, check, budget.BudgetQuery(family, feature, topology))
 
 
+def start_index(names: list[str]) -> int:
+    """Where a system picker over ``names`` starts: the featured system, else the first
+    dynamic one (a static network has no compute path to show), else the first."""
+    for candidates in ([zoo.FEATURED], zoo.dynamic(names)):
+        for name in candidates:
+            if name in names:
+                return names.index(name)
+    return 0
+
+
 def missing_systems_message() -> str:
     lines = [f"- **{name}**: `{zoo.train_command(zoo.missing(name)[0])}`"
              for name in zoo.SYSTEMS if zoo.missing(name)]
