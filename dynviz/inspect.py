@@ -5,6 +5,7 @@ latency of the dynamic run against the dense one. The Inspect page and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -29,11 +30,16 @@ class Runner:
     policy: Policy | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    @cached_property
+    def adaptive(self) -> AdaptiveClassifier:
+        """The staged model under the policy, built on first use."""
+        return AdaptiveClassifier(self.model, self.policy)
+
     def forward(self, x: torch.Tensor):
         if self.kind == "gated":
             return self.model(x, self.plan)
         if self.kind in ("exits", "cascade"):
-            return AdaptiveClassifier(self.model, self.policy)(x)
+            return self.adaptive(x)
         return self.model(x)
 
 

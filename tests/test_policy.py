@@ -57,6 +57,25 @@ def test_features_match_their_definitions():
     assert neg_entropy == pytest.approx((p * np.log(p)).sum())
 
 
+def test_one_image_features_and_decisions_equal_the_batched_ones():
+    rng = np.random.default_rng(5)
+    logits = np.concatenate([rng.normal(0, 3, (200, 10)),
+                             np.array([[0.0] * 10, [80.0, -80.0] + [0.0] * 8,      # ties, a
+                                       [1e-3] * 9 + [1e-3 + 1e-7]])]).astype(np.float32)
+    batched = P.confidence_features(logits)          # the reference: numpy over the batch
+    one = np.array([P.row_confidence_features(row.tolist()) for row in logits])
+    assert np.allclose(one, batched, rtol=1e-12, atol=1e-12)
+    out = synthetic(seed=4, jump=True)
+    for family in ("threshold", "linear", "constant"):
+        for topology in P.TOPOLOGIES:
+            pol = P.fit(out, 0.2, family, topology=topology)
+            for stage in range(out.n_stages):
+                leave, jump = pol.decide(stage, out.features[:, stage], out.n_stages)
+                for i in range(0, len(out), 13):
+                    phi = tuple(out.features[i, stage].tolist())
+                    assert pol.decide_one(stage, phi, out.n_stages) == (leave[i], jump[i])
+
+
 # ---------------------------------------------------------------------------- limits
 @pytest.mark.parametrize("family", P.FAMILIES)
 def test_lambda_zero_loses_no_accuracy_to_the_last_stage(family):

@@ -103,13 +103,16 @@ def test_live_classifier_equals_the_simulation(name, kw, topology, family):
     for i in range(0, len(x), 7):
         with torch.no_grad():
             one_logits, one = live(x[i:i + 1])
-        assert torch.allclose(one_logits[0], logits[i], atol=1e-5)
+        # batch 1 and batch 96 may take different conv kernels: equal up to float rounding,
+        # relative to the logits' scale (random weights give logits in the hundreds)
+        scale = 1e-5 * float(logits[i].abs().max())
+        assert torch.allclose(one_logits[0], logits[i], rtol=0, atol=scale)
         assert one.exit_stage[0] == sim.exit_stage[i] and one.jumped[0] == sim.jumped[i]
         assert np.array_equal(one.decisions[0], trace.decisions[i])
         assert np.array_equal(one.stage_macs[0], trace.stage_macs[i])
         assert np.allclose(one.features[0], trace.features[i], equal_nan=True, atol=1e-5)
         assert np.allclose(one.stage_logits[0], trace.stage_logits[i], equal_nan=True,
-                           atol=1e-5)
+                           rtol=0, atol=1e-5 * np.nanmax(np.abs(trace.stage_logits[i])))
 
 
 def test_adaptive_classifier_checks_the_policy_shape():
