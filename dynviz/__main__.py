@@ -70,6 +70,17 @@ def _cmd_bench_stages(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_staged(args: argparse.Namespace) -> int:
+    from dynviz import bench
+
+    rows = []
+    for system in args.system:
+        rows += bench.bench_staged(system, loss=args.loss / 100, n_images=args.images,
+                                   repeats=args.repeats)
+    print(bench.format_rows(rows))
+    return 0
+
+
 def _split_arg(args: argparse.Namespace):
     from dynviz import data
 
@@ -229,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 256], help="batch sizes")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
     p.set_defaults(func=_cmd_bench_stages)
+
+    p = bench_sub.add_parser(
+        "staged", help="batch-1 time of a staged system, by the stage images leave at",
+        description="For the first check images, grouped by the stage they leave at under "
+                    "the shipped operating point: the dense network, the stages they ran "
+                    "(network work only) and the system deciding as it goes; medians of "
+                    "round-robin runs.")
+    p.add_argument("--system", nargs="+", default=["exits_resnet56", "cascade_r8_r20_r56"],
+                   help="staged systems (default: %(default)s)")
+    p.add_argument("--loss", type=float, default=0.5, choices=[0.5, 1.0],
+                   help="operating point: max accuracy loss in %% (default %(default)s)")
+    p.add_argument("--images", type=int, default=64, help="check images, one at a time")
+    p.add_argument("--repeats", type=int, default=9, help="timed runs per measurement")
+    p.set_defaults(func=_cmd_bench_staged)
 
     def add_split(p):
         p.add_argument("--split", default="val", choices=["train", "val", "fit", "check"],

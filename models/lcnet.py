@@ -166,8 +166,8 @@ class SparsePlan:
     Block ``i`` computes only the union of active channels of its sub-batch when that union
     is at most ``slice_below[i]`` of its channels (``slice_below_cached[i]`` when that channel
     set recurs: its weight slices are in ``cache`` or will be after this call), and
-    multiplies the dense output by the mask otherwise. 1.0 always slices, 0.0 never does. ``dynviz.engine.calibrate`` measures
-    these on the current device.
+    multiplies the dense output by the mask otherwise. 1.0 always slices, 0.0 never does.
+    ``dynviz.engine.calibrate`` measures these on the current device.
     """
     slice_below: tuple[float, ...] | float = 1.0
     slice_below_cached: tuple[float, ...] | float | None = None  # None: as slice_below

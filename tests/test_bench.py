@@ -116,3 +116,33 @@ def test_bench_gives_both_placements_the_same_weights_and_patterns():
     # the placements differ in what a gated-off channel saves, not in which are off
     assert (seq.blocks_off, seq.channels_off) == (par.blocks_off, par.channels_off)
     assert seq.channels_off > 0 and par.macs_sparse > seq.macs_sparse
+
+
+@pytest.mark.parametrize("system", ["exits_resnet56", "cascade_r8_r20_r56"])
+def test_staged_bench_groups_images_where_the_batched_system_sends_them(app_env, system):
+    from collections import Counter
+
+    import numpy as np
+
+    from dynviz import data, inspect
+
+    rows = bench.bench_staged(system, n_images=24, repeats=1)
+    # reference: the same 24 images as one batch (the batched routing, not the batch-1 one)
+    runner = inspect.build_runner(system)           # the shipped ≤0.5% policy, as the bench
+    x = data.to_tensor(np.ascontiguousarray(data.get_split("check").images()[:24]))
+    with torch.no_grad():
+        _, trace = runner.adaptive(x)
+    labels = np.array([trace.stage_names[e] + ("+jump" if j else "")
+                       for e, j in zip(trace.exit_stage, trace.jumped)])
+    dense = runner.dense.macs()
+    assert {r.leaves_at: r.images for r in rows[:-1]} == Counter(labels.tolist())
+    for r in rows[:-1]:
+        assert r.mac_ratio == pytest.approx(trace.macs[labels == r.leaves_at].mean() / dense,
+                                            abs=5e-4)
+    assert (rows[-1].leaves_at, rows[-1].images) == ("all", 24)
+    assert rows[-1].mac_ratio == pytest.approx(trace.macs.mean() / dense, abs=5e-4)
+
+
+def test_staged_bench_refuses_a_system_that_is_not_staged(app_env):
+    with pytest.raises(ValueError, match="not a staged system"):
+        bench.bench_staged("resnet20")
