@@ -42,6 +42,7 @@ def bench_inspect(system: str, repeats: int) -> list[float]:
 
     at = AppTest.from_file(str(ROOT / "dynviz/ui/inspect_page.py"), default_timeout=300)
     at.session_state["inspect_system"] = system
+    at.session_state["inspect_source"] = "Upload an image"   # the page opens on a val image
     at.run()
     at.file_uploader(key="inspect_upload").set_value(("warm.png", _png(0), "image/png")).run()
     times = []
