@@ -123,7 +123,15 @@ def _looks_like_cifar(root: Path) -> bool:
 
 
 def find_root() -> Path:
-    """The first dataset root in ``settings.data_candidates()`` that holds CIFAR-10."""
+    """The first dataset root in ``settings.data_candidates()`` that holds CIFAR-10. A
+    ``$DYNVIZ_DATA`` that holds none is an error, not a reason to look elsewhere: whoever set
+    it meant that copy."""
+    chosen = os.environ.get("DYNVIZ_DATA")
+    if chosen and not _looks_like_cifar(Path(chosen).expanduser()):
+        raise DatasetNotFoundError(
+            f"DYNVIZ_DATA={chosen} holds no CIFAR-10: expected {chosen}/train/<class>/*.jpg or "
+            f"{chosen}/{_TORCHVISION_DIR}. Fix the path, or unset DYNVIZ_DATA to use "
+            "./data or ../shared/datasets/cifar10-jpeg.")
     for candidate in settings.data_candidates():
         if _looks_like_cifar(candidate):
             return candidate

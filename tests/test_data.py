@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dynviz import data
+from tests.conftest import make_imagefolder
 
 
 # ---------------------------------------------------------------------------- the split
@@ -76,6 +77,19 @@ def test_missing_dataset_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(data.settings, "data_candidates", lambda: [tmp_path / "nothing"])
     with pytest.raises(data.DatasetNotFoundError, match="DYNVIZ_DATA"):
         data.find_root()
+
+
+def test_a_wrong_dynviz_data_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    good = make_imagefolder(tmp_path / "good" / "train", per_class=1).parent
+    monkeypatch.setattr(data.settings, "data_candidates",
+                        lambda: [tmp_path / "typo", good])   # a copy further down the list
+    monkeypatch.setenv("DYNVIZ_DATA", str(tmp_path / "typo"))
+    with pytest.raises(data.DatasetNotFoundError, match="typo"):
+        data.find_root()
+    monkeypatch.setenv("DYNVIZ_DATA", str(good))
+    assert data.find_root() == good
+    monkeypatch.delenv("DYNVIZ_DATA")
+    assert data.find_root() == good                          # unset: the search list
 
 
 def test_test_split_reads_any_imagefolder(tmp_path, cache_env):
