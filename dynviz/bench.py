@@ -311,10 +311,10 @@ def bench_staged(name: str = "exits_resnet56", *, loss: float = 0.005, n_images:
     times = engine.round_robin_times(fns, repeats=repeats, device=runner.device)
     dense_macs = runner.dense.macs()
     rows = []
-    for label in order + ["all"]:
-        members = groups.get(label, range(len(traces)))
-        rounds = {part: np.sum([times[g, part] for g in ([label] if label in groups else order)],
-                               0) for part in ("dense", "stages", "dynamic")}
+    for label, labels in [(g, [g]) for g in order] + [("all", order)]:
+        members = [i for g in labels for i in groups[g]]
+        rounds = {part: np.sum([times[g, part] for g in labels], 0)
+                  for part in ("dense", "stages", "dynamic")}
         macs = float(np.mean([traces[i].macs[0] for i in members]))
         n = len(members)
         ms = {part: statistics.median(t) * 1e3 / n for part, t in rounds.items()}
