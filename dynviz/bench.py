@@ -283,7 +283,7 @@ def bench_staged(name: str = "exits_resnet56", *, loss: float = 0.005, n_images:
     """
     from dynviz import evaluate, inspect
 
-    staged = [n for n, s in zoo.SYSTEMS.items() if s.kind in ("exits", "cascade")]
+    staged = zoo.staged(list(zoo.SYSTEMS))
     if name not in staged:
         raise ValueError(f"{name} is not a staged system; choose from {', '.join(staged)}")
     policy = evaluate.load_policy(name, loss)

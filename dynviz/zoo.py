@@ -96,6 +96,11 @@ def dynamic(names: list[str]) -> list[str]:
     return [name for name in names if spec(name).kind != "static"]
 
 
+def staged(names: list[str]) -> list[str]:
+    """The systems among ``names`` that run under a policy (early exits and cascades)."""
+    return [name for name in names if spec(name).kind in ("exits", "cascade")]
+
+
 def train_command(checkpoint: str) -> str:
     return f"python -m dynviz train {checkpoint}"
 

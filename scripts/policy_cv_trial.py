@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.folds < 2:
         parser.error("--folds must be at least 2")
-    staged = [n for n in zoo.available() if zoo.spec(n).kind in ("exits", "cascade")]
+    staged = zoo.staged(zoo.available())
     for name in args.system or []:
         if name not in staged:
             parser.error(f"{name!r} is not a trained staged system; choose from {staged}")

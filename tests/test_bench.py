@@ -146,3 +146,36 @@ def test_staged_bench_groups_images_where_the_batched_system_sends_them(app_env,
 def test_staged_bench_refuses_a_system_that_is_not_staged(app_env):
     with pytest.raises(ValueError, match="not a staged system"):
         bench.bench_staged("resnet20")
+
+
+@pytest.mark.parametrize("system, route", [("exits_resnet56", "shipped"),
+                                           ("exits_resnet56", "to the end"),
+                                           ("cascade_r8_r20_r56", "shipped"),
+                                           ("cascade_r8_r20_r56", "jump")])
+def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, system, route):
+    import numpy as np
+
+    from dynviz import data, inspect
+    from dynviz import policy as P
+
+    k = 6 if system.startswith("exits") else 3
+    policy = {"shipped": None,
+              "to the end": P.Policy("constant", "max_prob", "chain", 0.0, (P.NEVER,) * (k - 1)),
+              "jump": P.Policy("constant", "max_prob", "jump", 0.0, (P.NEVER,) * (k - 1),
+                               (P.ALWAYS,) + (P.NEVER,) * (k - 2))}[route]
+    runner = inspect.build_runner(system, policy)
+    model = runner.model
+    images = data.get_split("check").images()[:12]
+    for i in range(len(images)):
+        x = data.to_tensor(np.ascontiguousarray(images[i:i + 1]))
+        with torch.no_grad():
+            _, trace = runner.forward(x)
+        ran, run_stage = [], model.run_stage
+        model.run_stage = lambda k, state: ran.append(k) or run_stage(k, state)
+        try:
+            with torch.no_grad():
+                bench._replay(model, x, trace.decisions[0], bool(trace.jumped[0]))
+        finally:
+            del model.run_stage
+        # reference: the stages the trace charged MACs to, in order
+        assert ran == np.flatnonzero(trace.stage_macs[0] > 0).tolist()

@@ -12,7 +12,7 @@ METRICS = {"MACs": "macs", "measured latency (batch 1)": "latency"}
 
 def render() -> None:
     st.title("Budget")
-    staged = [n for n in zoo.available() if zoo.spec(n).kind in ("exits", "cascade")]
+    staged = zoo.staged(zoo.available())
     if not staged:
         st.info("No early-exit or cascade system is trained yet.\n\n"
                 + state.missing_systems_message())
