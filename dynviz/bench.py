@@ -6,6 +6,7 @@ import logging
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 import models
 from dynviz import data, engine, settings, zoo
-from models.lcnet import GatedResNet, SparsePlan
+from models.lcnet import GatedResNet, InferenceConv, SparsePlan
 from models.macs import linear_macs
 from models.resnet import ResNet
 
@@ -70,6 +71,65 @@ def _cut(u: torch.Tensor, p_off: float) -> torch.Tensor:
     return (ordered[n_off - 1] + ordered[n_off]) / 2
 
 
+class _CutBlock(NamedTuple):
+    """One block of a ``static_cut``: None convs where the pattern skips the block."""
+    conv1: InferenceConv | None
+    gather: torch.Tensor | None      # parallel placement: conv1's outputs kept for conv2
+    conv2: InferenceConv | None
+    conv3: InferenceConv | None
+    downsample: InferenceConv | None
+
+
+def static_cut(model: GatedResNet, scores: list[torch.Tensor]) -> Callable[[torch.Tensor],
+                                                                         torch.Tensor]:
+    """The plain network that one gate pattern leaves of ``model`` (BN folded, frozen):
+    skipped blocks removed, off channels cut out of the weights, S_C and S_L folded into the
+    convs that read them. ``scores``: a trace's per-block (1, 1 + C_mid) scores of one image
+    (or of a batch whose rows are all equal).
+
+    It computes what the gated model computes for that pattern, with no gates, no decisions
+    and no slicing at run time: a floor under the time any executor of the pattern can take
+    with the same dense kernels.
+    """
+    blocks = []
+    for block, s in zip(model.blocks, scores):
+        ops = block.inference_block()
+        s_l, s_c = float(s[0, 0]), s[0, 1:]
+        if s_l == 0:
+            blocks.append(_CutBlock(None, None, None, None, ops.downsample))
+            continue
+        on = s_c.nonzero().squeeze(1)
+        if on.numel() == 0:          # keep one channel, scaled to 0: conv2 still adds its bias
+            on = s_c.new_zeros(1, dtype=torch.long)
+        if ops.sequential:
+            conv1, gather = ops.conv1.restrict(out_ch=on), None
+        else:                        # parallel: conv1 computes every output, as the gates run
+            conv1, gather = ops.conv1, on
+        conv2, conv3 = ops.conv2.restrict(in_ch=on, scale=s_c[on]), ops.conv3
+        if conv3 is None:            # S_L scales the branch's last conv
+            conv2 = conv2.restrict(scale=s_l)
+        else:
+            conv3 = conv3.restrict(scale=s_l)
+        blocks.append(_CutBlock(conv1, gather, conv2, conv3, ops.downsample))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = model.forward_stem(x)
+        for cut in blocks:
+            identity = x if cut.downsample is None else cut.downsample(x)
+            if cut.conv1 is None:    # skipped: the shortcut, as the sparse path returns it
+                x = identity if cut.downsample is None else identity.relu_()
+                continue
+            out = cut.conv1(x).relu_()
+            if cut.gather is not None:
+                out = out[:, cut.gather]
+            out = cut.conv2(out)
+            if cut.conv3 is not None:
+                out = cut.conv3(out.relu_())
+            x = out.add_(identity).relu_()
+        return model.forward_head(x)
+    return forward
+
+
 @dataclass
 class GatedBenchRow:
     model: str
@@ -87,6 +147,8 @@ class GatedBenchRow:
     time_reduction: float     # 1 - 1 / speedup
     speedup: float            # dense / sparse: median over rounds of the paired ratio
     efficiency: float         # time_reduction / mac_reduction
+    ms_static: float          # each image's static_cut (nan: a batch's images differ)
+    speedup_static: float     # dense / static: the ceiling for these patterns
 
 
 def _inputs(model: GatedResNet, n: int, seed: int) -> torch.Tensor:
@@ -151,25 +213,38 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
             macs = torch.cat([t.macs for t in traces]).double().mean().item()
             off_blocks, off_channels = _measured_sparsity(traces)
 
-            times = engine.round_robin_times({
-                "dense": lambda: [plain(c) for c in chunks],
-                "masked": lambda: [gated(c) for c in chunks],
-                "sparse": lambda: [gated(c, plan) for c in chunks],
-            }, repeats=repeats, device=device)
-        ms_dense, ms_masked, ms_sparse = (statistics.median(times[k]) * 1e3 / len(chunks)
-                                          for k in ("dense", "masked", "sparse"))
+            fns = {"dense": lambda: [plain(c) for c in chunks],
+                   "masked": lambda: [gated(c) for c in chunks],
+                   "sparse": lambda: [gated(c, plan) for c in chunks]}
+            patterns = [_one_pattern(t) for t in traces]
+            if all(p is not None for p in patterns):
+                cuts = [static_cut(gated, p) for p in patterns]
+                fns["static"] = lambda: [cut(c) for cut, c in zip(cuts, chunks)]
+            times = engine.round_robin_times(fns, repeats=repeats, device=device)
+        ms = {k: statistics.median(t) * 1e3 / len(chunks) for k, t in times.items()}
         speedup = engine.paired_ratio(times["dense"], times["sparse"])
+        static = engine.paired_ratio(times["dense"], times["static"]) if "static" in times \
+            else float("nan")
         dense_macs = plain.macs()
         mac_red = 1 - macs / dense_macs
         time_red = 1 - 1 / speedup
         rows.append(GatedBenchRow(
             name, placement, batch, off_blocks, off_channels, same_channels, dense_macs,
             round(macs),
-            round(mac_red, 4), round(ms_dense, 3), round(ms_masked, 3), round(ms_sparse, 3),
-            round(time_red, 4), round(speedup, 3),
-            round(time_red / mac_red, 3) if mac_red > 0 else float("nan")))
+            round(mac_red, 4), round(ms["dense"], 3), round(ms["masked"], 3),
+            round(ms["sparse"], 3), round(time_red, 4), round(speedup, 3),
+            round(time_red / mac_red, 3) if mac_red > 0 else float("nan"),
+            round(ms.get("static", float("nan")), 3), round(static, 3)))
         log.info("%s", rows[-1])
     return rows
+
+
+def _one_pattern(trace) -> list[torch.Tensor] | None:
+    """The first image's scores if every image of the trace has the same (one static cut
+    computes them all), else None."""
+    if all(torch.equal(s, s[:1].expand_as(s)) for s in trace.scores):
+        return [s[:1] for s in trace.scores]
+    return None
 
 
 def _measured_sparsity(traces: list) -> tuple[float, float]:

@@ -222,6 +222,26 @@ class InferenceConv(NamedTuple):
                 bias = bias[channels]
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def restrict(self, out_ch: torch.Tensor | None = None, in_ch: torch.Tensor | None = None,
+                 scale: torch.Tensor | float = 1.0) -> InferenceConv:
+        """This conv cut for good to output channels ``out_ch`` and input channels ``in_ch``
+        (the weight slices gathered now). ``scale`` folds a factor into the weights: a number
+        multiplies the output; a (C_in',) tensor multiplies each kept input channel."""
+        weight, bias = self.weight, self.bias
+        if out_ch is not None:
+            weight = _slice(weight, 0, out_ch)
+            bias = None if bias is None else bias[out_ch]
+        if in_ch is not None:
+            weight = _slice(weight, 1, in_ch)
+        if torch.is_tensor(scale):                      # (C_in',): per input channel
+            weight = weight * scale[None, :, None, None]
+        elif scale != 1.0:
+            weight = weight * scale
+            bias = None if bias is None else bias * scale
+        if self.weight.is_contiguous(memory_format=torch.channels_last):
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return self._replace(weight=weight, bias=bias)
+
     def out_hw(self, hw) -> tuple[int, int]:
         k = self.weight.shape[-2:]
         return tuple((hw[i] + 2 * self.padding[i] - self.dilation[i] * (k[i] - 1) - 1)

@@ -2,6 +2,8 @@
 they report (not timings: benchmarks are scripts, these tests check their bookkeeping)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -56,6 +58,59 @@ def test_bench_rows_report_the_traced_sparsity_and_macs():
             assert row.blocks_off == pytest.approx(
                 (~trace.blocks_executed).float().mean().item(), abs=1e-3)
             assert row.speedup == pytest.approx(row.ms_dense / row.ms_sparse, rel=1e-2)
+    # a static cut exists for one image, not for a batch of random per-image patterns
+    assert rows[0].ms_static > 0 and rows[0].speedup_static > 0
+    assert math.isnan(rows[1].ms_static) and math.isnan(rows[1].speedup_static)
+
+
+def test_bench_times_a_static_cut_of_a_batch_that_shares_one_pattern():
+    rows = bench.bench_gated("lcnet_resnet8", blocks_off=0.0, channels_off=0.5,
+                             same_channels=True, batch_sizes=(8,), repeats=1, calibrate=False)
+    assert rows[0].ms_static > 0 and rows[0].channels_off == 0.5
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("name", ["lcnet_resnet20", "lcnet_resnet50"])
+def test_static_cut_computes_the_gated_model_with_its_macs_less_the_gates(name, placement):
+    """The static cut of one image's pattern gives the masked path's logits, and torch's FLOP
+    counter over it counts the trace's MACs less the gates' FCs (which it does not run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.test_models import _input, randomize
+
+    model = randomize(models.create(name, placement=placement).eval(), seed=6)
+    gate_macs = sum(fc.in_features * fc.out_features for block in model.blocks
+                    for fc in (block.block_gate.fc, block.channel_gate.fc))
+    skipped = partial = 0
+    for seed in range(4):
+        x = _input(model, 1, seed=seed)
+        with torch.no_grad():
+            masked, trace = model(x)
+            cut = bench.static_cut(model, trace.scores)
+            with FlopCounterMode(display=False) as counter:
+                logits = cut(x)
+        assert (logits - masked).norm() / masked.norm() <= 1e-4
+        assert counter.get_total_flops() // 2 == trace.macs.item() - gate_macs
+        skipped += (~trace.blocks_executed).sum().item()
+        partial += sum(((s > 0) & (s < 1)).sum().item() for s in trace.scores)
+    assert skipped > 0 and partial > 0   # the patterns skip blocks and scale by S in (0, 1)
+
+
+def test_static_cut_keeps_a_block_whose_channels_are_all_off():
+    from tests.test_models import _input, randomize
+
+    model = randomize(models.create("lcnet_resnet20").eval(), seed=7)
+    with torch.no_grad():
+        for block in model.blocks:   # every block on at 0.5, every channel off
+            block.block_gate.fc.weight.zero_()
+            block.block_gate.fc.bias.fill_(0.5)
+            block.channel_gate.fc.weight.zero_()
+            block.channel_gate.fc.bias.fill_(-1.0)
+        x = _input(model, 1)
+        masked, trace = model(x)
+        logits = bench.static_cut(model, trace.scores)(x)
+    assert trace.blocks_executed.all()
+    torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
 
 
 def test_round_robin_runs_each_function_once_per_round():
