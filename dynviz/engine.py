@@ -4,7 +4,9 @@ Channel slicing only pays where a conv is wide enough that the saved multiply-ad
 cost of gathering weight slices and launching smaller kernels. ``calibrate`` measures, per
 block and on the current device at a given batch size, the largest active-channel fraction
 at which the sliced residual branch is still faster than the masked dense one; the result is
-a ``SparsePlan`` that the sparse path follows, so it is never slower than masking.
+a ``SparsePlan`` that the sparse path follows, so it is never slower than masking. It also
+chooses per block how the gates pool the block's input (a reduction or a matmul with ones:
+which is faster differs between CPUs).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from models.lcnet import GatedResNet, SliceCache, SparsePlan
+from models.lcnet import GatedResNet, SliceCache, SparsePlan, pooled_sum
 from models.resnet import ResNet
 from models.staged import ExitHead
 
@@ -145,17 +147,30 @@ def calibrate(model: GatedResNet, batch_size: int, *, repeats: int = 5,
     """
     device = next(model.parameters()).device
     measured: dict[tuple, tuple[float, float]] = {}
-    fresh, cached = [], []
+    by_matmul: dict[tuple, bool] = {}
+    fresh, cached, pools = [], [], []
     for block, shape in zip(model.blocks, block_input_shapes(model, batch_size)):
         key = (shape, block.mid_channels, block.conv1.stride, type(block).__name__,
                block.gate_cfg.placement)
         if key not in measured:
             measured[key] = tuple(_slice_threshold(block, shape, device, repeats, fractions,
                                                    use_cache) for use_cache in (False, True))
+        if shape not in by_matmul:
+            by_matmul[shape] = _matmul_pools_faster(shape, device, repeats)
         fresh.append(measured[key][0])
         cached.append(measured[key][1])
-    log.info("slicing thresholds at batch %d: fresh %s, cached %s", batch_size, fresh, cached)
-    return SparsePlan(tuple(fresh), tuple(cached), SliceCache(cache_bytes))
+        pools.append(by_matmul[shape])
+    log.info("slicing thresholds at batch %d: fresh %s, cached %s; pooling by matmul %s",
+             batch_size, fresh, cached, pools)
+    return SparsePlan(tuple(fresh), tuple(cached), SliceCache(cache_bytes), tuple(pools))
+
+
+def _matmul_pools_faster(shape, device, repeats: int) -> bool:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device).contiguous(
+        memory_format=torch.channels_last)
+    times = compare_times({"sum": lambda: pooled_sum(x), "matmul": lambda: pooled_sum(x, True)},
+                          repeats=max(repeats, 5), device=device)
+    return times["matmul"] < times["sum"]
 
 
 def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) -> float:
@@ -170,9 +185,10 @@ def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) 
         channels = torch.randperm(block.mid_channels, generator=generator)[:keep].sort().values
         channels = channels.to(device)
         cache = SliceCache() if use_cache else None
+        key = SliceCache.channel_key(channels)
         times = compare_times({
             "masked": lambda: block.sparse_branch(ops, x, s_c),
-            "sliced": lambda: block.sparse_branch(ops, x, s_c, channels, cache),
+            "sliced": lambda: block.sparse_branch(ops, x, s_c, channels, cache, key),
         }, repeats=repeats, device=device)
         if times["sliced"] >= times["masked"]:
             break

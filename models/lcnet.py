@@ -89,29 +89,34 @@ class ChannelGate(nn.Module):
 
 
 class SliceCache:
-    """A thread-safe LRU of weight slices, keyed by weight and channel set.
+    """A thread-safe LRU of convs cut to a channel set (``InferenceConv.restrict``), keyed by
+    the conv's weight, the dimension cut and the set.
 
     Gathering a slice of a wide conv weight costs a good share of the conv itself at batch 1
     (ResNet-50's 512-channel 3×3 conv: ~0.3-2 ms to gather against ~1 ms to convolve); trained
-    C-Nets reuse a few channel sets over and over, so keeping the slices pays. Entries are
-    immutable; the cache evicts least-recently-used slices beyond ``max_bytes``.
+    C-Nets reuse a few channel sets over and over, so keeping the cut convs pays. Entries are
+    immutable; the cache evicts least-recently-used ones beyond ``max_bytes``.
     """
 
     def __init__(self, max_bytes: int = 256 << 20, max_seen: int = 4096):
         self.max_bytes = max_bytes
         self.max_seen = max_seen
-        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[tuple, InferenceConv] = OrderedDict()
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> tuple:
-        return (weight.data_ptr(), weight._version, tuple(weight.shape), dim,
-                channels.cpu().numpy().tobytes())
+    def channel_key(channels: torch.Tensor) -> bytes:
+        """A channel set as part of a key; made once per block (~15 µs at batch 1)."""
+        return channels.cpu().numpy().tobytes()
+
+    @staticmethod
+    def key(weight: torch.Tensor, dim: int, channel_key: bytes) -> tuple:
+        return (weight.data_ptr(), weight._version, tuple(weight.shape), dim, channel_key)
 
     def recurring(self, key: tuple) -> bool:
-        """True if ``key``'s slice is cached or its channel set was met before. A set met
+        """True if ``key``'s conv is cached or its channel set was met before. A set met
         for the first time is only remembered: gathering slices pays when a set recurs (a
         trained C-Net's few favourite sets), not for one-off per-image patterns."""
         with self._lock:
@@ -122,24 +127,26 @@ class SliceCache:
                 self._seen.popitem(last=False)
             return False
 
-    def get(self, key: tuple, weight: torch.Tensor, dim: int,
-            channels: torch.Tensor) -> torch.Tensor:
+    def conv(self, conv: InferenceConv, dim: int, channels: torch.Tensor,
+             channel_key: bytes) -> InferenceConv:
+        """``conv`` restricted to ``channels`` of its output (``dim`` 0) or input (1)."""
+        key = self.key(conv.weight, dim, channel_key)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-        sliced = _slice(weight, dim, channels)
-        size = sliced.numel() * sliced.element_size()
+        cut = conv.restrict(out_ch=channels) if dim == 0 else conv.restrict(in_ch=channels)
+        size = cut.nbytes
         if size > self.max_bytes:
-            return sliced
+            return cut
         with self._lock:
             if key not in self._entries:
-                self._entries[key] = sliced
+                self._entries[key] = cut
                 self._bytes += size
                 while self._bytes > self.max_bytes:
                     _, old = self._entries.popitem(last=False)
-                    self._bytes -= old.numel() * old.element_size()
-        return sliced
+                    self._bytes -= old.nbytes
+        return cut
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -157,6 +164,7 @@ class BlockPlan:
     slice_below: float                # slice when #active channels <= this fraction of C_mid
     slice_below_cached: float         # the same, for a recurring channel set (see SliceCache)
     cache: SliceCache | None = None   # keeps the slices of recurring sets only
+    pool_by_matmul: bool = False      # see pooled_sum
 
 
 @dataclass(frozen=True)
@@ -167,11 +175,13 @@ class SparsePlan:
     is at most ``slice_below[i]`` of its channels (``slice_below_cached[i]`` when that channel
     set recurs: its weight slices are in ``cache`` or will be after this call), and
     multiplies the dense output by the mask otherwise. 1.0 always slices, 0.0 never does.
-    ``dynviz.engine.calibrate`` measures these on the current device.
+    ``pool_by_matmul[i]`` chooses how block ``i`` pools its input for the gates
+    (``pooled_sum``). ``dynviz.engine.calibrate`` measures all of these on the current device.
     """
     slice_below: tuple[float, ...] | float = 1.0
     slice_below_cached: tuple[float, ...] | float | None = None  # None: as slice_below
     cache: SliceCache | None = None
+    pool_by_matmul: tuple[bool, ...] | bool = False
 
     def _at(self, values, index: int) -> float:
         return float(values) if isinstance(values, float | int) else values[index]
@@ -181,8 +191,10 @@ class SparsePlan:
         if index not in memo:
             cached = self.slice_below if self.slice_below_cached is None \
                 else self.slice_below_cached
+            by_matmul = self.pool_by_matmul if isinstance(self.pool_by_matmul, bool) \
+                else self.pool_by_matmul[index]
             memo[index] = BlockPlan(self._at(self.slice_below, index), self._at(cached, index),
-                                    self.cache)
+                                    self.cache, by_matmul)
         return memo[index]
 
 
@@ -207,20 +219,23 @@ class InferenceConv(NamedTuple):
         return cls(weight.detach(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def __call__(self, x: torch.Tensor, out_ch: torch.Tensor | None = None,
-                 in_ch: torch.Tensor | None = None,
-                 cache: SliceCache | None = None) -> torch.Tensor:
-        """The conv restricted to output channels ``out_ch`` or input channels ``in_ch``."""
-        weight, bias = self.weight, self.bias
-        for dim, channels in ((0, out_ch), (1, in_ch)):
-            if channels is None:
-                continue
-            if cache is None:
-                weight = _slice(weight, dim, channels)
-            else:
-                weight = cache.get(SliceCache.key(weight, dim, channels), weight, dim, channels)
-            if dim == 0 and bias is not None:
-                bias = bias[channels]
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+                 in_ch: torch.Tensor | None = None, cache: SliceCache | None = None,
+                 channel_key: bytes | None = None) -> torch.Tensor:
+        """The conv restricted to output channels ``out_ch`` or input channels ``in_ch``;
+        with a ``cache``, one of the two, whose ``SliceCache.channel_key`` is ``channel_key``."""
+        conv = self
+        if cache is not None and (out_ch is None) != (in_ch is None):
+            dim, channels = (0, out_ch) if out_ch is not None else (1, in_ch)
+            conv = cache.conv(self, dim, channels, channel_key)
+        elif out_ch is not None or in_ch is not None:
+            conv = self.restrict(out_ch, in_ch)
+        return F.conv2d(x, conv.weight, conv.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias)
+                   if t is not None)
 
     def restrict(self, out_ch: torch.Tensor | None = None, in_ch: torch.Tensor | None = None,
                  scale: torch.Tensor | float = 1.0) -> InferenceConv:
@@ -250,8 +265,8 @@ class InferenceConv(NamedTuple):
 
 class InferenceBlock(NamedTuple):
     """What the sparse path needs of one gated block: BN-folded convs and both gates fused
-    into one (C_in, 1 + C_mid) matrix. Built per call, or once by ``freeze``."""
-    gate_weight: torch.Tensor
+    into one (1 + C_mid, C_in) matrix. Built per call, or once by ``freeze``."""
+    gate_weight: torch.Tensor          # (1 + C_mid, C_in), rows contiguous: see forward_sparse
     gate_bias: torch.Tensor
     conv1: InferenceConv
     conv2: InferenceConv
@@ -261,14 +276,13 @@ class InferenceBlock(NamedTuple):
     mid_channels: int
 
 
-_POOL_BY_MATMUL = 1 << 17   # at and above this many elements per image, pool with a matmul
-
-
-def _pooled_sum(x: torch.Tensor) -> torch.Tensor:
-    """(B, C) sum over H×W. Large channels_last maps are summed by a matmul with ones, about
-    3× faster than a reduction on this machine (256×56×56: 37 µs against 101 µs)."""
+def pooled_sum(x: torch.Tensor, by_matmul: bool = False) -> torch.Tensor:
+    """(B, C) sum over H×W; ``by_matmul`` sums a channels_last map by a matmul with ones.
+    Which is faster depends on the CPU: for 256×56×56 at batch 1 the matmul took 37 µs against
+    the reduction's 101 µs on a Xeon with AMX, and 88 µs against 33 µs on an AMD EPYC, so the
+    calibration chooses per block."""
     b, c, h, w = x.shape
-    if c * h * w < _POOL_BY_MATMUL or not x.is_contiguous(memory_format=torch.channels_last):
+    if not by_matmul or not x.is_contiguous(memory_format=torch.channels_last):
         return x.sum((2, 3))
     ones = x.new_ones(1, h * w)
     return torch.matmul(ones, x.permute(0, 2, 3, 1).reshape(b, h * w, c)).squeeze(1)
@@ -367,7 +381,7 @@ class GatedBlockMixin:
         frozen = self.__dict__.get("_inference")
         if frozen is not None:
             return frozen
-        gates = torch.cat([self.block_gate.fc.weight, self.channel_gate.fc.weight]).t()
+        gates = torch.cat([self.block_gate.fc.weight, self.channel_gate.fc.weight])
         bias = torch.cat([self.block_gate.fc.bias, self.channel_gate.fc.bias])
         conv3 = getattr(self, "conv3", None)
         downsample = None
@@ -397,14 +411,17 @@ class GatedBlockMixin:
         return self.residual_tail(self.bn2(self.conv2(out * s_c[:, :, None, None])))
 
     @staticmethod
-    def sparse_branch(ops: InferenceBlock, x: torch.Tensor, s_c: torch.Tensor,
-                      channels: torch.Tensor | None = None,
-                      cache: SliceCache | None = None) -> torch.Tensor:
+    def sparse_branch(ops: InferenceBlock, x: torch.Tensor, s_c: torch.Tensor | None,
+                      channels: torch.Tensor | None = None, cache: SliceCache | None = None,
+                      channel_key: bytes | None = None) -> torch.Tensor:
         """F(x) from an ``InferenceBlock``. ``channels=None`` computes every channel and
-        multiplies by the scores; otherwise only ``channels`` are computed (weight slices),
-        which is exact when every other channel's score is 0."""
+        multiplies by the scores; otherwise only ``channels`` are computed (weight slices,
+        kept in ``cache`` under ``channel_key`` when given), which is exact when every other
+        channel's score is 0. ``s_c=None``: every computed channel's score is 1."""
         if channels is None:
-            out = ops.conv1(x).relu_().mul_(s_c[:, :, None, None])
+            out = ops.conv1(x).relu_()
+            if s_c is not None:
+                out.mul_(s_c[:, :, None, None])
         elif channels.numel() == 0:  # conv2 sees only zeros: its output is its bias
             h, w = ops.conv2.out_hw(ops.conv1.out_hw(x.shape[-2:]))
             out = x.new_zeros(x.shape[0], ops.conv2.weight.shape[0], h, w)
@@ -413,11 +430,13 @@ class GatedBlockMixin:
             return out if ops.conv3 is None else ops.conv3(out.relu_())
         else:
             if ops.sequential:       # conv1 computes only the active outputs
-                out = ops.conv1(x, out_ch=channels, cache=cache)
+                out = ops.conv1(x, out_ch=channels, cache=cache, channel_key=channel_key)
             else:                    # conv1 ran beside the gates: all outputs
                 out = ops.conv1(x)[:, channels]
-            out = out.relu_().mul_(s_c[:, channels, None, None])
-        out = ops.conv2(out, in_ch=channels, cache=cache)
+            out = out.relu_()
+            if s_c is not None:
+                out.mul_(s_c[:, channels, None, None])
+        out = ops.conv2(out, in_ch=channels, cache=cache, channel_key=channel_key)
         return out if ops.conv3 is None else ops.conv3(out.relu_())
 
     def forward_sparse(self, x: torch.Tensor, plan: BlockPlan):
@@ -431,7 +450,11 @@ class GatedBlockMixin:
         if ops is None:              # not frozen: fresh tensors every call, nothing to cache
             ops, cache = self.inference_block(), None
         batch, h, w = x.shape[0], x.shape[2], x.shape[3]
-        scores = torch.addmm(ops.gate_bias, _pooled_sum(x), ops.gate_weight,
+        # at batch 1 a matrix-vector product that reads the whole gate matrix (ResNet-50's
+        # layer4: 4 MB) from memory; with one contiguous row per output it runs ~1.5× faster
+        # here than on the transposed layout
+        scores = torch.addmm(ops.gate_bias, pooled_sum(x, plan.pool_by_matmul),
+                             ops.gate_weight.t(),
                              alpha=1.0 / (h * w)).clamp_(0, 1)              # (B, 1 + C_mid)
         identity = x if ops.downsample is None else ops.downsample(x)
         if batch == 1:               # decide in Python from one copy of the scores
@@ -440,6 +463,8 @@ class GatedBlockMixin:
             if s_l == 0:
                 return _shortcut(identity, ops), scores
             xa, ida, sc_a, active = x, identity, scores[:, 1:], None
+            n_off = row.count(0.0)                   # channels off (S_L > 0 here)
+            n_unit = row.count(1.0) - (s_l == 1.0)   # channels whose S_C is exactly 1
         else:
             s_l = scores[:, 0]
             active = (s_l > 0).nonzero().squeeze(1)
@@ -453,26 +478,32 @@ class GatedBlockMixin:
                 ida = xa if ops.downsample is None else identity[active]
                 sc_a, s_l = sc_a[active], s_l[active]
             s_l = s_l[:, None, None, None]
-        channels, keep = None, None                  # None: multiply by the mask
+        channels, keep, channel_key = None, None, None    # None: multiply by the mask
         if plan.slice_below > 0 or plan.slice_below_cached > 0:
             if batch == 1:
-                n_on = ops.mid_channels - row.count(0.0)
+                n_on = ops.mid_channels - n_off
                 channels = sc_a[0].nonzero().squeeze(1) if n_on < ops.mid_channels else None
             else:                                    # union over the sub-batch
                 channels = (sc_a > 0).any(0).nonzero().squeeze(1)
                 n_on = channels.numel()
             fraction = n_on / ops.mid_channels
             if n_on < ops.mid_channels and cache is not None and \
-                    fraction <= plan.slice_below_cached and \
-                    cache.recurring(SliceCache.key(ops.conv2.weight, 1, channels)):
-                keep = cache                         # a recurring set: slices are kept
+                    fraction <= plan.slice_below_cached:
+                channel_key = SliceCache.channel_key(channels)
+                if cache.recurring(SliceCache.key(ops.conv2.weight, 1, channel_key)):
+                    keep = cache                     # a recurring set: slices are kept
             if n_on == ops.mid_channels or (fraction > plan.slice_below and keep is None):
                 channels = None                      # slicing would not pay here
-        branch = self.sparse_branch(ops, xa, sc_a, channels, keep)
+        if batch == 1 and n_unit == ops.mid_channels - n_off and \
+                (channels is not None or n_off == 0):
+            sc_a = None                              # every channel computed has S_C = 1
+        branch = self.sparse_branch(ops, xa, sc_a, channels, keep, channel_key)
+        # into the branch's own fresh tensor: a new (B, C, H, W) result would cost as much
+        # again (ResNet-50's first stage at batch 1: ~0.1 ms against ~0.05 ms per block)
         if batch == 1:
-            out = torch.add(ida, branch, alpha=s_l).relu_()
+            out = torch.add(ida, branch, alpha=s_l, out=branch).relu_()
         else:
-            out = torch.addcmul(ida, s_l, branch).relu_()
+            out = torch.addcmul(ida, s_l, branch, out=branch).relu_()
         if active is not None:
             out = _shortcut(identity, ops).index_copy_(0, active, out)
         return out, scores

@@ -11,7 +11,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
-from models.lcnet import GatedResNet, ReLU1, SparsePlan
+from models.lcnet import GatedResNet, ReLU1, SliceCache, SparsePlan
 from models.registry import register_model
 
 ALL = models.names()
@@ -198,11 +198,12 @@ def test_open_gates_compute_exactly_the_plain_model(name):
 def test_sparse_equals_masked(name, placement):
     model = randomize(models.create(name, placement=placement).eval(), seed=4)
     size = 32 if model.cfg.stem == "cifar" else 64
-    for batch, slice_below in ((1, 1.0), (6, 1.0), (6, 0.0), (6, 0.5)):
-        x = _input(model, batch, size, seed=batch)
+    for batch, slice_below, by_matmul in ((1, 1.0, False), (1, 0.0, True), (6, 1.0, True),
+                                          (6, 0.0, False), (6, 0.5, False)):
+        x = _input(model, batch, size, seed=batch).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             masked, t_masked = model(x)
-            sparse, t_sparse = model(x, SparsePlan(slice_below))
+            sparse, t_sparse = model(x, SparsePlan(slice_below, pool_by_matmul=by_matmul))
         rel = (sparse - masked).norm() / masked.norm()
         assert rel <= 1e-4, (batch, slice_below, rel)
         assert torch.allclose(t_masked.block_scores, t_sparse.block_scores, atol=1e-5)
@@ -231,6 +232,31 @@ def test_sparse_handles_all_skipped_and_all_channels_off():
         sparse, trace = model(x, SparsePlan(1.0))
         assert torch.allclose(sparse, masked, rtol=1e-5, atol=1e-6)
         assert not trace.blocks_executed.any()
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+def test_sparse_equals_masked_with_saturated_channel_scores(placement):
+    """Channel scores exactly 0 or 1 (as a trained ReLU-1 gives them; the batch-1 path then
+    skips multiplying by them), block scores 1 or in (0, 1); sliced through a warm cache."""
+    model = randomize(models.create("lcnet_resnet20", placement=placement).eval(), seed=8)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.block_gate.fc.weight.zero_()
+            block.block_gate.fc.bias.fill_(1.5 if i % 2 else 0.6)
+            gate = block.channel_gate.fc
+            gate.weight.zero_()
+            gate.bias.copy_(torch.where(torch.rand(gate.out_features, generator=g) < 0.5,
+                                        -2.0, 2.0))
+            block.freeze()
+        for plan in (SparsePlan(0.0), SparsePlan(1.0, 1.0, SliceCache(0)),
+                     SparsePlan(1.0, 1.0, SliceCache(64 << 20))):   # masks, slices, cached
+            for seed in range(3):   # the set recurs from the second image on
+                x = _input(model, 1, seed=seed)
+                masked, trace = model(x)
+                sparse, _ = model(x, plan)
+                assert set(torch.cat(trace.channel_scores, 1).unique().tolist()) == {0.0, 1.0}
+                torch.testing.assert_close(sparse, masked, rtol=1e-4, atol=1e-5)
 
 
 def test_sparse_path_refuses_training_mode():
@@ -291,7 +317,6 @@ def test_intermediates_match_the_blocks():
 
 
 def test_slice_cache_serves_equal_slices_and_stays_bounded():
-    from models.lcnet import SliceCache
     model = randomize(models.create("lcnet_resnet20").eval(), seed=9)
     x = _input(model, 4)
     cache = SliceCache(max_bytes=200 << 10)
@@ -307,13 +332,28 @@ def test_slice_cache_serves_equal_slices_and_stays_bounded():
             assert torch.allclose(sparse, masked, rtol=1e-4, atol=1e-5)
     assert 0 < len(cache)
     assert cache._bytes <= cache.max_bytes
-    w = model.blocks[0].inference_block().conv2.weight
+    conv2 = model.blocks[0].inference_block().conv2
     channels = torch.tensor([0, 3, 5])
-    key = SliceCache.key(w, 1, channels)
-    assert torch.equal(cache.get(key, w, 1, channels), w[:, channels])
+    channel_key = SliceCache.channel_key(channels)
+    assert torch.equal(cache.conv(conv2, 1, channels, channel_key).weight,
+                       conv2.weight[:, channels])
+    conv1 = model.blocks[0].inference_block().conv1
+    cut = cache.conv(conv1, 0, channels, channel_key)
+    assert torch.equal(cut.weight, conv1.weight[channels])
+    assert torch.equal(cut.bias, conv1.bias[channels])
+    key = SliceCache.key(conv2.weight, 1, channel_key)
     with torch.no_grad():
-        w.add_(1.0)  # a changed weight is a different key: no stale slice
-    assert SliceCache.key(w, 1, channels) != key
+        conv2.weight.add_(1.0)  # a changed weight is a different key: no stale slice
+    assert SliceCache.key(conv2.weight, 1, channel_key) != key
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_pooling_by_matmul_equals_the_sum(memory_format):
+    from models.lcnet import pooled_sum
+
+    x = torch.randn(3, 64, 9, 7).contiguous(memory_format=memory_format)
+    torch.testing.assert_close(pooled_sum(x, by_matmul=True), x.sum((2, 3)))
+    torch.testing.assert_close(pooled_sum(x), x.sum((2, 3)))
 
 
 def test_calibrated_plan_covers_every_block():
@@ -321,6 +361,7 @@ def test_calibrated_plan_covers_every_block():
     model = models.create("lcnet_resnet8").eval()
     plan = engine.calibrate(model, batch_size=2, repeats=1, fractions=(0.5,))
     assert len(plan.slice_below) == len(plan.slice_below_cached) == len(model.blocks)
+    assert len(plan.pool_by_matmul) == len(model.blocks)
     assert all(t in (0.0, 0.5) for t in plan.slice_below + plan.slice_below_cached)
     x = _input(model, 2)
     with torch.no_grad():
