@@ -104,7 +104,7 @@ def static_cut(model: GatedResNet, scores: list[torch.Tensor]) -> Callable[[torc
         if ops.sequential:
             conv1, gather = ops.conv1.restrict(out_ch=on), None
         else:                        # parallel: conv1 computes every output, as the gates run
-            conv1, gather = ops.conv1, on
+            conv1, gather = ops.conv1, (on if on.numel() < ops.mid_channels else None)
         conv2, conv3 = ops.conv2.restrict(in_ch=on, scale=s_c[on]), ops.conv3
         if conv3 is None:            # S_L scales the branch's last conv
             conv2 = conv2.restrict(scale=s_l)

@@ -479,13 +479,15 @@ class GatedBlockMixin:
                 sc_a, s_l = sc_a[active], s_l[active]
             s_l = s_l[:, None, None, None]
         channels, keep, channel_key = None, None, None    # None: multiply by the mask
-        if plan.slice_below > 0 or plan.slice_below_cached > 0:
-            if batch == 1:
-                n_on = ops.mid_channels - n_off
-                channels = sc_a[0].nonzero().squeeze(1) if n_on < ops.mid_channels else None
-            else:                                    # union over the sub-batch
-                channels = (sc_a > 0).any(0).nonzero().squeeze(1)
-                n_on = channels.numel()
+        limit = max(plan.slice_below, plan.slice_below_cached)     # slicing may pay up to here
+        if batch == 1:               # the count is known: find the channels only if they may pay
+            n_on = ops.mid_channels - n_off
+            if n_on < ops.mid_channels and n_on <= limit * ops.mid_channels:
+                channels = sc_a[0].nonzero().squeeze(1)
+        elif limit > 0:              # union over the sub-batch
+            channels = (sc_a > 0).any(0).nonzero().squeeze(1)
+            n_on = channels.numel()
+        if channels is not None:
             fraction = n_on / ops.mid_channels
             if n_on < ops.mid_channels and cache is not None and \
                     fraction <= plan.slice_below_cached:
