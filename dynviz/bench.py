@@ -14,9 +14,9 @@ import torch.nn as nn
 
 import models
 from dynviz import data, engine, settings, zoo
-from models.lcnet import GatedResNet, InferenceConv, SparsePlan
+from models.lcnet import GatedResNet, SparsePlan
 from models.macs import linear_macs
-from models.resnet import ResNet
+from models.resnet import FrozenBlock, InferenceConv, ResNet
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,30 @@ def _cut(u: torch.Tensor, p_off: float) -> torch.Tensor:
     return (ordered[n_off - 1] + ordered[n_off]) / 2
 
 
-class _CutBlock(NamedTuple):
-    """One block of a ``static_cut``: None convs where the pattern skips the block."""
-    conv1: InferenceConv | None
-    gather: torch.Tensor | None      # parallel placement: conv1's outputs kept for conv2
-    conv2: InferenceConv | None
-    conv3: InferenceConv | None
+class _Gathered(NamedTuple):
+    """Parallel placement: conv1 computes every output (beside the gates); keep ``channels``."""
+    conv: InferenceConv
+    channels: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)[:, self.channels]
+
+
+class _Skipped(NamedTuple):
+    """A skipped block: the shortcut, as the sparse path returns it."""
     downsample: InferenceConv | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.downsample is None else self.downsample(x).relu_()
 
 
 def static_cut(model: GatedResNet, scores: list[torch.Tensor]) -> Callable[[torch.Tensor],
                                                                          torch.Tensor]:
     """The plain network that one gate pattern leaves of ``model`` (BN folded, frozen):
     skipped blocks removed, off channels cut out of the weights, S_C and S_L folded into the
-    convs that read them. ``scores``: a trace's per-block (1, 1 + C_mid) scores of one image
-    (or of a batch whose rows are all equal).
+    convs that read them, each block run as a plain network's ``FrozenBlock``. ``scores``: a
+    trace's per-block (1, 1 + C_mid) scores of one image (or of a batch whose rows are all
+    equal).
 
     It computes what the gated model computes for that pattern, with no gates, no decisions
     and no slicing at run time: a floor under the time any executor of the pattern can take
@@ -96,36 +105,26 @@ def static_cut(model: GatedResNet, scores: list[torch.Tensor]) -> Callable[[torc
         ops = block.inference_block()
         s_l, s_c = float(s[0, 0]), s[0, 1:]
         if s_l == 0:
-            blocks.append(_CutBlock(None, None, None, None, ops.downsample))
+            blocks.append(_Skipped(ops.downsample))
             continue
         on = s_c.nonzero().squeeze(1)
         if on.numel() == 0:          # keep one channel, scaled to 0: conv2 still adds its bias
             on = s_c.new_zeros(1, dtype=torch.long)
         if ops.sequential:
-            conv1, gather = ops.conv1.restrict(out_ch=on), None
-        else:                        # parallel: conv1 computes every output, as the gates run
-            conv1, gather = ops.conv1, (on if on.numel() < ops.mid_channels else None)
+            conv1 = ops.conv1.restrict(out_ch=on)
+        else:
+            conv1 = _Gathered(ops.conv1, on) if on.numel() < ops.mid_channels else ops.conv1
         conv2, conv3 = ops.conv2.restrict(in_ch=on, scale=s_c[on]), ops.conv3
         if conv3 is None:            # S_L scales the branch's last conv
             conv2 = conv2.restrict(scale=s_l)
         else:
             conv3 = conv3.restrict(scale=s_l)
-        blocks.append(_CutBlock(conv1, gather, conv2, conv3, ops.downsample))
+        blocks.append(FrozenBlock(conv1, conv2, conv3, ops.downsample))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = model.forward_stem(x)
-        for cut in blocks:
-            identity = x if cut.downsample is None else cut.downsample(x)
-            if cut.conv1 is None:    # skipped: the shortcut, as the sparse path returns it
-                x = identity if cut.downsample is None else identity.relu_()
-                continue
-            out = cut.conv1(x).relu_()
-            if cut.gather is not None:
-                out = out[:, cut.gather]
-            out = cut.conv2(out)
-            if cut.conv3 is not None:
-                out = cut.conv3(out.relu_())
-            x = out.add_(identity).relu_()
+        for block in blocks:
+            x = block(x)
         return model.forward_head(x)
     return forward
 

@@ -25,12 +25,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from models.macs import linear_macs
 from models.registry import register_model
-from models.resnet import BasicBlock, Bottleneck, ResNet, ResNetConfig, cifar_config, imagenet_config
+from models.resnet import (BasicBlock, Bottleneck, InferenceConv, ResNet, ResNetConfig,
+                           cifar_config, imagenet_config)
 
 PLACEMENTS = ("parallel", "sequential")
 
@@ -152,13 +151,6 @@ class SliceCache:
         return len(self._entries)
 
 
-def _slice(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> torch.Tensor:
-    sliced = weight.index_select(dim, channels)
-    if weight.is_contiguous(memory_format=torch.channels_last):
-        sliced = sliced.contiguous(memory_format=torch.channels_last)
-    return sliced
-
-
 @dataclass(frozen=True)
 class BlockPlan:
     slice_below: float                # slice when #active channels <= this fraction of C_mid
@@ -196,71 +188,6 @@ class SparsePlan:
             memo[index] = BlockPlan(self._at(self.slice_below, index), self._at(cached, index),
                                     self.cache, by_matmul)
         return memo[index]
-
-
-class InferenceConv(NamedTuple):
-    """A conv with its BatchNorm folded in, as raw tensors: no module lookups at call time."""
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-
-    @classmethod
-    def fold(cls, conv: nn.Conv2d, bn: nn.Module) -> InferenceConv:
-        weight, bias = conv.weight.detach(), conv.bias
-        if isinstance(bn, nn.BatchNorm2d):
-            weight, bias = fuse_conv_bn_weights(weight, bias, bn.running_mean, bn.running_var,
-                                                bn.eps, bn.weight, bn.bias)
-            if conv.weight.is_contiguous(memory_format=torch.channels_last):
-                weight = weight.contiguous(memory_format=torch.channels_last)
-        bias = None if bias is None else bias.detach()
-        return cls(weight.detach(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-    def __call__(self, x: torch.Tensor, out_ch: torch.Tensor | None = None,
-                 in_ch: torch.Tensor | None = None, cache: SliceCache | None = None,
-                 channel_key: bytes | None = None) -> torch.Tensor:
-        """The conv restricted to output channels ``out_ch`` or input channels ``in_ch``;
-        with a ``cache``, one of the two, whose ``SliceCache.channel_key`` is ``channel_key``."""
-        conv = self
-        if cache is not None and (out_ch is None) != (in_ch is None):
-            dim, channels = (0, out_ch) if out_ch is not None else (1, in_ch)
-            conv = cache.conv(self, dim, channels, channel_key)
-        elif out_ch is not None or in_ch is not None:
-            conv = self.restrict(out_ch, in_ch)
-        return F.conv2d(x, conv.weight, conv.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias)
-                   if t is not None)
-
-    def restrict(self, out_ch: torch.Tensor | None = None, in_ch: torch.Tensor | None = None,
-                 scale: torch.Tensor | float = 1.0) -> InferenceConv:
-        """This conv cut for good to output channels ``out_ch`` and input channels ``in_ch``
-        (the weight slices gathered now). ``scale`` folds a factor into the weights: a number
-        multiplies the output; a (C_in',) tensor multiplies each kept input channel."""
-        weight, bias = self.weight, self.bias
-        if out_ch is not None:
-            weight = _slice(weight, 0, out_ch)
-            bias = None if bias is None else bias[out_ch]
-        if in_ch is not None:
-            weight = _slice(weight, 1, in_ch)
-        if torch.is_tensor(scale):                      # (C_in',): per input channel
-            weight = weight * scale[None, :, None, None]
-        elif scale != 1.0:
-            weight = weight * scale
-            bias = None if bias is None else bias * scale
-        if self.weight.is_contiguous(memory_format=torch.channels_last):
-            weight = weight.contiguous(memory_format=torch.channels_last)
-        return self._replace(weight=weight, bias=bias)
-
-    def out_hw(self, hw) -> tuple[int, int]:
-        k = self.weight.shape[-2:]
-        return tuple((hw[i] + 2 * self.padding[i] - self.dilation[i] * (k[i] - 1) - 1)
-                     // self.stride[i] + 1 for i in range(2))
 
 
 class InferenceBlock(NamedTuple):

@@ -378,3 +378,24 @@ def test_folding_batchnorm_keeps_the_function():
         with torch.no_grad():
             assert torch.allclose(_logits(folded(x)), _logits(model(x)), rtol=1e-4, atol=1e-5)
         assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet50"])
+def test_folded_plain_resnet_runs_frozen_blocks_and_trains_through_modules(name):
+    """Folding freezes a plain ResNet's blocks: in eval mode they run as ``FrozenBlock`` raw
+    calls (the same function), in training mode through their modules again."""
+    from dynviz import engine
+    model = randomize(models.create(name).eval(), seed=11)
+    folded = engine.fold_batchnorm(model)
+    x = _input(model, 2)
+    calls = []
+    for block in folded.blocks:
+        frozen = block.__dict__["_frozen"]
+        block.__dict__["_frozen"] = lambda h, f=frozen: calls.append(1) or f(h)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    assert len(calls) == len(folded.blocks)
+    folded.train().requires_grad_(True)
+    folded(x).sum().backward()
+    assert len(calls) == len(folded.blocks)   # training did not use them
+    assert all(p.grad is not None for p in folded.parameters())
