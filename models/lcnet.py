@@ -303,34 +303,19 @@ class GatedBlockMixin:
         out = self.relu(identity + s_l[:, None, None, None] * self.residual_branch(x, s_c))
         return out, torch.cat([s_l[:, None], s_c], 1)
 
-    def inference_block(self) -> InferenceBlock:
-        """The frozen ``InferenceBlock`` if ``freeze`` stored one, else one built now."""
-        frozen = self.__dict__.get("_inference")
-        if frozen is not None:
-            return frozen
+    def frozen_block(self) -> InferenceBlock:
+        """A fresh ``InferenceBlock``: the plain block's folded convs and the fused gates.
+        ``freeze`` stores one for a model that will no longer be trained (its weight slices
+        may then be cached by a ``SliceCache``)."""
         gates = torch.cat([self.block_gate.fc.weight, self.channel_gate.fc.weight])
         bias = torch.cat([self.block_gate.fc.bias, self.channel_gate.fc.bias])
-        conv3 = getattr(self, "conv3", None)
-        downsample = None
-        if self.downsample is not None:
-            downsample = InferenceConv.fold(self.downsample[0], self.downsample[1])
-        return InferenceBlock(
-            gates.detach().contiguous(), bias.detach(),
-            InferenceConv.fold(self.conv1, self.bn1), InferenceConv.fold(self.conv2, self.bn2),
-            None if conv3 is None else InferenceConv.fold(conv3, self.bn3), downsample,
-            self.gate_cfg.placement == "sequential", self.mid_channels)
+        return InferenceBlock(gates.detach().contiguous(), bias.detach(),
+                              *super().frozen_block(),
+                              self.gate_cfg.placement == "sequential", self.mid_channels)
 
-    def freeze(self) -> None:
-        """Store the ``InferenceBlock`` for a model that will no longer be trained. Its weight
-        slices may then be cached by a ``SliceCache``; ``.to()`` rebuilds it."""
-        self.__dict__["_inference"] = None
-        self.__dict__["_inference"] = self.inference_block()
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        if self.__dict__.get("_inference") is not None:
-            self.freeze()
-        return out
+    def inference_block(self) -> InferenceBlock:
+        """The ``InferenceBlock`` ``freeze`` stored, else one built now."""
+        return self.__dict__.get("_frozen") or self.frozen_block()
 
     def residual_branch(self, x: torch.Tensor, s_c: torch.Tensor) -> torch.Tensor:
         """F(x) with conv1's output (after BN+ReLU) scaled by ``s_c`` (B, C_mid)."""
@@ -372,7 +357,7 @@ class GatedBlockMixin:
         Python and module-call overhead is a visible share of a CIFAR block."""
         if self.training:
             raise RuntimeError("the sparse path runs in eval mode (BatchNorm running stats)")
-        ops = self.__dict__.get("_inference")
+        ops = self.__dict__.get("_frozen")
         cache = plan.cache
         if ops is None:              # not frozen: fresh tensors every call, nothing to cache
             ops, cache = self.inference_block(), None

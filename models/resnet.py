@@ -153,8 +153,9 @@ class ResidualBlock(nn.Module):
                            downsample)
 
     def freeze(self) -> None:
-        """Run this block as a ``FrozenBlock`` in its network's eval-mode forward from now on
-        (for a model that will no longer be trained); ``.to()`` rebuilds it."""
+        """Store ``frozen_block()`` for a model that will no longer be trained: a plain
+        network's eval-mode forward then runs it (a gated one's sparse path reads it);
+        ``.to()`` rebuilds it."""
         self.__dict__["_frozen"] = self.frozen_block()
 
     def _apply(self, fn, recurse=True):
