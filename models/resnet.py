@@ -40,7 +40,6 @@ def _slice(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> torch.Tens
     return sliced
 
 
-
 class InferenceConv(NamedTuple):
     """A conv with its BatchNorm folded in, as raw tensors: no module lookups at call time."""
     weight: torch.Tensor
