@@ -91,9 +91,10 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An inference copy of an eval-mode model with every BatchNorm of its ResNets and exit
-    heads folded into the conv before it (conv gets a bias, BN becomes Identity) and, for
-    gated blocks, the two gates' weights fused into one matrix: fewer ops and memory passes.
-    Benchmarks fold both the dense and the dynamic model, so neither gains from it alone.
+    heads folded into the conv before it (conv gets a bias, BN becomes Identity), and every
+    residual block frozen (``freeze``): plain blocks then run as raw calls, gated ones keep
+    their ``InferenceBlock`` (the two gates' weights fused into one matrix). Benchmarks fold
+    both the dense and the dynamic model, so neither gains from it alone.
     """
     folded = copy.deepcopy(model).eval()
     for module in list(folded.modules()):
@@ -112,8 +113,7 @@ def _fold_resnet(resnet: ResNet) -> None:
             pairs.append((block.downsample, "0", "1"))
     _fold_pairs(pairs)
     for block in resnet.blocks:
-        if hasattr(block, "freeze"):
-            block.freeze()
+        block.freeze()
 
 
 def _fold_pairs(pairs) -> None:

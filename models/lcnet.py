@@ -183,10 +183,8 @@ class SparsePlan:
         if index not in memo:
             cached = self.slice_below if self.slice_below_cached is None \
                 else self.slice_below_cached
-            by_matmul = self.pool_by_matmul if isinstance(self.pool_by_matmul, bool) \
-                else self.pool_by_matmul[index]
             memo[index] = BlockPlan(self._at(self.slice_below, index), self._at(cached, index),
-                                    self.cache, by_matmul)
+                                    self.cache, bool(self._at(self.pool_by_matmul, index)))
         return memo[index]
 
 
