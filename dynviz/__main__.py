@@ -50,8 +50,26 @@ def _cmd_bench_gated(args: argparse.Namespace) -> int:
                                   channels_off=args.channels_off,
                                   batch_sizes=tuple(args.batch), repeats=args.repeats,
                                   checkpoint=args.checkpoint, calibrate=not args.no_calibrate,
-                                  same_channels=args.same_channels)
+                                  same_channels=args.same_channels,
+                                  use_native={"auto": None, "native": True,
+                                              "python": False}[args.runner])
     print(bench.format_rows(rows))
+    return 0
+
+
+def _cmd_native(args: argparse.Namespace) -> int:
+    from dynviz import settings
+    from models import native
+
+    if not settings.native_enabled():
+        print("the native block runner is turned off (DYNVIZ_NATIVE=0)")
+        return 0
+    module = native.load(settings.native_dir())
+    if module is None:
+        print("the native block runner is not available here; Python blocks run (see above)",
+              file=sys.stderr)
+        return 1
+    print(f"native block runner: {module.__file__}")
     return 0
 
 
@@ -189,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true", help="build the decoded uint8 cache now")
     p.set_defaults(func=_cmd_data)
 
+    p = sub.add_parser("native", help="build the native (C++) block runner",
+                       description="Compiles models/csrc/blocks.cpp into the cache (once, about "
+                                   "a minute) and says where it is; exit status 1 when it "
+                                   "cannot be built here (Python blocks then run).")
+    p.set_defaults(func=_cmd_native)
+
     p = sub.add_parser("train", help="train a named recipe",
                        description="Train a recipe; writes models/checkpoints/NAME.pt and "
                                    "NAME.json. Checkpoints every epoch; --resume continues. "
@@ -222,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
     p.add_argument("--no-calibrate", action="store_true",
                    help="always slice channels instead of calibrating per block")
+    p.add_argument("--runner", choices=["auto", "native", "python"], default="auto",
+                   help="run the frozen blocks of both networks from C++ (native) or Python; "
+                        "auto: native when it can be built")
     p.set_defaults(func=_cmd_bench_gated)
 
     p = bench_sub.add_parser("policy", help="policy refit and sweep times",
@@ -323,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dynviz import engine
+    engine.keep_freed_memory()       # steadier timings (see there); before any model runs
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as err:  # incl. missing data/checkpoints

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import models
+from models import native
 from dynviz import data, engine, settings, zoo
 from models.lcnet import GatedResNet, SparsePlan
 from models.macs import linear_macs
@@ -120,13 +121,27 @@ def static_cut(model: GatedResNet, scores: list[torch.Tensor]) -> Callable[[torc
         else:
             conv3 = conv3.restrict(scale=s_l)
         blocks.append(FrozenBlock(conv1, conv2, conv3, ops.downsample))
+    module = model.__dict__.get("_native_module")
+    runner = None if module is None else native.blocks(module, map(_native_spec, blocks))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = model.forward_stem(x)
-        for block in blocks:
-            x = block(x)
+        if runner is not None and native.accepts(x):    # as the gated model runs
+            x = runner.plain(x, 0, len(blocks))
+        else:
+            for block in blocks:
+                x = block(x)
         return model.forward_head(x)
     return forward
+
+
+def _native_spec(block: FrozenBlock | _Skipped):
+    if isinstance(block, _Skipped):
+        return native.block_spec(None, None, None, block.downsample)
+    conv1, gather = block.conv1, None
+    if isinstance(conv1, _Gathered):
+        conv1, gather = conv1.conv, conv1.channels
+    return native.block_spec(conv1, block.conv2, block.conv3, block.downsample, gather=gather)
 
 
 @dataclass
@@ -137,6 +152,7 @@ class GatedBenchRow:
     blocks_off: float         # measured on the timed images: blocks with S_L = 0
     channels_off: float       # channels with S_C = 0, over the blocks that ran
     same_channels: bool
+    runner: str               # native: frozen blocks run from C++ (both networks); python
     macs_dense: int
     macs_sparse: float        # mean traced MACs per image
     mac_reduction: float      # 1 - sparse / dense
@@ -173,13 +189,16 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
                 blocks_off: float = 0.5, channels_off: float = 0.0,
                 batch_sizes: tuple[int, ...] = (1, 256), repeats: int = 10,
                 checkpoint: str | None = None, calibrate: bool = True,
-                same_channels: bool = False, seed: int = 0) -> list[GatedBenchRow]:
+                same_channels: bool = False, seed: int = 0,
+                use_native: bool | None = None) -> list[GatedBenchRow]:
     """Time dense vs masked vs sparse for a gated model with a chosen gate sparsity.
 
     Batch 1 is timed over 32 different images (each its own pattern), larger batches over
     one batch; both as medians of ``repeats`` after warm-up. ``checkpoint`` loads trained
     weights and keeps their gates (``blocks_off``/``channels_off`` are then ignored); the
     images are then CIFAR-10 validation images, as trained gates decide on real inputs.
+    ``use_native``: both networks' frozen blocks run from C++ (``engine.fold_batchnorm``;
+    None: when the runner can be built), the sparse path so at batch 1.
     """
     device = settings.device()
     with torch.random.fork_rng(devices=[]):   # the same random weights, hence patterns,
@@ -200,8 +219,11 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
     pool = pool.to(device).contiguous(memory_format=torch.channels_last)
     if not checkpoint:
         set_gate_pattern(gated, pool[:256], blocks_off, channels_off, seed, same_channels)
-    gated = engine.fold_batchnorm(gated).to(device, memory_format=torch.channels_last)
-    plain = engine.fold_batchnorm(plain).to(device, memory_format=torch.channels_last)
+    gated = engine.fold_batchnorm(gated, use_native=use_native).to(
+        device, memory_format=torch.channels_last)
+    plain = engine.fold_batchnorm(plain, use_native=use_native).to(
+        device, memory_format=torch.channels_last)
+    runner = "native" if "_native" in gated.__dict__ else "python"
 
     rows = []
     for batch in batch_sizes:
@@ -228,7 +250,7 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
         mac_red = 1 - macs / dense_macs
         time_red = 1 - 1 / speedup
         rows.append(GatedBenchRow(
-            name, placement, batch, off_blocks, off_channels, same_channels, dense_macs,
+            name, placement, batch, off_blocks, off_channels, same_channels, runner, dense_macs,
             round(macs),
             round(mac_red, 4), round(ms["dense"], 3), round(ms["masked"], 3),
             round(ms["sparse"], 3), round(time_red, 4), round(speedup, 3),

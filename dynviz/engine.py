@@ -15,13 +15,16 @@ import itertools
 import logging
 import statistics
 import time
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from models.lcnet import GatedResNet, SliceCache, SparsePlan, pooled_sum
+from dynviz import settings
+from models import native
+from models.lcnet import BlockPlan, GatedResNet, SliceCache, SparsePlan, pooled_sum
 from models.resnet import ResNet
 from models.staged import ExitHead
 
@@ -89,17 +92,58 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameters
+_MMAP_THRESHOLD_MAX = 32 << 20                     # glibc's ceiling on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the
+    system: no trimming of the heap, no mmap below 32 MB. Process-wide; True if applied.
+
+    At batch 1 a network allocates and frees a few activation-sized tensors per block. With
+    glibc's defaults those frees can shrink the heap or unmap the chunk, and the next
+    allocation faults its pages back in: measured here on the native sparse path of a CIFAR
+    ResNet-56, 60–410 minor page faults per image in some runs and none in others, which
+    made it up to 1.5× slower from one run to the next. Both settings together remove
+    them (setting the trim threshold alone freezes glibc's adaptive mmap threshold at
+    128 KB, and the faults grew). The CLI and the app call this before timing anything.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):        # not glibc: nothing to tune
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))) and \
+        bool(mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(_MMAP_THRESHOLD_MAX)))
+
+
+def native_module():
+    """The native block runner (``models.native``), built on first use; None when it is
+    turned off (``DYNVIZ_NATIVE=0``) or cannot be built here."""
+    if not settings.native_enabled():
+        return None
+    return native.load(settings.native_dir())
+
+
+def fold_batchnorm(model: nn.Module, *, use_native: bool | None = None) -> nn.Module:
     """An inference copy of an eval-mode model with every BatchNorm of its ResNets and exit
     heads folded into the conv before it (conv gets a bias, BN becomes Identity), and every
     residual block frozen (``freeze``): plain blocks then run as raw calls, gated ones keep
-    their ``InferenceBlock`` (the two gates' weights fused into one matrix). Benchmarks fold
+    their ``InferenceBlock`` (the two gates' weights fused into one matrix). With the native
+    runner (``use_native``; default: when ``native_module()`` has one) the frozen blocks of
+    plain ResNets, and the sparse path of gated ones at batch 1, run from C++. Benchmarks fold
     both the dense and the dynamic model, so neither gains from it alone.
     """
     folded = copy.deepcopy(model).eval()
+    module_ = native_module() if use_native is None or use_native else None
+    if use_native and module_ is None:
+        raise RuntimeError("the native block runner is not available (see the log)")
     for module in list(folded.modules()):
         if isinstance(module, ResNet):
             _fold_resnet(module)
+            if module_ is not None:
+                module.use_native(module_)
         elif isinstance(module, ExitHead):
             _fold_pairs([(module, conv, bn) for conv, bn in module.conv_bn_pairs()])
     return folded.requires_grad_(False)
@@ -147,6 +191,8 @@ def calibrate(model: GatedResNet, batch_size: int, *, repeats: int = 5,
     device it will run on.
     """
     device = next(model.parameters()).device
+    module = model.__dict__.get("_native_module") if batch_size == 1 else None
+    threshold = _slice_threshold if module is None else partial(_native_slice_threshold, module)
     measured: dict[tuple, tuple[float, float]] = {}
     by_matmul: dict[tuple, bool] = {}
     fresh, cached, pools = [], [], []
@@ -154,8 +200,8 @@ def calibrate(model: GatedResNet, batch_size: int, *, repeats: int = 5,
         key = (shape, block.mid_channels, block.conv1.stride, type(block).__name__,
                block.gate_cfg.placement)
         if key not in measured:
-            measured[key] = tuple(_slice_threshold(block, shape, device, repeats, fractions,
-                                                   use_cache) for use_cache in (False, True))
+            measured[key] = tuple(threshold(block, shape, device, repeats, fractions, use_cache)
+                                  for use_cache in (False, True))
         if shape not in by_matmul:
             by_matmul[shape] = _matmul_pools_faster(shape, device, repeats)
         fresh.append(measured[key][0])
@@ -177,13 +223,14 @@ def _matmul_pools_faster(shape, device, repeats: int) -> bool:
 RECURRING_SETS = 8   # channel sets a cached measurement cycles through (a C-Net's favourites)
 
 
-def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) -> float:
-    """The largest fraction in ``fractions`` at which the sliced branch beats the masked one.
+def _largest_paying_fraction(block, shape, device, repeats, fractions, use_cache: bool,
+                             contenders) -> float:
+    """The largest fraction in ``fractions`` at which slicing beats masking for ``block``.
 
-    The sliced side pays all the sparse path pays to slice: finding the active channels and,
-    ``use_cache``, the set's key and lookups, cycling through ``RECURRING_SETS`` sets whose
-    slices are all cached (a lone set measured in a loop stays hot and flatters slicing).
-    """
+    ``contenders(x, ops, masks, cache)`` returns the masked and the sliced way to run the
+    block on ``x``, cycling through ``masks`` ((C_mid,) 0/1 channel sets): one set, or with
+    ``use_cache`` ``RECURRING_SETS`` sets whose slices are all cached before timing (a lone
+    set measured in a loop stays hot and flatters slicing)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=generator).to(device).contiguous(
         memory_format=torch.channels_last).relu_()
@@ -193,11 +240,26 @@ def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) 
         keep = max(1, round(fraction * block.mid_channels))
         masks = []
         for _ in range(RECURRING_SETS if use_cache else 1):
-            s_c = torch.zeros(shape[0], block.mid_channels)
-            s_c[:, torch.randperm(block.mid_channels, generator=generator)[:keep]] = 1.0
-            masks.append(s_c.to(device))
-        turn = itertools.cycle(masks)
-        cache = SliceCache() if use_cache else None
+            mask = torch.zeros(block.mid_channels)
+            mask[torch.randperm(block.mid_channels, generator=generator)[:keep]] = 1.0
+            masks.append(mask.to(device))
+        masked, sliced = contenders(x, ops, masks, SliceCache() if use_cache else None)
+        for _ in masks:      # every set's slices cached before timing
+            sliced()
+        times = compare_times({"masked": masked, "sliced": sliced}, repeats=repeats,
+                              device=device)
+        if times["sliced"] >= times["masked"]:
+            break
+        best = fraction
+    return best
+
+
+def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) -> float:
+    """``_largest_paying_fraction`` of the residual branch alone: the sliced side pays all
+    the sparse path pays to slice, finding the active channels and, ``use_cache``, the set's
+    key and lookups."""
+    def contenders(x, ops, masks, cache):
+        turn = itertools.cycle([m.expand(shape[0], -1) for m in masks])
 
         def sliced():
             s_c = next(turn)
@@ -207,17 +269,37 @@ def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) 
                 key = SliceCache.channel_key(channels)
                 cache.recurring(SliceCache.key(ops.conv2.weight, 1, key))
             return block.sparse_branch(ops, x, s_c, channels, cache, key)
+        return (lambda: block.sparse_branch(ops, x, next(turn))), sliced
 
-        for _ in masks:      # every set's slices cached before timing
-            sliced()
-        times = compare_times({
-            "masked": lambda: block.sparse_branch(ops, x, next(turn)),
-            "sliced": sliced,
-        }, repeats=repeats, device=device)
-        if times["sliced"] >= times["masked"]:
-            break
-        best = fraction
-    return best
+    return _largest_paying_fraction(block, shape, device, repeats, fractions, use_cache,
+                                    contenders)
+
+
+def _native_slice_threshold(module, block, shape, device, repeats, fractions,
+                            use_cache: bool) -> float:
+    """``_largest_paying_fraction`` for a block the native runner runs (batch 1): the
+    masked side is the runner's, the sliced side is the runner handing the block back to
+    Python's ``forward_sparse``, as the sparse path then does. Each side runs the whole
+    block, gates included, on a one-block runner whose gates are constant (zero weights,
+    the scores in the bias)."""
+    def contenders(x, ops, masks, cache):
+        runners = []
+        for mask in masks:
+            scores = torch.cat([mask.new_ones(1), mask * 2 - 1])   # S_L = 1; S_C 1 or off
+            spec = native.block_spec(ops.conv1, ops.conv2, ops.conv3, ops.downsample,
+                                     gate_weight=torch.zeros_like(ops.gate_weight),
+                                     gate_bias=scores, mid_channels=ops.mid_channels)
+            runners.append(native.blocks(module, [spec]))
+        turn = itertools.cycle(runners)
+        plan = BlockPlan(0.0 if cache is not None else 1.0, 1.0, cache)
+
+        def sliced():
+            h, scores, _ = next(turn).gated(x, 0, 1, [1.0])      # hands the block back
+            return block.forward_sparse(h, plan, scores[-1])
+        return (lambda: next(turn).gated(x, 0, 1, [0.0])), sliced
+
+    return _largest_paying_fraction(block, shape, device, repeats, fractions, use_cache,
+                                    contenders)
 
 
 @torch.no_grad()

@@ -8,6 +8,9 @@ Every path is relative to the project root unless an environment variable overri
 - ``DYNVIZ_CHECKPOINTS``: trained weights (default ``models/checkpoints/``).
 - ``DYNVIZ_ASSETS``: shipped caches and policies (default ``assets/``).
 - ``DYNVIZ_DEVICE``: ``cuda``, ``cpu``, ``cuda:1``...; default CUDA when present.
+- ``DYNVIZ_NATIVE``: ``0`` turns the native (C++) block runner off.
+- ``DYNVIZ_NATIVE_DIR``: where it is compiled (default ``.cache/native``; not under
+  ``DYNVIZ_CACHE``, so that redirecting the data caches does not rebuild it).
 """
 from __future__ import annotations
 
@@ -41,6 +44,15 @@ def download_dir() -> Path:
 
 def cache_dir() -> Path:
     return _env_path("DYNVIZ_CACHE", PROJECT_ROOT / ".cache")
+
+
+def native_dir() -> Path:
+    """Where the native block runner (``models/csrc``) is compiled."""
+    return _env_path("DYNVIZ_NATIVE_DIR", PROJECT_ROOT / ".cache" / "native")
+
+
+def native_enabled() -> bool:
+    return os.environ.get("DYNVIZ_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def checkpoint_dir() -> Path:

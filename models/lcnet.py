@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from models import native
 from models.macs import linear_macs
 from models.registry import register_model
 from models.resnet import (BasicBlock, Bottleneck, InferenceConv, ResNet, ResNetConfig,
@@ -177,6 +178,14 @@ class SparsePlan:
 
     def _at(self, values, index: int) -> float:
         return float(values) if isinstance(values, float | int) else values[index]
+
+    def slice_limits(self, n_blocks: int) -> list[float]:
+        """Per block, the largest active fraction at which slicing may pay (either test)."""
+        memo = self.__dict__.setdefault("_limits", {})
+        if n_blocks not in memo:
+            memo[n_blocks] = [max(b.slice_below, b.slice_below_cached)
+                              for b in map(self.block, range(n_blocks))]
+        return memo[n_blocks]
 
     def block(self, index: int) -> BlockPlan:
         memo = self.__dict__.setdefault("_blocks", {})   # the plan is immutable: build once
@@ -349,8 +358,10 @@ class GatedBlockMixin:
         out = ops.conv2(out, in_ch=channels, cache=cache, channel_key=channel_key)
         return out if ops.conv3 is None else ops.conv3(out.relu_())
 
-    def forward_sparse(self, x: torch.Tensor, plan: BlockPlan):
+    def forward_sparse(self, x: torch.Tensor, plan: BlockPlan,
+                       scores: torch.Tensor | None = None):
         """The sparse path (eval mode); may overwrite ``x`` in place, which the network owns.
+        ``scores``: the gates' output on ``x`` when already computed (the native runner).
         Plain function calls on raw tensors throughout: at batch 1 every microsecond of
         Python and module-call overhead is a visible share of a CIFAR block."""
         if self.training:
@@ -363,9 +374,10 @@ class GatedBlockMixin:
         # at batch 1 a matrix-vector product that reads the whole gate matrix (ResNet-50's
         # layer4: 4 MB) from memory; with one contiguous row per output it runs ~1.5× faster
         # here than on the transposed layout
-        scores = torch.addmm(ops.gate_bias, pooled_sum(x, plan.pool_by_matmul),
-                             ops.gate_weight.t(),
-                             alpha=1.0 / (h * w)).clamp_(0, 1)              # (B, 1 + C_mid)
+        if scores is None:
+            scores = torch.addmm(ops.gate_bias, pooled_sum(x, plan.pool_by_matmul),
+                                 ops.gate_weight.t(),
+                                 alpha=1.0 / (h * w)).clamp_(0, 1)          # (B, 1 + C_mid)
         identity = x if ops.downsample is None else ops.downsample(x)
         if batch == 1:               # decide in Python from one copy of the scores
             row = scores.tolist()[0]
@@ -454,6 +466,9 @@ class GatedResNet(ResNet):
     def forward_blocks(self, x, start, stop, plan: SparsePlan | None = None):
         """Blocks ``start`` .. ``stop - 1``; returns features and each block's (B, 1 + C_mid)
         scores (S_L, then S_C)."""
+        runner = self.__dict__.get("_native")
+        if plan is not None and runner is not None and x.shape[0] == 1 and native.accepts(x):
+            return self._forward_native(runner, x, start, stop, plan)
         scores = []
         for i, block in enumerate(self.blocks[start:stop], start):
             if plan is None:
@@ -463,8 +478,30 @@ class GatedResNet(ResNet):
             scores.append(block_scores)
         return x, scores
 
+    def _forward_native(self, runner, x, start, stop, plan: SparsePlan):
+        """The sparse path of one image through the native runner, which hands back each
+        block where slicing may pay (the Python path slices it, with the plan's cache)."""
+        scores, limits = [], plan.slice_limits(len(self.blocks))
+        while start < stop:
+            x, gated, start = runner.gated(x, start, stop, limits)
+            scores += gated
+            if start < stop:
+                x, _ = self.blocks[start].forward_sparse(x, plan.block(start), gated[-1])
+                start += 1
+        return x, scores
+
     def forward_features(self, x, plan: SparsePlan | None = None):
         return self.forward_blocks(self.forward_stem(x), 0, len(self.blocks), plan)
+
+    def native_specs(self) -> list[tuple[list[torch.Tensor], list[int]]]:
+        """Every block's convs and fused gates (``inference_block``) for the native runner."""
+        specs = []
+        for block in self.blocks:
+            ops = block.inference_block()
+            specs.append(native.block_spec(ops.conv1, ops.conv2, ops.conv3, ops.downsample,
+                                           gate_weight=ops.gate_weight, gate_bias=ops.gate_bias,
+                                           mid_channels=ops.mid_channels))
+        return specs
 
     def forward_intermediates(self, x, indices):
         outs, x, start = [], self.forward_stem(x), 0

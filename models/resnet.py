@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from models import native
 from models.macs import conv_macs, conv_out_hw, linear_macs
 from models.registry import register_model
 
@@ -298,6 +299,9 @@ class ResNet(nn.Module):
 
     def forward_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Run blocks ``start`` .. ``stop - 1`` on the output of block ``start - 1``."""
+        runner = None if self.training else self.__dict__.get("_native")
+        if runner is not None and native.accepts(x):
+            return runner.plain(x, start, stop)
         for block in self.blocks[start:stop]:
             frozen = None if self.training else block.__dict__.get("_frozen")
             x = block(x) if frozen is None else frozen(x)
@@ -305,6 +309,27 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_blocks(self.forward_stem(x), 0, len(self.blocks))
+
+    def native_specs(self) -> list[tuple[list[torch.Tensor], list[int]]]:
+        """Every frozen block in the native runner's layout (``models.native.block_spec``)."""
+        return [native.block_spec(*block.__dict__["_frozen"]) for block in self.blocks]
+
+    def use_native(self, module) -> None:
+        """Run the frozen blocks (``freeze``) in eval mode through the native runner
+        ``module`` (``models.native.load``): the same computation with no Python between the
+        ops. ``.to()`` rebuilds it; a copy or a pickle of the model runs Python blocks."""
+        self.__dict__["_native_module"] = module
+        self.__dict__["_native"] = native.blocks(module, self.native_specs())
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in ("_native", "_native_module")}
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)          # the blocks refreeze first
+        if self.__dict__.get("_native_module") is not None:
+            self.use_native(self.__dict__["_native_module"])
+        return out
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -18,6 +18,23 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The native (C++) block runner: compiled once per source version (about a minute), before
+# the app or the tests need it; without a compiler the Python blocks run instead.
+export PATH="$PWD/.venv/bin:$PATH"     # ninja from requirements.txt, for torch's builder
+native_stamp="${DYNVIZ_NATIVE_DIR:-.cache/native}/.source.sha256"
+native_want=$(cat models/csrc/*.cpp requirements.txt | sha256sum | cut -d' ' -f1)
+if [ "${DYNVIZ_NATIVE:-1}" != 0 ] && [ "$(cat "$native_stamp" 2>/dev/null)" != "$native_want" ]; then
+  if ! command -v c++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) \
+      || echo "warning: could not install g++" >&2
+  fi
+  if .venv/bin/python -m dynviz native; then
+    mkdir -p "$(dirname "$native_stamp")" && echo "$native_want" > "$native_stamp"
+  else
+    echo "warning: the native block runner did not build; Python blocks will run" >&2
+  fi
+fi
+
 case "${1:-}" in
   app)
     shift

@@ -383,10 +383,11 @@ def test_folding_batchnorm_keeps_the_function():
 @pytest.mark.parametrize("name", ["resnet20", "resnet50"])
 def test_folded_plain_resnet_runs_frozen_blocks_and_trains_through_modules(name):
     """Folding freezes a plain ResNet's blocks: in eval mode they run as ``FrozenBlock`` raw
-    calls (the same function), in training mode through their modules again."""
+    calls (the same function), in training mode through their modules again. (The native
+    runner, which runs them from C++, has its tests in test_native.py.)"""
     from dynviz import engine
     model = randomize(models.create(name).eval(), seed=11)
-    folded = engine.fold_batchnorm(model)
+    folded = engine.fold_batchnorm(model, use_native=False)
     x = _input(model, 2)
     calls = []
     for block in folded.blocks:

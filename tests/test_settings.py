@@ -28,3 +28,16 @@ def test_paths_follow_the_environment(monkeypatch, tmp_path):
     assert settings.data_candidates()[0] == tmp_path / "d"
     monkeypatch.delenv("DYNVIZ_CACHE")
     assert settings.cache_dir() == settings.PROJECT_ROOT / ".cache"
+
+
+def test_the_native_runner_builds_apart_from_the_data_caches(monkeypatch, tmp_path):
+    monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("DYNVIZ_NATIVE_DIR", raising=False)
+    assert settings.native_dir() == settings.PROJECT_ROOT / ".cache" / "native"
+    monkeypatch.setenv("DYNVIZ_NATIVE_DIR", str(tmp_path / "n"))
+    assert settings.native_dir() == tmp_path / "n"
+    for off in ("0", "false", "off"):
+        monkeypatch.setenv("DYNVIZ_NATIVE", off)
+        assert not settings.native_enabled()
+    monkeypatch.setenv("DYNVIZ_NATIVE", "1")
+    assert settings.native_enabled()

@@ -1,0 +1,106 @@
+"""The native block runner (``models/csrc/blocks.cpp``): build, load, and hand it blocks.
+
+A frozen ResNet's blocks, plain or gated, can run from C++ with no Python between the ops
+(``ResNet.use_native``): at batch 1 on CIFAR widths, Python's per-op overhead is a visible
+share of a block, and the gated path pays it many times per block, skipped or not. The
+Python paths stay the reference and the fallback: tests hold the two to each other, and
+nothing needs the extension.
+
+It is compiled on first use with the C++ compiler torch's extensions use (a minute on two
+cores) into a build directory the caller chooses (``dynviz.settings.native_dir``).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from types import ModuleType
+from typing import Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "blocks.cpp"
+_loaded: dict[Path, ModuleType | None] = {}
+
+
+def build_dir_for(root: Path) -> Path:
+    """A subdirectory per torch version: an extension is only loadable by the torch it was
+    built against."""
+    return root / f"torch-{torch.__version__.replace('+', '_')}"
+
+
+def load(root: Path, *, build: bool = True) -> ModuleType | None:
+    """The compiled extension from ``build_dir_for(root)``, compiling it first when it is
+    missing or older than its source (``build=False``: only if already built). ``None``, with
+    the reason logged once, when there is no compiler or the build fails."""
+    directory = build_dir_for(root)
+    if directory in _loaded:
+        return _loaded[directory]
+    module = None
+    built = any(directory.glob("dynviz_blocks*.so"))
+    if not build and not built:
+        log.info("native blocks not built in %s; running Python blocks", directory)
+        return None
+    if shutil.which("c++") is None and shutil.which("g++") is None and not built:
+        log.warning("no C++ compiler: the native block runner is off (Python blocks run)")
+    else:
+        try:
+            quiet = logging.getLogger("torch.utils.cpp_extension")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)      # its import warns that CUDA is absent
+            try:
+                from torch.utils import cpp_extension
+            finally:
+                quiet.setLevel(level)
+            directory.mkdir(parents=True, exist_ok=True)
+            if not built:
+                log.warning("compiling the native block runner into %s (about a minute, once)",
+                            directory)
+            module = cpp_extension.load(
+                "dynviz_blocks", [str(SOURCE)], build_directory=str(directory),
+                extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+        except Exception as err:   # compiler or ninja missing or failing: Python blocks run
+            log.warning("the native block runner could not be built (%s); Python blocks run",
+                        str(err).strip().splitlines()[-1] if str(err).strip() else err)
+    _loaded[directory] = module
+    return module
+
+
+def _conv_fields(conv) -> tuple[list[torch.Tensor], list[int]]:
+    """(weight, bias) and (stride, padding) of an ``InferenceConv`` (or None: absent)."""
+    empty = torch.empty(0)
+    if conv is None:
+        return [empty, empty], [1, 0]
+    if conv.dilation != (1, 1) or conv.groups != 1 or len(set(conv.stride)) != 1 \
+            or len(set(conv.padding)) != 1:
+        raise ValueError("the native runner takes square, undilated, ungrouped convs")
+    return [conv.weight, empty if conv.bias is None else conv.bias], \
+        [conv.stride[0], conv.padding[0]]
+
+
+def block_spec(conv1, conv2, conv3, downsample, *, gather: torch.Tensor | None = None,
+               gate_weight: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
+               mid_channels: int = 0) -> tuple[list[torch.Tensor], list[int]]:
+    """One block's tensors and ints in the layout ``Blocks`` takes (see blocks.cpp)."""
+    tensors, ints = [], []
+    for conv in (conv1, conv2, conv3, downsample):
+        t, n = _conv_fields(conv)
+        tensors += t
+        ints += n
+    empty = torch.empty(0)
+    tensors += [empty if v is None else v for v in (gather, gate_weight, gate_bias)]
+    return tensors, ints + [mid_channels]
+
+
+def blocks(module: ModuleType, specs: Iterable[tuple[list[torch.Tensor], list[int]]]):
+    """A ``Blocks`` runner over ``block_spec``s (it keeps references to the tensors)."""
+    specs = list(specs)
+    return module.Blocks([s[0] for s in specs], [s[1] for s in specs])
+
+
+def accepts(x: torch.Tensor) -> bool:
+    """Whether the native runner takes ``x``: float32 on the CPU, no autograd."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and \
+        not (torch.is_grad_enabled() and x.requires_grad)

@@ -1,0 +1,218 @@
+"""The native block runner (models/csrc/blocks.cpp) against the Python paths it replaces:
+frozen plain blocks, the gated sparse path at batch 1 (with its hand-back of blocks to
+slice), and static cuts."""
+from __future__ import annotations
+
+import copy
+import pickle
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+from dynviz import bench, engine, settings
+from models.lcnet import SliceCache, SparsePlan
+from models.resnet import FrozenBlock
+from tests.test_models import _input, randomize
+
+
+@pytest.fixture(scope="module")
+def runner_module():
+    module = engine.native_module() if settings.native_enabled() else None
+    if module is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            if settings.native_enabled():
+                pytest.fail("a C++ compiler is here but the native runner did not build")
+        pytest.skip("no native block runner on this machine (no compiler or DYNVIZ_NATIVE=0)")
+    return module
+
+
+def _fold_both(model: nn.Module, channels_last: bool = True):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    python = engine.fold_batchnorm(model, use_native=False).to(memory_format=fmt)
+    native = engine.fold_batchnorm(model, use_native=True).to(memory_format=fmt)
+    assert "_native" in native.__dict__ and "_native" not in python.__dict__
+    return python, native
+
+
+def _no_python_blocks(monkeypatch):
+    """Make the Python block paths raise: whatever still runs, runs natively."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Python block path ran")
+    monkeypatch.setattr(FrozenBlock, "__call__", refuse)
+    from models.lcnet import GatedBlockMixin
+    monkeypatch.setattr(GatedBlockMixin, "forward_sparse", refuse)
+
+
+@pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet18", 64), ("resnet50", 64)])
+def test_native_plain_blocks_compute_the_frozen_python_blocks(runner_module, name, size,
+                                                             monkeypatch):
+    model = randomize(models.create(name).eval(), seed=20)
+    python, native = _fold_both(model)
+    for batch in (1, 3):
+        x = _input(model, batch, size, seed=batch).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected = python(x)
+            with monkeypatch.context() as m:
+                _no_python_blocks(m)
+                got = native(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():   # and the intermediates a staged system reads
+            for a, b in zip(native.forward_intermediates(x, [2, 5]),
+                            python.forward_intermediates(x, [2, 5])):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_native_blocks_leave_training_and_autograd_to_the_modules(runner_module):
+    model = randomize(models.create("resnet20").eval(), seed=21)
+    _, native = _fold_both(model)
+    x = _input(model, 2).requires_grad_(True)
+    native(x).sum().backward()          # eval mode, but autograd: the Python blocks run
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    native.train().requires_grad_(True)
+    native(x).sum().backward()
+    assert all(p.grad is not None for p in native.parameters())
+
+
+def test_copies_and_pickles_of_a_native_model_run_python_blocks(runner_module):
+    model = randomize(models.create("resnet20").eval(), seed=22)
+    _, native = _fold_both(model)
+    x = _input(model, 1).contiguous(memory_format=torch.channels_last)
+    for twin in (copy.deepcopy(native), pickle.loads(pickle.dumps(native))):
+        assert "_native" not in twin.__dict__
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), native(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+@pytest.mark.parametrize("name", ["lcnet_resnet20", "lcnet_resnet50"])
+def test_native_sparse_path_equals_the_python_one_and_the_masked_one(runner_module, name,
+                                                                      placement, monkeypatch):
+    """Random gate patterns (blocks skipped, channels off, scores in (0, 1)), batch 1: the
+    same logits, scores and MACs. With a plan that never slices, every block runs natively;
+    with one that always slices, the runner hands each block with channels off to Python."""
+    model = randomize(models.create(name, placement=placement).eval(), seed=23)
+    python, native = _fold_both(model)
+    size = 32 if model.cfg.stem == "cifar" else 64
+    handed = skipped = 0
+    for seed in range(4):
+        x = _input(model, 1, size, seed=seed).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            masked, t_masked = python(x)
+            py_sparse, t_py = python(x.clone(), SparsePlan(0.0))
+            with monkeypatch.context() as m:
+                _no_python_blocks(m)
+                never, t_never = native(x.clone(), SparsePlan(0.0))
+            calls = []
+            original = type(native.blocks[0]).forward_sparse
+            with monkeypatch.context() as m:
+                m.setattr(type(native.blocks[0]), "forward_sparse",
+                          lambda self, *a: calls.append(1) or original(self, *a))
+                always, t_always = native(x.clone(), SparsePlan(1.0, 1.0, SliceCache(64 << 20)))
+        for logits, trace in ((never, t_never), (always, t_always)):
+            assert (logits - masked).norm() / masked.norm() <= 1e-4
+            assert (logits - py_sparse).norm() / py_sparse.norm() <= 1e-5
+            for a, b in zip(trace.scores, t_py.scores):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+            assert torch.equal(trace.macs, t_masked.macs)
+        partly_off = sum(int(((s[0, 1:] == 0).any() & (s[0, 0] > 0)).item())
+                         for s in t_masked.scores)
+        assert len(calls) == partly_off      # exactly the blocks where slicing may pay
+        handed += len(calls)
+        skipped += int((~t_masked.blocks_executed).sum())
+    assert handed > 0 and skipped > 0
+
+
+def test_native_gates_take_any_memory_layout(runner_module):
+    """Channels-last inputs of CIFAR widths take the fused gate loop; contiguous ones the
+    library's reduction and product: both give the masked path's scores."""
+    model = randomize(models.create("lcnet_resnet20").eval(), seed=24)
+    for channels_last in (True, False):
+        python, native = _fold_both(model, channels_last)
+        x = _input(model, 1, seed=3)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            masked, t_masked = python(x)
+            sparse, t_native = native(x.clone(), SparsePlan(0.0))
+        torch.testing.assert_close(sparse, masked, rtol=1e-4, atol=1e-5)
+        for a, b in zip(t_native.scores, t_masked.scores):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_native_sparse_path_batches_run_in_python(runner_module, monkeypatch):
+    model = randomize(models.create("lcnet_resnet20").eval(), seed=25)
+    python, native = _fold_both(model)
+    x = _input(model, 4).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, _ = python(x, SparsePlan(0.0))
+        calls = []
+        original = type(native.blocks[0]).forward_sparse
+        monkeypatch.setattr(type(native.blocks[0]), "forward_sparse",
+                            lambda self, *a: calls.append(1) or original(self, *a))
+        got, _ = native(x, SparsePlan(0.0))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == len(native.blocks)
+
+
+@pytest.mark.parametrize("placement", ["parallel", "sequential"])
+def test_native_static_cut_equals_the_python_static_cut(runner_module, placement):
+    model = randomize(models.create("lcnet_resnet20", placement=placement).eval(), seed=26)
+    python, native = _fold_both(model)
+    for seed in range(3):
+        x = _input(model, 1, seed=seed).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            masked, trace = python(x)
+            expected = bench.static_cut(python, trace.scores)(x)
+            got = bench.static_cut(native, trace.scores)(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert (got - masked).norm() / masked.norm() <= 1e-4
+
+
+def test_native_runner_can_be_turned_off(runner_module, monkeypatch):
+    monkeypatch.setenv("DYNVIZ_NATIVE", "0")
+    assert engine.native_module() is None
+    folded = engine.fold_batchnorm(models.create("resnet8").eval())
+    assert "_native" not in folded.__dict__
+    with pytest.raises(RuntimeError, match="not available"):
+        engine.fold_batchnorm(models.create("resnet8").eval(), use_native=True)
+
+
+def test_native_runner_checks_its_arguments(runner_module):
+    from models import native
+    model = models.create("lcnet_resnet8").eval()
+    folded = engine.fold_batchnorm(model, use_native=True)
+    runner = folded.__dict__["_native"]
+    x = torch.randn(2, 16, 32, 32)
+    with pytest.raises(RuntimeError, match="one image"):
+        runner.gated(x, 0, 1, [0.0] * len(folded.blocks))
+    with pytest.raises(RuntimeError, match="out of range"):
+        runner.plain(x, 0, len(folded.blocks) + 1)
+    conv = folded.blocks[0].inference_block().conv1
+    with pytest.raises(ValueError, match="square"):
+        native.block_spec(conv._replace(groups=2), conv, None, None)
+
+
+def test_native_calibration_times_the_runner_against_its_hand_back(runner_module, monkeypatch):
+    """At batch 1 a native model's calibration runs each block on a one-block runner whose
+    gates give the measured channel set; the plan it returns keeps the sparse path exact."""
+    model = randomize(models.create("lcnet_resnet8").eval(), seed=27)
+    _, native = _fold_both(model)
+    handed = []
+    original = type(native.blocks[0]).forward_sparse
+    monkeypatch.setattr(type(native.blocks[0]), "forward_sparse",
+                        lambda self, x, plan, scores=None: handed.append(
+                            (scores[0, 0].item(), (scores[0, 1:] > 0).sum().item()))
+                        or original(self, x, plan, scores))
+    plan = engine.calibrate(native, 1, repeats=1, fractions=(0.25, 0.5))
+    assert handed and all(s_l == 1.0 for s_l, _ in handed)
+    assert {on for _, on in handed} <= {round(f * b.mid_channels) for f in (0.25, 0.5)
+                                          for b in native.blocks}
+    assert all(t in (0.0, 0.25, 0.5) for t in plan.slice_below + plan.slice_below_cached)
+    x = _input(model, 1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        masked, _ = native(x)
+        sparse, _ = native(x.clone(), plan)
+    assert (sparse - masked).norm() / masked.norm() <= 1e-4
