@@ -466,7 +466,7 @@ class GatedResNet(ResNet):
     def forward_blocks(self, x, start, stop, plan: SparsePlan | None = None):
         """Blocks ``start`` .. ``stop - 1``; returns features and each block's (B, 1 + C_mid)
         scores (S_L, then S_C)."""
-        runner = self.__dict__.get("_native")
+        runner = None if self.training else self.__dict__.get("_native")
         if plan is not None and runner is not None and x.shape[0] == 1 and native.accepts(x):
             return self._forward_native(runner, x, start, stop, plan)
         scores = []

@@ -216,3 +216,10 @@ def test_native_calibration_times_the_runner_against_its_hand_back(runner_module
         masked, _ = native(x)
         sparse, _ = native(x.clone(), plan)
     assert (sparse - masked).norm() / masked.norm() <= 1e-4
+
+
+def test_native_gated_model_refuses_the_sparse_path_in_training_mode(runner_module):
+    _, native = _fold_both(models.create("lcnet_resnet8").eval())
+    native.train()
+    with pytest.raises(RuntimeError, match="eval mode"):
+        native(_input(native, 1), SparsePlan(1.0))
