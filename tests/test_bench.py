@@ -74,9 +74,7 @@ def test_bench_times_a_static_cut_of_a_batch_that_shares_one_pattern():
 def test_static_cut_computes_the_gated_model_with_its_macs_less_the_gates(name, placement):
     """The static cut of one image's pattern gives the masked path's logits, and torch's FLOP
     counter over it counts the trace's MACs less the gates' FCs (which it does not run)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from tests.test_models import _input, randomize
+    from tests.test_models import _input, flop_counter, randomize
 
     model = randomize(models.create(name, placement=placement).eval(), seed=6)
     gate_macs = sum(fc.in_features * fc.out_features for block in model.blocks
@@ -87,7 +85,7 @@ def test_static_cut_computes_the_gated_model_with_its_macs_less_the_gates(name, 
         with torch.no_grad():
             masked, trace = model(x)
             cut = bench.static_cut(model, trace.scores)
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 logits = cut(x)
         assert (logits - masked).norm() / masked.norm() <= 1e-4
         assert counter.get_total_flops() // 2 == trace.macs.item() - gate_macs
@@ -140,14 +138,14 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 def test_network_parts_partition_the_forward_and_its_macs(name):
     """bench stages' parts, run in turn, are the network, and their MACs add up to what
     torch's FLOP counter measures (÷2)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from tests.test_models import flop_counter
 
     model = models.create(name).eval()
     size = model.cfg.input_size
     x = torch.randn(1, 3, size, size)
     parts = bench.network_parts(model)
     assert [p[0] for p in parts] == ["stem", *model.stage_names, "head"]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         expected = model(x)
     h = x
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 import models
 from models.lcnet import GatedResNet, ReLU1, SliceCache, SparsePlan
@@ -30,8 +30,20 @@ def _logits(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _onednn_conv_flop(x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *args,
+                      out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the oneDNN convolution that large inference convs
+    call directly (``models.resnet.conv2d``), with torch's own convolution formula."""
+    return FlopCounterMode(display=False,
+                           custom_mapping={torch.ops.aten.mkldnn_convolution: _onednn_conv_flop})
+
+
 def flops_macs(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fn()
     return counter.get_total_flops() // 2
 
@@ -400,3 +412,27 @@ def test_folded_plain_resnet_runs_frozen_blocks_and_trains_through_modules(name)
     folded(x).sum().backward()
     assert len(calls) == len(folded.blocks)   # training did not use them
     assert all(p.grad is not None for p in folded.parameters())
+
+
+def test_inference_convs_with_large_weights_run_on_onednn(monkeypatch):
+    """One small image through a large conv: torch would pick its im2col convolution (input
+    under 20480 elements); ``conv2d`` calls oneDNN, with the same result. Small weights, and
+    inputs that need gradients, keep torch's choice."""
+    from models import resnet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 256, 7, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(512, 256, 3, 3, generator=g) * 0.05
+    b = torch.randn(512, generator=g)
+    calls = []
+    original = torch.mkldnn_convolution
+    monkeypatch.setattr(torch, "mkldnn_convolution", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        got = resnet.conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1)
+        small = resnet.conv2d(x[:, :16], w[:16, :16], b[:16], (1, 1), (1, 1), (1, 1), 1)
+    torch.testing.assert_close(got, torch.nn.functional.conv2d(x, w, b, 1, 1),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(small, torch.nn.functional.conv2d(x[:, :16], w[:16, :16],
+                                                                 b[:16], 1, 1))
+    assert len(calls) == 1 and w.numel() >= resnet.ONEDNN_MIN_WEIGHT
+    resnet.conv2d(x.requires_grad_(True), w, b, (1, 1), (1, 1), (1, 1), 1).sum().backward()
+    assert len(calls) == 1 and x.grad is not None
