@@ -58,13 +58,12 @@ def _cmd_bench_gated(args: argparse.Namespace) -> int:
 
 
 def _cmd_native(args: argparse.Namespace) -> int:
-    from dynviz import settings
-    from models import native
+    from dynviz import engine, settings
 
     if not settings.native_enabled():
         print("the native block runner is turned off (DYNVIZ_NATIVE=0)")
         return 0
-    module = native.load(settings.native_dir())
+    module = engine.native_module()
     if module is None:
         print("the native block runner is not available here; Python blocks run (see above)",
               file=sys.stderr)

@@ -136,14 +136,14 @@ def fold_batchnorm(model: nn.Module, *, use_native: bool | None = None) -> nn.Mo
     both the dense and the dynamic model, so neither gains from it alone.
     """
     folded = copy.deepcopy(model).eval()
-    module_ = native_module() if use_native is None or use_native else None
-    if use_native and module_ is None:
+    runner = native_module() if use_native is None or use_native else None
+    if use_native and runner is None:
         raise RuntimeError("the native block runner is not available (see the log)")
     for module in list(folded.modules()):
         if isinstance(module, ResNet):
             _fold_resnet(module)
-            if module_ is not None:
-                module.use_native(module_)
+            if runner is not None:
+                module.use_native(runner)
         elif isinstance(module, ExitHead):
             _fold_pairs([(module, conv, bn) for conv, bn in module.conv_bn_pairs()])
     return folded.requires_grad_(False)

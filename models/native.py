@@ -31,41 +31,41 @@ def build_dir_for(root: Path) -> Path:
     return root / f"torch-{torch.__version__.replace('+', '_')}"
 
 
-def load(root: Path, *, build: bool = True) -> ModuleType | None:
+def load(root: Path) -> ModuleType | None:
     """The compiled extension from ``build_dir_for(root)``, compiling it first when it is
-    missing or older than its source (``build=False``: only if already built). ``None``, with
-    the reason logged once, when there is no compiler or the build fails."""
+    missing or older than its source. ``None``, with the reason logged once per process,
+    when there is no compiler or the build fails."""
     directory = build_dir_for(root)
-    if directory in _loaded:
-        return _loaded[directory]
-    module = None
+    if directory not in _loaded:
+        _loaded[directory] = _build(directory)
+    return _loaded[directory]
+
+
+def _build(directory: Path) -> ModuleType | None:
     built = any(directory.glob("dynviz_blocks*.so"))
-    if not build and not built:
-        log.info("native blocks not built in %s; running Python blocks", directory)
-        return None
-    if shutil.which("c++") is None and shutil.which("g++") is None and not built:
+    if not built and shutil.which("c++") is None and shutil.which("g++") is None:
         log.warning("no C++ compiler: the native block runner is off (Python blocks run)")
-    else:
+        return None
+    try:
+        quiet = logging.getLogger("torch.utils.cpp_extension")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)      # its import warns that CUDA is absent
         try:
-            quiet = logging.getLogger("torch.utils.cpp_extension")
-            level = quiet.level
-            quiet.setLevel(logging.ERROR)      # its import warns that CUDA is absent
-            try:
-                from torch.utils import cpp_extension
-            finally:
-                quiet.setLevel(level)
-            directory.mkdir(parents=True, exist_ok=True)
-            if not built:
-                log.warning("compiling the native block runner into %s (about a minute, once)",
-                            directory)
-            module = cpp_extension.load(
-                "dynviz_blocks", [str(SOURCE)], build_directory=str(directory),
-                extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
-        except Exception as err:   # compiler or ninja missing or failing: Python blocks run
-            log.warning("the native block runner could not be built (%s); Python blocks run",
-                        str(err).strip().splitlines()[-1] if str(err).strip() else err)
-    _loaded[directory] = module
-    return module
+            from torch.utils import cpp_extension
+        finally:
+            quiet.setLevel(level)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not built:
+            log.warning("compiling the native block runner into %s (about a minute, once)",
+                        directory)
+        return cpp_extension.load("dynviz_blocks", [str(SOURCE)],
+                                  build_directory=str(directory),
+                                  extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+    except Exception as err:   # compiler or ninja missing or failing: Python blocks run
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+        log.warning("the native block runner could not be built (%s); Python blocks run",
+                    reason)
+        return None
 
 
 def _conv_fields(conv) -> tuple[list[torch.Tensor], list[int]]:

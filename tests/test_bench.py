@@ -232,3 +232,15 @@ def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, system,
             del model.run_stage
         # reference: the stages the trace charged MACs to, in order
         assert ran == np.flatnonzero(trace.stage_macs[0] > 0).tolist()
+
+
+def test_glibc_accepts_the_allocator_settings():
+    """Both mallopt calls succeed where glibc is the C library (this project's machines):
+    without them the batch-1 timings swing with page faults (see engine.keep_freed_memory)."""
+    import platform
+
+    from dynviz import engine
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert engine.keep_freed_memory() is True

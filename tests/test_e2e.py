@@ -153,6 +153,8 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
     metric.wait_for()
     _settle(page)
     before = metric.inner_text()
+    thumb = page.locator('[data-testid="stSliderThumbValue"]')
+    first_percent = int(thumb.inner_text())
     slider = page.get_by_role("slider")
     slider.focus()
     for _ in range(30):
@@ -165,15 +167,16 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
     _no_exception(page)
     page.screenshot(path=str(ARTIFACTS / "budget-moved.png"), full_page=True)
     # reference: the policy the library learns for the slider's budget, outside the app
-    percent = int(page.locator('[data-testid="stSliderThumbValue"]').inner_text())
+    percent = int(thumb.inner_text())
     for var, value in app_variables(app_root).items():
         monkeypatch.setenv(var, value)
     cached = zoo.outputs(name, data.get_split("val"), progress=False)
-    # the slider started at the shipped ≤0.5% point's cost on fit, rounded up; 30 steps of 1
+    # the slider started at the shipped ≤0.5% point's cost on fit, rounded up, and moved right
+    # (how many of the 30 key presses land while the page reruns varies with the machine's load)
     shipped = P.Policy.from_json(evaluate.policy_path(name, 0.005).read_text())
     start = math.ceil(100 * P.simulate(shipped, cached.half("fit")).cost.mean()
                       / cached.half("fit").reference_cost)
-    assert percent == min(100, max(5, start) + 30)
+    assert first_percent == max(5, start) < percent
     expected = budget.solve(cached.half("fit"), cached.half("check"), budget.BudgetQuery(
         shipped.family, shipped.feature, zoo.spec(name).topology, percent / 100)).check
     assert f"{expected['cost_mean'] * 1e-6:.1f} M" in metric.inner_text()
