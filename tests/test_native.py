@@ -137,6 +137,10 @@ def test_native_gates_take_any_memory_layout(runner_module):
         with torch.no_grad():
             masked, t_masked = python(x)
             sparse, t_native = native(x.clone(), SparsePlan(0.0))
+            h = native.forward_stem(x)
+            scores, fused = native.__dict__["_native"].block_gates(h, 0)
+        assert fused == channels_last
+        torch.testing.assert_close(scores, t_masked.scores[0], rtol=0, atol=1e-5)
         torch.testing.assert_close(sparse, masked, rtol=1e-4, atol=1e-5)
         for a, b in zip(t_native.scores, t_masked.scores):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

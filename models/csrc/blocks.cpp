@@ -91,15 +91,18 @@ void pool_and_project(const float* __restrict in, int64_t hw, int64_t c_in,
   }
 }
 
+bool fuses_gates(const Block& b, const Tensor& x) {
+  const int64_t c_in = x.size(1), hw = x.size(2) * x.size(3), outs = b.gate_weight.size(0);
+  return x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+         b.gate_weight.scalar_type() == at::kFloat &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast) && c_in <= kFusedMaxChannels &&
+         c_in * hw <= kFusedMaxInput && outs * c_in <= kFusedMaxWeight;
+}
+
 Tensor gates(const Block& b, const Tensor& x) {
   const int64_t c_in = x.size(1), hw = x.size(2) * x.size(3), outs = b.gate_weight.size(0);
   const float scale = 1.0f / static_cast<float>(hw);
-  const bool fused = x.scalar_type() == at::kFloat && x.device().is_cpu() &&
-                     b.gate_weight.scalar_type() == at::kFloat &&
-                     x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
-                     c_in <= kFusedMaxChannels && c_in * hw <= kFusedMaxInput &&
-                     outs * c_in <= kFusedMaxWeight;
-  if (!fused) {
+  if (!fuses_gates(b, x)) {
     return at::addmm(b.gate_bias, x.sum({2, 3}), b.gate_weight.t(), 1.0, scale).clamp_(0, 1);
   }
   Tensor scores = at::empty({1, outs}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -142,6 +145,14 @@ class Blocks {
   }
 
   int64_t size() const { return static_cast<int64_t>(blocks_.size()); }
+
+  // Block i's gates on x, (1, 1 + C_mid), and whether the fused loop computed them.
+  std::tuple<Tensor, bool> block_gates(const Tensor& x, int64_t i) const {
+    check_range(i, i + 1);
+    const Block& b = blocks_[i];
+    TORCH_CHECK(b.gate_weight.defined(), "block ", i, " has no gates");
+    return {gates(b, x), fuses_gates(b, x)};
+  }
 
   // Blocks [start, stop) of a plain network on x, which is left as it is.
   Tensor plain(Tensor x, int64_t start, int64_t stop) const {
@@ -222,6 +233,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<const std::vector<std::vector<Tensor>>&,
                     const std::vector<std::vector<int64_t>>&>())
       .def("__len__", &Blocks::size)
+      .def("block_gates", &Blocks::block_gates)
       .def("plain", &Blocks::plain, py::call_guard<py::gil_scoped_release>())
       .def("gated", &Blocks::gated, py::call_guard<py::gil_scoped_release>());
 }
