@@ -12,7 +12,9 @@ cores) into a build directory the caller chooses (``dynviz.settings.native_dir``
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Iterable
@@ -58,9 +60,16 @@ def _build(directory: Path) -> ModuleType | None:
         if not built:
             log.warning("compiling the native block runner into %s (about a minute, once)",
                         directory)
-        return cpp_extension.load("dynviz_blocks", [str(SOURCE)],
-                                  build_directory=str(directory),
-                                  extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+        # the ninja that requirements.txt installs beside this interpreter, whether or not its
+        # bin directory is on PATH: another ninja version rewrites the log and rebuilds it all
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+        try:
+            return cpp_extension.load("dynviz_blocks", [str(SOURCE)],
+                                      build_directory=str(directory),
+                                      extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+        finally:
+            os.environ["PATH"] = path
     except Exception as err:   # compiler or ninja missing or failing: Python blocks run
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
         log.warning("the native block runner could not be built (%s); Python blocks run",

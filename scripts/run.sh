@@ -20,7 +20,6 @@ fi
 
 # The native (C++) block runner: compiled once per source version (about a minute), before
 # the app or the tests need it; without a compiler the Python blocks run instead.
-export PATH="$PWD/.venv/bin:$PATH"     # ninja from requirements.txt, for torch's builder
 native_stamp="${DYNVIZ_NATIVE_DIR:-.cache/native}/.source.sha256"
 native_want=$(cat models/csrc/*.cpp requirements.txt | sha256sum | cut -d' ' -f1)
 if [ "${DYNVIZ_NATIVE:-1}" != 0 ] && [ "$(cat "$native_stamp" 2>/dev/null)" != "$native_want" ]; then

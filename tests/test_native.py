@@ -68,7 +68,15 @@ def test_native_plain_blocks_compute_the_frozen_python_blocks(runner_module, nam
 def test_native_blocks_leave_training_and_autograd_to_the_modules(runner_module):
     model = randomize(models.create("resnet20").eval(), seed=21)
     _, native = _fold_both(model)
-    x = _input(model, 2).requires_grad_(True)
+
+    class Refuse:
+        def plain(self, *args):
+            raise AssertionError("the native runner ran")
+    native.__dict__["_native"] = Refuse()
+    x = _input(model, 2)
+    with torch.no_grad(), pytest.raises(AssertionError, match="native runner ran"):
+        native(x)                       # inference: the runner
+    x.requires_grad_(True)
     native(x).sum().backward()          # eval mode, but autograd: the Python blocks run
     assert x.grad is not None and x.grad.abs().sum() > 0
     native.train().requires_grad_(True)
