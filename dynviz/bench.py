@@ -197,8 +197,8 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
     one batch; both as medians of ``repeats`` after warm-up. ``checkpoint`` loads trained
     weights and keeps their gates (``blocks_off``/``channels_off`` are then ignored); the
     images are then CIFAR-10 validation images, as trained gates decide on real inputs.
-    ``use_native``: both networks' frozen blocks run from C++ (``engine.fold_batchnorm``;
-    None: when the runner can be built), the sparse path so at batch 1.
+    ``use_native``: both networks' frozen blocks, and the sparse path, run from C++
+    (``engine.fold_batchnorm``; None: when the runner can be built).
     """
     device = settings.device()
     with torch.random.fork_rng(devices=[]):   # the same random weights, hence patterns,

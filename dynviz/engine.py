@@ -132,8 +132,8 @@ def fold_batchnorm(model: nn.Module, *, use_native: bool | None = None) -> nn.Mo
     residual block frozen (``freeze``): plain blocks then run as raw calls, gated ones keep
     their ``InferenceBlock`` (the two gates' weights fused into one matrix). With the native
     runner (``use_native``; default: when ``native_module()`` has one) the frozen blocks of
-    plain ResNets, and the sparse path of gated ones at batch 1, run from C++. Benchmarks fold
-    both the dense and the dynamic model, so neither gains from it alone.
+    plain ResNets, and the sparse path of gated ones, run from C++. Benchmarks fold both the
+    dense and the dynamic model, so neither gains from it alone.
     """
     folded = copy.deepcopy(model).eval()
     runner = native_module() if use_native is None or use_native else None
@@ -188,7 +188,9 @@ def calibrate(model: GatedResNet, batch_size: int, *, repeats: int = 5,
     whose slices are in the plan's ``SliceCache``.
 
     Blocks of the same shape share one measurement. The model must be in eval mode on the
-    device it will run on.
+    device it will run on. With the native runner, batch 1 times the runner's block against
+    its hand-back to Python (``_native_slice_threshold``); batches time the residual branch
+    alone, whose convs outweigh the per-op overhead that sets the two apart.
     """
     device = next(model.parameters()).device
     module = model.__dict__.get("_native_module") if batch_size == 1 else None

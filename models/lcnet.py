@@ -467,7 +467,7 @@ class GatedResNet(ResNet):
         """Blocks ``start`` .. ``stop - 1``; returns features and each block's (B, 1 + C_mid)
         scores (S_L, then S_C)."""
         runner = None if self.training else self.__dict__.get("_native")
-        if plan is not None and runner is not None and x.shape[0] == 1 and native.accepts(x):
+        if plan is not None and runner is not None and native.accepts(x):
             return self._forward_native(runner, x, start, stop, plan)
         scores = []
         for i, block in enumerate(self.blocks[start:stop], start):
@@ -479,8 +479,8 @@ class GatedResNet(ResNet):
         return x, scores
 
     def _forward_native(self, runner, x, start, stop, plan: SparsePlan):
-        """The sparse path of one image through the native runner, which hands back each
-        block where slicing may pay (the Python path slices it, with the plan's cache)."""
+        """The sparse path through the native runner, which hands back each block where
+        slicing may pay (the Python path slices it, with the plan's cache)."""
         scores, limits = [], plan.slice_limits(len(self.blocks))
         while start < stop:
             x, gated, start = runner.gated(x, start, stop, limits)

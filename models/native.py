@@ -2,9 +2,11 @@
 
 A frozen ResNet's blocks, plain or gated, can run from C++ with no Python between the ops
 (``ResNet.use_native``): at batch 1 on CIFAR widths, Python's per-op overhead is a visible
-share of a block, and the gated path pays it many times per block, skipped or not. The
-Python paths stay the reference and the fallback: tests hold the two to each other, and
-nothing needs the extension.
+share of a block, and the gated path pays it many times per block, skipped or not; in large
+batches the gated path's compaction (gathering a block's sub-batch, merging its outputs
+back, pooling for the next gates) is memory traffic that fused loops cut. The Python paths
+stay the reference and the fallback: tests hold the two to each other, and nothing needs
+the extension.
 
 It is compiled on first use with the C++ compiler torch's extensions use (a minute on two
 cores) into a build directory the caller chooses (``dynviz.settings.native_dir``).

@@ -1,6 +1,6 @@
 """The native block runner (models/csrc/blocks.cpp) against the Python paths it replaces:
-frozen plain blocks, the gated sparse path at batch 1 (with its hand-back of blocks to
-slice), and static cuts."""
+frozen plain blocks, the gated sparse path at batch 1 and in batches (with its hand-back of
+blocks to slice), and static cuts."""
 from __future__ import annotations
 
 import copy
@@ -94,6 +94,32 @@ def test_copies_and_pickles_of_a_native_model_run_python_blocks(runner_module):
             torch.testing.assert_close(twin(x), native(x), rtol=1e-5, atol=1e-5)
 
 
+def _native_sparse_paths_agree(python, native, x, monkeypatch):
+    """Runs the sparse path of ``native`` on ``x`` with a plan that never slices (the Python
+    block paths made to raise) and one that always does, and holds both to the Python sparse
+    path (logits, scores) and the masked one (logits, MACs). Returns the masked trace and how
+    many blocks the second run handed back to Python."""
+    with torch.no_grad():
+        masked, t_masked = python(x)
+        expected, t_py = python(x.clone(), SparsePlan(0.0))
+        with monkeypatch.context() as m:
+            _no_python_blocks(m)
+            never, t_never = native(x.clone(), SparsePlan(0.0))
+        calls = []
+        original = type(native.blocks[0]).forward_sparse
+        with monkeypatch.context() as m:
+            m.setattr(type(native.blocks[0]), "forward_sparse",
+                      lambda self, *a: calls.append(1) or original(self, *a))
+            always, t_always = native(x.clone(), SparsePlan(1.0, 1.0, SliceCache(64 << 20)))
+    for logits, trace in ((never, t_never), (always, t_always)):
+        assert (logits - expected).norm() / expected.norm() <= 1e-5
+        assert (logits - masked).norm() / masked.norm() <= 1e-4
+        for a, b in zip(trace.scores, t_py.scores):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert torch.equal(trace.macs, t_masked.macs)
+    return t_masked, len(calls)
+
+
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
 @pytest.mark.parametrize("name", ["lcnet_resnet20", "lcnet_resnet50"])
 def test_native_sparse_path_equals_the_python_one_and_the_masked_one(runner_module, name,
@@ -107,28 +133,11 @@ def test_native_sparse_path_equals_the_python_one_and_the_masked_one(runner_modu
     handed = skipped = 0
     for seed in range(4):
         x = _input(model, 1, size, seed=seed).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            masked, t_masked = python(x)
-            py_sparse, t_py = python(x.clone(), SparsePlan(0.0))
-            with monkeypatch.context() as m:
-                _no_python_blocks(m)
-                never, t_never = native(x.clone(), SparsePlan(0.0))
-            calls = []
-            original = type(native.blocks[0]).forward_sparse
-            with monkeypatch.context() as m:
-                m.setattr(type(native.blocks[0]), "forward_sparse",
-                          lambda self, *a: calls.append(1) or original(self, *a))
-                always, t_always = native(x.clone(), SparsePlan(1.0, 1.0, SliceCache(64 << 20)))
-        for logits, trace in ((never, t_never), (always, t_always)):
-            assert (logits - masked).norm() / masked.norm() <= 1e-4
-            assert (logits - py_sparse).norm() / py_sparse.norm() <= 1e-5
-            for a, b in zip(trace.scores, t_py.scores):
-                torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-            assert torch.equal(trace.macs, t_masked.macs)
+        t_masked, hand_backs = _native_sparse_paths_agree(python, native, x, monkeypatch)
         partly_off = sum(int(((s[0, 1:] == 0).any() & (s[0, 0] > 0)).item())
                          for s in t_masked.scores)
-        assert len(calls) == partly_off      # exactly the blocks where slicing may pay
-        handed += len(calls)
+        assert hand_backs == partly_off      # exactly the blocks where slicing may pay
+        handed += hand_backs
         skipped += int((~t_masked.blocks_executed).sum())
     assert handed > 0 and skipped > 0
 
@@ -154,19 +163,48 @@ def test_native_gates_take_any_memory_layout(runner_module):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_native_sparse_path_batches_run_in_python(runner_module, monkeypatch):
-    model = randomize(models.create("lcnet_resnet20").eval(), seed=25)
-    python, native = _fold_both(model)
-    x = _input(model, 4).contiguous(memory_format=torch.channels_last)
+def _force_gates(model: nn.Module, block: int, s_l: float, s_c: float | None = None) -> None:
+    """Every image's S_L (and S_C, when given) of ``block`` set to a constant."""
+    b = model.blocks[block]
     with torch.no_grad():
-        expected, _ = python(x, SparsePlan(0.0))
-        calls = []
-        original = type(native.blocks[0]).forward_sparse
-        monkeypatch.setattr(type(native.blocks[0]), "forward_sparse",
-                            lambda self, *a: calls.append(1) or original(self, *a))
-        got, _ = native(x, SparsePlan(0.0))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert len(calls) == len(native.blocks)
+        for gate, value in ((b.block_gate, s_l), (b.channel_gate, s_c)):
+            if value is not None:
+                gate.fc.weight.zero_()
+                gate.fc.bias.fill_(value)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("name", ["lcnet_resnet20", "lcnet_resnet50"])
+def test_native_sparse_batches_equal_the_python_ones(runner_module, name, channels_last,
+                                                     monkeypatch):
+    """Batches run natively too: images that skip a block leave its sub-batch and the rest
+    are merged back. Blocks that every image runs (all S_C = 1) or skips, downsampling ones
+    among them, and blocks some images run give the Python path's logits, scores and MACs in
+    either memory layout. Never slicing, nothing runs in Python; always slicing, the runner
+    hands back exactly the blocks whose sub-batch leaves some channel off in every image."""
+    with torch.random.fork_rng(devices=[]):          # conv weights too: the patterns
+        torch.manual_seed(0)                         # asserted below depend on them
+        model = randomize(models.create(name).eval(), seed=22)
+    down = [i for i, b in enumerate(model.blocks) if b.downsample is not None]
+    every, none = (down[0], down[0] + 1), (down[-1] + 1, down[2] if len(down) > 2 else -1)
+    for i in every:
+        _force_gates(model, i, 1.0, 1.0)          # every image, every channel at 1
+    for i in none:
+        _force_gates(model, i, -1.0)              # no image
+    python, native = _fold_both(model, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _input(model, 6, seed=4) + 2 * _input(model, 6, 1, seed=5)  # a colour per image:
+    x = x.contiguous(memory_format=fmt)                     # the gates differ between them
+    t_masked, hand_backs = _native_sparse_paths_agree(python, native, x, monkeypatch)
+    runs = t_masked.blocks_executed.sum(0).tolist()       # images per block
+    assert [runs[i] for i in every] == [6, 6] and [runs[i] for i in none] == [0, 0]
+    assert any(0 < runs[i] < 6 for i in down) and \
+        any(0 < n < 6 for i, n in enumerate(runs) if i not in down)
+    partly_off = 0
+    for i in range(len(runs)):
+        ran = t_masked.blocks_executed[:, i]
+        partly_off += bool(ran.any()) and not (t_masked.channel_scores[i][ran] > 0).any(0).all()
+    assert hand_backs == partly_off > 0
 
 
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
@@ -198,8 +236,8 @@ def test_native_runner_checks_its_arguments(runner_module):
     folded = engine.fold_batchnorm(model, use_native=True)
     runner = folded.__dict__["_native"]
     x = torch.randn(2, 16, 32, 32)
-    with pytest.raises(RuntimeError, match="one image"):
-        runner.gated(x, 0, 1, [0.0] * len(folded.blocks))
+    with pytest.raises(RuntimeError, match="one limit per block"):
+        runner.gated(x, 0, 1, [0.0])
     with pytest.raises(RuntimeError, match="out of range"):
         runner.plain(x, 0, len(folded.blocks) + 1)
     conv = folded.blocks[0].inference_block().conv1

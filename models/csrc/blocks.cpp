@@ -3,7 +3,10 @@
 // At batch 1 a CIFAR block's two convs take ~150 us and every op called from Python costs
 // 3-10 us of argument parsing and dispatch; the gated path adds gates (pool, matrix-vector
 // product, clamp) and decisions to every block, skipped or not. Here each op costs the
-// dispatcher only, and the gates of small blocks are one fused loop. `models/native.py`
+// dispatcher only, and the gates of small blocks are one fused loop. In batches the gated
+// path moves memory the dense network does not (a block's sub-batch gathered, its outputs
+// merged back, every image pooled for the next gates); one loop per image merges an output
+// back and pools it. `models/native.py`
 // builds and loads this file; the Python paths in `models/resnet.py` and `models/lcnet.py`
 // are the reference it is tested against, and what runs when it cannot be built.
 #include <torch/extension.h>
@@ -111,6 +114,106 @@ Tensor gates(const Block& b, const Tensor& x) {
   return scores;
 }
 
+// Rows of a batch: every image of a dense (contiguous or channels-last) tensor is one
+// run of C·H·W values, whatever the layout.
+bool rows_are_dense(const Tensor& x) {
+  return x.scalar_type() == at::kFloat && x.device().is_cpu() &&
+         (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+// x's images `rows` (ascending), in x's layout: one copy per image.
+Tensor gather_rows(const Tensor& x, const std::vector<int64_t>& rows) {
+  const int64_t n = static_cast<int64_t>(rows.size()), row = x.numel() / x.size(0);
+  Tensor out = at::empty({n, x.size(1), x.size(2), x.size(3)},
+                         x.options().memory_format(x.suggest_memory_format()));
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      std::copy_n(src + rows[r] * row, row, dst + r * row);
+    }
+  });
+  return out;
+}
+
+// A residual block's output, relu(identity + scale·branch), in one pass over the memory
+// (the library's add and ReLU make two), written over `branch`.
+DYNVIZ_VECTOR_CLONES
+void add_relu_range(float* branch, const float* identity, float scale, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) branch[k] = std::max(identity[k] + scale * branch[k], 0.0f);
+}
+
+Tensor add_relu(Tensor branch, const Tensor& identity, float scale = 1.0f) {
+  if (!rows_are_dense(branch) || !rows_are_dense(identity) ||
+      branch.strides() != identity.strides()) {
+    return (scale == 1.0f ? branch.add_(identity) : at::add_out(branch, identity, branch, scale))
+        .relu_();
+  }
+  float* out = branch.data_ptr<float>();
+  const float* id = identity.data_ptr<float>();
+  at::parallel_for(0, branch.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    add_relu_range(out + begin, id + begin, scale, end - begin);
+  });
+  return branch;
+}
+
+// One image's merge: out = relu(identity + s_l·branch), written over `dst` (which may be
+// `identity` itself), and the sums of out over H×W per channel into `pooled` (C values).
+DYNVIZ_VECTOR_CLONES
+void merge_row(float* dst, const float* identity, const float* __restrict branch, float s_l,
+               int64_t channels, int64_t hw, bool channels_last, float* __restrict pooled) {
+  std::fill(pooled, pooled + channels, 0.0f);
+  if (channels_last) {
+    for (int64_t p = 0; p < hw; ++p) {
+      const int64_t o = p * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const float v = std::max(identity[o + c] + s_l * branch[o + c], 0.0f);
+        dst[o + c] = v;
+        pooled[c] += v;
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    const int64_t o = c * hw;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t p = 0; p < hw; ++p) {
+      const float v = std::max(identity[o + p] + s_l * branch[o + p], 0.0f);
+      dst[o + p] = v;
+      sum += v;
+    }
+    pooled[c] = sum;
+  }
+}
+
+// The sub-batch's block outputs into the batch: for r < rows.size(), image rows[r] of
+// `dst` becomes relu(identity_r + s_l[r]·branch_r), identity_r being row r of `identity`
+// (the gathered shortcut) or, undefined, image rows[r] of `dst` itself; row rows[r] of
+// `pooled` (B, C) becomes that output's sums over H×W.
+void merge_rows(Tensor& dst, const std::vector<int64_t>& rows, const Tensor& identity,
+                const Tensor& branch, const std::vector<float>& s_l, Tensor& pooled) {
+  const int64_t n = static_cast<int64_t>(rows.size()), row = dst.numel() / dst.size(0);
+  const int64_t channels = dst.size(1), hw = dst.size(2) * dst.size(3);
+  const bool channels_last = !dst.is_contiguous();
+  TORCH_CHECK(branch.is_contiguous(dst.suggest_memory_format()) &&
+              (!identity.defined() || identity.is_contiguous(dst.suggest_memory_format())),
+              "merge_rows: branch and shortcut in the batch's layout");
+  float* out = dst.data_ptr<float>();
+  const float* own = identity.defined() ? identity.data_ptr<float>() : nullptr;
+  const float* br = branch.data_ptr<float>();
+  float* sums = pooled.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* d = out + rows[r] * row;
+      merge_row(d, own ? own + r * row : d, br + r * row, s_l[r], channels, hw,
+                channels_last, sums + rows[r] * channels);
+    }
+  });
+}
+
 class Blocks {
  public:
   // Per block: tensors (conv1 w, b, conv2 w, b, conv3 w, b, downsample w, b, gather,
@@ -166,7 +269,7 @@ class Blocks {
       Tensor identity = b.downsample.present() ? b.downsample(x) : x;
       Tensor out = b.conv1(x).relu_();
       if (b.gather.defined()) out = out.index_select(1, b.gather);
-      x = tail(b, out).add_(identity).relu_();
+      x = add_relu(tail(b, out), identity);
     }
     return x;
   }
@@ -177,12 +280,12 @@ class Blocks {
   // active channels may pay (#active < C_mid and <= slice_below[i]·C_mid, the Python
   // path's test), so that Python slices it. Returns the features (x itself may have been
   // overwritten), the scores (1, 1 + C_mid) of every block it gated, and the block where it
-  // stopped (`stop` when it ran them all).
+  // stopped (`stop` when it ran them all). Batches take `gated_batch`.
   std::tuple<Tensor, std::vector<Tensor>, int64_t> gated(
       Tensor x, int64_t start, int64_t stop, const std::vector<double>& slice_below) const {
     check_range(start, stop);
-    TORCH_CHECK(x.size(0) == 1, "the native gated path runs one image at a time");
     TORCH_CHECK(static_cast<int64_t>(slice_below.size()) == size(), "one limit per block");
+    if (x.size(0) > 1) return gated_batch(std::move(x), start, stop, slice_below);
     std::vector<Tensor> scores;
     for (int64_t i = start; i < stop; ++i) {
       const Block& b = blocks_[i];
@@ -209,9 +312,82 @@ class Blocks {
       Tensor identity = b.downsample.present() ? b.downsample(x) : x;
       Tensor out = b.conv1(x).relu_();
       if (n_unit != c) out.mul_(s.narrow(1, 1, c).view({1, c, 1, 1}));
-      out = tail(b, out);
-      out = s_l == 1.0f ? out.add_(identity) : at::add_out(out, identity, out, s_l);
-      x = out.relu_();
+      x = add_relu(tail(b, out), identity, s_l);
+    }
+    return {x, scores, stop};
+  }
+
+  // The gated sparse path for a batch, as the Python one computes it: images whose S_L = 0
+  // are dropped from the block's sub-batch (gathered), the others' outputs are merged back
+  // into the batch in place of their inputs, which x's owner must allow. Channels: every
+  // channel of the sub-batch is computed and multiplied by S_C unless all of them are 1;
+  // it stops before a block where the union of the sub-batch's active channels may pay
+  // slicing (as at batch 1). The gates' pooled sums of a block's output come with the
+  // merge, for the images that ran it; the others' are their input's.
+  std::tuple<Tensor, std::vector<Tensor>, int64_t> gated_batch(
+      Tensor x, int64_t start, int64_t stop, const std::vector<double>& slice_below) const {
+    if (!rows_are_dense(x)) x = x.contiguous(x.suggest_memory_format());
+    const int64_t batch = x.size(0);
+    std::vector<Tensor> scores;
+    Tensor pooled;  // (B, C) sums of x over H×W, when known
+    for (int64_t i = start; i < stop; ++i) {
+      const Block& b = blocks_[i];
+      TORCH_CHECK(b.gate_weight.defined(), "block ", i, " has no gates");
+      const int64_t c = b.mid_channels, hw = x.size(2) * x.size(3);
+      if (!pooled.defined()) pooled = x.sum({2, 3});
+      Tensor s = at::addmm(b.gate_bias, pooled, b.gate_weight.t(), 1.0,
+                           1.0 / static_cast<double>(hw)).clamp_(0, 1);
+      scores.push_back(s);
+      const Tensor s_cpu = s.device().is_cpu() ? s : s.cpu();
+      const float* all = s_cpu.data_ptr<float>();
+      std::vector<int64_t> rows;
+      std::vector<float> s_l;
+      std::vector<char> on(c, 0);
+      bool unit = true;  // every active image's S_C is 1
+      for (int64_t r = 0; r < batch; ++r) {
+        const float* row = all + r * (1 + c);
+        if (row[0] == 0.0f) continue;
+        rows.push_back(r);
+        s_l.push_back(row[0]);
+        for (int64_t k = 0; k < c; ++k) {
+          on[k] |= row[1 + k] != 0.0f;
+          unit &= row[1 + k] == 1.0f;
+        }
+      }
+      if (rows.empty()) {
+        x = shortcut(b, x);
+        if (b.downsample.present()) pooled = Tensor();
+        continue;
+      }
+      const int64_t n_on = std::count(on.begin(), on.end(), 1);
+      if (n_on < c && static_cast<double>(n_on) <= slice_below[i] * c) {
+        return {x, scores, i};
+      }
+      const int64_t n = static_cast<int64_t>(rows.size());
+      const bool every = n == batch;
+      Tensor xa = every ? x : gather_rows(x, rows);
+      Tensor out = b.conv1(xa).relu_();
+      if (!unit) {
+        Tensor s_c = s.narrow(1, 1, c);
+        if (!every) s_c = s_c.index_select(0, at::tensor(rows, s.options().dtype(at::kLong)));
+        out.mul_(s_c.view({n, c, 1, 1}));
+      }
+      out = tail(b, out).contiguous(x.suggest_memory_format());
+      if (b.downsample.present()) {
+        Tensor identity = b.downsample(x);
+        if (!rows_are_dense(identity)) identity = identity.contiguous();
+        Tensor ida;                            // every image's shortcut is read in place
+        if (!every) {
+          ida = gather_rows(identity, rows);
+          identity.relu_();                    // the skipped images' output
+        }
+        pooled = at::empty({batch, identity.size(1)}, s.options());
+        merge_rows(identity, rows, ida, out, s_l, pooled);
+        if (!every) pooled = Tensor();         // the skipped images' sums are not known
+        x = identity;
+      } else {
+        merge_rows(x, rows, Tensor(), out, s_l, pooled);
+      }
     }
     return {x, scores, stop};
   }
