@@ -254,7 +254,7 @@ class Row:
 
 
 def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
-             b256_images: int = 1024, repeats: int = 3, progress: bool = True) -> list[Row]:
+             b256_images: int = 1024, repeats: int = 7, progress: bool = True) -> list[Row]:
     """One row per available system (static, gated, each staged system at each shipped
     operating point, and the oracle of each staged system) on ``split``. Speedups are
     measured against the reference network on the first ``b1_images`` images one by one

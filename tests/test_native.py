@@ -94,6 +94,17 @@ def test_copies_and_pickles_of_a_native_model_run_python_blocks(runner_module):
             torch.testing.assert_close(twin(x), native(x), rtol=1e-5, atol=1e-5)
 
 
+def _force_gates(model: nn.Module, block: int, s_l: float | None,
+                 s_c: float | None = None) -> None:
+    """Every image's S_L and S_C of ``block`` set to a constant (None: left as they are)."""
+    b = model.blocks[block]
+    with torch.no_grad():
+        for gate, value in ((b.block_gate, s_l), (b.channel_gate, s_c)):
+            if value is not None:
+                gate.fc.weight.zero_()
+                gate.fc.bias.fill_(value)
+
+
 def _native_sparse_paths_agree(python, native, x, monkeypatch):
     """Runs the sparse path of ``native`` on ``x`` with a plan that never slices (the Python
     block paths made to raise) and one that always does, and holds both to the Python sparse
@@ -124,18 +135,22 @@ def _native_sparse_paths_agree(python, native, x, monkeypatch):
 @pytest.mark.parametrize("name", ["lcnet_resnet20", "lcnet_resnet50"])
 def test_native_sparse_path_equals_the_python_one_and_the_masked_one(runner_module, name,
                                                                       placement, monkeypatch):
-    """Random gate patterns (blocks skipped, channels off, scores in (0, 1)), batch 1: the
-    same logits, scores and MACs. With a plan that never slices, every block runs natively;
-    with one that always slices, the runner hands each block with channels off to Python."""
+    """Random gate patterns (blocks skipped, channels off, scores in (0, 1)) and blocks run
+    with no channel on, batch 1: the same logits, scores and MACs. With a plan that never
+    slices, every block runs natively; with one that always slices, the runner hands each
+    block with some (not all) channels off to Python."""
     model = randomize(models.create(name, placement=placement).eval(), seed=23)
+    down = [i for i, b in enumerate(model.blocks) if b.downsample is not None]
+    for i in (1, down[-1]):
+        _force_gates(model, i, 1.0, -1.0)         # run with no channel: conv2's bias
     python, native = _fold_both(model)
     size = 32 if model.cfg.stem == "cifar" else 64
     handed = skipped = 0
     for seed in range(4):
         x = _input(model, 1, size, seed=seed).contiguous(memory_format=torch.channels_last)
         t_masked, hand_backs = _native_sparse_paths_agree(python, native, x, monkeypatch)
-        partly_off = sum(int(((s[0, 1:] == 0).any() & (s[0, 0] > 0)).item())
-                         for s in t_masked.scores)
+        partly_off = sum(int(((s[0, 1:] == 0).any() & (s[0, 1:] > 0).any() &
+                              (s[0, 0] > 0)).item()) for s in t_masked.scores)
         assert hand_backs == partly_off      # exactly the blocks where slicing may pay
         handed += hand_backs
         skipped += int((~t_masked.blocks_executed).sum())
@@ -163,16 +178,6 @@ def test_native_gates_take_any_memory_layout(runner_module):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def _force_gates(model: nn.Module, block: int, s_l: float, s_c: float | None = None) -> None:
-    """Every image's S_L (and S_C, when given) of ``block`` set to a constant."""
-    b = model.blocks[block]
-    with torch.no_grad():
-        for gate, value in ((b.block_gate, s_l), (b.channel_gate, s_c)):
-            if value is not None:
-                gate.fc.weight.zero_()
-                gate.fc.bias.fill_(value)
-
-
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("name", ["lcnet_resnet20", "lcnet_resnet50"])
 def test_native_sparse_batches_equal_the_python_ones(runner_module, name, channels_last,
@@ -191,6 +196,9 @@ def test_native_sparse_batches_equal_the_python_ones(runner_module, name, channe
         _force_gates(model, i, 1.0, 1.0)          # every image, every channel at 1
     for i in none:
         _force_gates(model, i, -1.0)              # no image
+    empty = (down[1], down[0] + 2)
+    for i in empty:
+        _force_gates(model, i, None, -1.0)        # no channel, in the images that run it
     python, native = _fold_both(model, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = _input(model, 6, seed=4) + 2 * _input(model, 6, 1, seed=5)  # a colour per image:
@@ -198,13 +206,15 @@ def test_native_sparse_batches_equal_the_python_ones(runner_module, name, channe
     t_masked, hand_backs = _native_sparse_paths_agree(python, native, x, monkeypatch)
     runs = t_masked.blocks_executed.sum(0).tolist()       # images per block
     assert [runs[i] for i in every] == [6, 6] and [runs[i] for i in none] == [0, 0]
+    assert all(runs[i] > 0 for i in empty)
     assert any(0 < runs[i] < 6 for i in down) and \
         any(0 < n < 6 for i, n in enumerate(runs) if i not in down)
     partly_off = 0
     for i in range(len(runs)):
         ran = t_masked.blocks_executed[:, i]
-        partly_off += bool(ran.any()) and not (t_masked.channel_scores[i][ran] > 0).any(0).all()
-    assert hand_backs == partly_off > 0
+        union = (t_masked.channel_scores[i][ran] > 0).any(0)
+        partly_off += bool(union.any()) and not union.all()
+    assert hand_backs == partly_off > 0       # blocks with no channel run natively
 
 
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])

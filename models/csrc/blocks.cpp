@@ -59,6 +59,29 @@ Tensor tail(const Block& b, Tensor out) {
   return b.conv3.present() ? b.conv3(out.relu_()) : out;
 }
 
+int64_t conv_out(const Conv& conv, int64_t size, int64_t kernel) {
+  return (size + 2 * conv.padding - kernel) / conv.stride + 1;
+}
+
+// A gated block's residual branch on x: every channel computed and multiplied by `s_c`
+// (n, C_mid; undefined: all 1), or, `no_channels` (every S_C = 0), none computed: conv2
+// then sees only zeros, and its output is its bias (as in the Python path).
+Tensor gated_branch(const Block& b, const Tensor& x, const Tensor& s_c, bool no_channels) {
+  if (!no_channels) {
+    Tensor out = b.conv1(x).relu_();
+    if (s_c.defined()) out.mul_(s_c.view({x.size(0), b.mid_channels, 1, 1}));
+    return tail(b, out);
+  }
+  const Tensor& w1 = b.conv1.weight;
+  const Tensor& w2 = b.conv2.weight;
+  const int64_t h = conv_out(b.conv2, conv_out(b.conv1, x.size(2), w1.size(2)), w2.size(2));
+  const int64_t w = conv_out(b.conv2, conv_out(b.conv1, x.size(3), w1.size(3)), w2.size(3));
+  Tensor out = at::zeros({x.size(0), w2.size(0), h, w},
+                         x.options().memory_format(x.suggest_memory_format()));
+  if (b.conv2.bias.defined()) out.add_(b.conv2.bias.view({1, -1, 1, 1}));
+  return b.conv3.present() ? b.conv3(out.relu_()) : out;
+}
+
 // Gates of one image: clamp(W · mean_hw(x) + b, 0, 1), (1, 1 + C_mid). Small blocks
 // (CIFAR widths) pool and multiply in one loop over a channels-last input; others call
 // the library's reduction and matrix product, which use every core.
@@ -276,9 +299,9 @@ class Blocks {
 
   // The gated sparse path for one image over blocks [start, stop): each block's gates,
   // then its shortcut alone when S_L = 0, else its branch on every channel, multiplied by
-  // S_C unless all of them are 1. Stops before running a block where computing only its
-  // active channels may pay (#active < C_mid and <= slice_below[i]·C_mid, the Python
-  // path's test), so that Python slices it. Returns the features (x itself may have been
+  // S_C unless all of them are 1 (none computed when all are 0). Stops before running a
+  // block where computing only its active channels may pay (0 < #active < C_mid and
+  // #active <= slice_below[i]·C_mid, the Python path's test), so that Python slices it. Returns the features (x itself may have been
   // overwritten), the scores (1, 1 + C_mid) of every block it gated, and the block where it
   // stopped (`stop` when it ran them all). Batches take `gated_batch`.
   std::tuple<Tensor, std::vector<Tensor>, int64_t> gated(
@@ -306,13 +329,12 @@ class Blocks {
         n_unit += row[k] == 1.0f;
       }
       const int64_t n_on = c - n_off;
-      if (n_on < c && static_cast<double>(n_on) <= slice_below[i] * c) {
+      if (0 < n_on && n_on < c && static_cast<double>(n_on) <= slice_below[i] * c) {
         return {x, scores, i};
       }
       Tensor identity = b.downsample.present() ? b.downsample(x) : x;
-      Tensor out = b.conv1(x).relu_();
-      if (n_unit != c) out.mul_(s.narrow(1, 1, c).view({1, c, 1, 1}));
-      x = add_relu(tail(b, out), identity, s_l);
+      Tensor s_c = n_unit == c ? Tensor() : s.narrow(1, 1, c);
+      x = add_relu(gated_branch(b, x, s_c, n_on == 0), identity, s_l);
     }
     return {x, scores, stop};
   }
@@ -360,19 +382,18 @@ class Blocks {
         continue;
       }
       const int64_t n_on = std::count(on.begin(), on.end(), 1);
-      if (n_on < c && static_cast<double>(n_on) <= slice_below[i] * c) {
+      if (0 < n_on && n_on < c && static_cast<double>(n_on) <= slice_below[i] * c) {
         return {x, scores, i};
       }
       const int64_t n = static_cast<int64_t>(rows.size());
       const bool every = n == batch;
       Tensor xa = every ? x : gather_rows(x, rows);
-      Tensor out = b.conv1(xa).relu_();
+      Tensor s_c;
       if (!unit) {
-        Tensor s_c = s.narrow(1, 1, c);
+        s_c = s.narrow(1, 1, c);
         if (!every) s_c = s_c.index_select(0, at::tensor(rows, s.options().dtype(at::kLong)));
-        out.mul_(s_c.view({n, c, 1, 1}));
       }
-      out = tail(b, out).contiguous(x.suggest_memory_format());
+      Tensor out = gated_branch(b, xa, s_c, n_on == 0).contiguous(x.suggest_memory_format());
       if (b.downsample.present()) {
         Tensor identity = b.downsample(x);
         if (!rows_are_dense(identity)) identity = identity.contiguous();
