@@ -97,6 +97,19 @@ constexpr int64_t kFusedMaxChannels = 1024;
 #define DYNVIZ_VECTOR_CLONES
 #endif
 
+// out[o] = clamp(scale·(w[o] · pooled) + bias[o], 0, 1): the gates from pooled sums.
+inline void project(const float* __restrict pooled, int64_t c_in, const float* __restrict w,
+                    const float* __restrict bias, int64_t outs, float scale,
+                    float* __restrict out) {
+  for (int64_t o = 0; o < outs; ++o) {
+    float acc = 0.0f;
+    const float* __restrict w_row = w + o * c_in;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < c_in; ++c) acc += w_row[c] * pooled[c];
+    out[o] = std::clamp(acc * scale + bias[o], 0.0f, 1.0f);
+  }
+}
+
 DYNVIZ_VECTOR_CLONES
 void pool_and_project(const float* __restrict in, int64_t hw, int64_t c_in,
                       const float* __restrict w, const float* __restrict bias, int64_t outs,
@@ -108,13 +121,14 @@ void pool_and_project(const float* __restrict in, int64_t hw, int64_t c_in,
 #pragma omp simd
     for (int64_t c = 0; c < c_in; ++c) pooled[c] += row[c];
   }
-  for (int64_t o = 0; o < outs; ++o) {
-    float acc = 0.0f;
-    const float* __restrict w_row = w + o * c_in;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t c = 0; c < c_in; ++c) acc += w_row[c] * pooled[c];
-    out[o] = std::clamp(acc * scale + bias[o], 0.0f, 1.0f);
-  }
+  project(pooled, c_in, w, bias, outs, scale, out);
+}
+
+DYNVIZ_VECTOR_CLONES
+void project_pooled(const float* __restrict pooled, int64_t c_in, const float* __restrict w,
+                    const float* __restrict bias, int64_t outs, float scale,
+                    float* __restrict out) {
+  project(pooled, c_in, w, bias, outs, scale, out);
 }
 
 bool fuses_gates(const Block& b, const Tensor& x) {
@@ -134,6 +148,20 @@ Tensor gates(const Block& b, const Tensor& x) {
   Tensor scores = at::empty({1, outs}, x.options().memory_format(at::MemoryFormat::Contiguous));
   pool_and_project(x.data_ptr<float>(), hw, c_in, b.gate_weight.data_ptr<float>(),
                    b.gate_bias.data_ptr<float>(), outs, scale, scores.data_ptr<float>());
+  return scores;
+}
+
+// The same gates from x's sums over its `hw` positions, (B, C_in), when they are known.
+Tensor gates_from_pooled(const Block& b, const Tensor& pooled, int64_t hw) {
+  const int64_t c_in = pooled.size(1), outs = b.gate_weight.size(0);
+  const float scale = 1.0f / static_cast<float>(hw);
+  if (pooled.size(0) != 1 || b.gate_weight.scalar_type() != at::kFloat ||
+      outs * c_in > kFusedMaxWeight) {
+    return at::addmm(b.gate_bias, pooled, b.gate_weight.t(), 1.0, scale).clamp_(0, 1);
+  }
+  Tensor scores = at::empty({1, outs}, pooled.options());
+  project_pooled(pooled.data_ptr<float>(), c_in, b.gate_weight.data_ptr<float>(),
+                 b.gate_bias.data_ptr<float>(), outs, scale, scores.data_ptr<float>());
   return scores;
 }
 
@@ -182,9 +210,10 @@ Tensor add_relu(Tensor branch, const Tensor& identity, float scale = 1.0f) {
 }
 
 // One image's merge: out = relu(identity + s_l·branch), written over `dst` (which may be
-// `identity` itself), and the sums of out over H×W per channel into `pooled` (C values).
+// `identity` or `branch` itself), and the sums of out over H×W per channel into `pooled`
+// (C values).
 DYNVIZ_VECTOR_CLONES
-void merge_row(float* dst, const float* identity, const float* __restrict branch, float s_l,
+void merge_row(float* dst, const float* identity, const float* branch, float s_l,
                int64_t channels, int64_t hw, bool channels_last, float* __restrict pooled) {
   std::fill(pooled, pooled + channels, 0.0f);
   if (channels_last) {
@@ -310,16 +339,19 @@ class Blocks {
     TORCH_CHECK(static_cast<int64_t>(slice_below.size()) == size(), "one limit per block");
     if (x.size(0) > 1) return gated_batch(std::move(x), start, stop, slice_below);
     std::vector<Tensor> scores;
+    Tensor pooled;  // (1, C) sums of x over H×W, when a small block's merge left them
     for (int64_t i = start; i < stop; ++i) {
       const Block& b = blocks_[i];
       TORCH_CHECK(b.gate_weight.defined(), "block ", i, " has no gates");
-      Tensor s = gates(b, x);
+      Tensor s = pooled.defined() ? gates_from_pooled(b, pooled, x.size(2) * x.size(3))
+                                  : gates(b, x);
       scores.push_back(s);
       const Tensor s_cpu = s.device().is_cpu() ? s : s.cpu();
       const float* row = s_cpu.data_ptr<float>();
       const float s_l = row[0];
       if (s_l == 0.0f) {
         x = shortcut(b, x);
+        if (b.downsample.present()) pooled = Tensor();
         continue;
       }
       const int64_t c = b.mid_channels;
@@ -334,7 +366,18 @@ class Blocks {
       }
       Tensor identity = b.downsample.present() ? b.downsample(x) : x;
       Tensor s_c = n_unit == c ? Tensor() : s.narrow(1, 1, c);
-      x = add_relu(gated_branch(b, x, s_c, n_on == 0), identity, s_l);
+      Tensor out = gated_branch(b, x, s_c, n_on == 0);
+      if (out.numel() <= kFusedMaxInput && rows_are_dense(out) &&
+          out.strides() == identity.strides()) {   // one loop merges and pools
+        pooled = at::empty({1, out.size(1)}, s.options());
+        merge_row(out.data_ptr<float>(), identity.data_ptr<float>(), out.data_ptr<float>(), s_l,
+                  out.size(1), out.size(2) * out.size(3), !out.is_contiguous(),
+                  pooled.data_ptr<float>());
+        x = out;
+      } else {
+        x = add_relu(out, identity, s_l);
+        pooled = Tensor();
+      }
     }
     return {x, scores, stop};
   }
@@ -357,8 +400,7 @@ class Blocks {
       TORCH_CHECK(b.gate_weight.defined(), "block ", i, " has no gates");
       const int64_t c = b.mid_channels, hw = x.size(2) * x.size(3);
       if (!pooled.defined()) pooled = x.sum({2, 3});
-      Tensor s = at::addmm(b.gate_bias, pooled, b.gate_weight.t(), 1.0,
-                           1.0 / static_cast<double>(hw)).clamp_(0, 1);
+      Tensor s = gates_from_pooled(b, pooled, hw);
       scores.push_back(s);
       const Tensor s_cpu = s.device().is_cpu() ? s : s.cpu();
       const float* all = s_cpu.data_ptr<float>();
