@@ -359,9 +359,11 @@ class GatedBlockMixin:
         return out if ops.conv3 is None else ops.conv3(out.relu_())
 
     def forward_sparse(self, x: torch.Tensor, plan: BlockPlan,
-                       scores: torch.Tensor | None = None):
+                       scores: torch.Tensor | None = None, run_masked=None):
         """The sparse path (eval mode); may overwrite ``x`` in place, which the network owns.
-        ``scores``: the gates' output on ``x`` when already computed (the native runner).
+        ``scores``: the gates' output on ``x`` when already computed (the native runner);
+        ``run_masked(x)``: the block's output when the plan does not slice it (the native
+        runner's, faster than the Python one).
         Plain function calls on raw tensors throughout: at batch 1 every microsecond of
         Python and module-call overhead is a visible share of a CIFAR block."""
         if self.training:
@@ -418,6 +420,8 @@ class GatedBlockMixin:
                     keep = cache                     # a recurring set: slices are kept
             if n_on == ops.mid_channels or (fraction > plan.slice_below and keep is None):
                 channels = None                      # slicing would not pay here
+        if channels is None and run_masked is not None:
+            return run_masked(x), scores
         if batch == 1 and n_unit == ops.mid_channels - n_off and \
                 (channels is not None or n_off == 0):
             sc_a = None                              # every channel computed has S_C = 1
@@ -480,13 +484,18 @@ class GatedResNet(ResNet):
 
     def _forward_native(self, runner, x, start, stop, plan: SparsePlan):
         """The sparse path through the native runner, which hands back each block where
-        slicing may pay (the Python path slices it, with the plan's cache)."""
-        scores, limits = [], plan.slice_limits(len(self.blocks))
+        slicing may pay. The Python path decides, with the plan's cache, and slices it, or
+        gives it back to the runner to run unsliced (a channel set seen for the first time,
+        when only recurring ones pay)."""
+        n = len(self.blocks)
+        scores, limits, never = [], plan.slice_limits(n), [0.0] * n
         while start < stop:
             x, gated, start = runner.gated(x, start, stop, limits)
             scores += gated
             if start < stop:
-                x, _ = self.blocks[start].forward_sparse(x, plan.block(start), gated[-1])
+                i = start
+                x, _ = self.blocks[i].forward_sparse(
+                    x, plan.block(i), gated[-1], lambda h: runner.gated(h, i, i + 1, never)[0])
                 start += 1
         return x, scores
 

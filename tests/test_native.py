@@ -94,6 +94,34 @@ def test_copies_and_pickles_of_a_native_model_run_python_blocks(runner_module):
             torch.testing.assert_close(twin(x), native(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_native_runner_runs_the_blocks_python_would_not_slice(runner_module, batch,
+                                                               monkeypatch):
+    """A plan that slices recurring channel sets only: the runner hands back every block with
+    channels off; the first time a set is seen Python gives the block back to the runner
+    (no Python branch runs), the second time it slices. Both give the masked path's logits."""
+    from models.lcnet import GatedBlockMixin
+    model = randomize(models.create("lcnet_resnet20").eval(), seed=28)
+    python, native = _fold_both(model)
+    x = _input(model, batch, seed=6) + 2 * _input(model, batch, 1, seed=7)
+    x = x.contiguous(memory_format=torch.channels_last)
+    plan = SparsePlan(0.0, 1.0, SliceCache(64 << 20))
+    handed, branches = [], []
+    hand_back = type(native.blocks[0]).forward_sparse
+    branch = GatedBlockMixin.sparse_branch
+    monkeypatch.setattr(type(native.blocks[0]), "forward_sparse",
+                        lambda self, *a: handed.append(1) or hand_back(self, *a))
+    monkeypatch.setattr(GatedBlockMixin, "sparse_branch",
+                        staticmethod(lambda *a: branches.append(1) or branch(*a)))
+    with torch.no_grad():
+        masked, _ = python(x)
+        for seen in (False, True):
+            handed.clear(), branches.clear()
+            got, _ = native(x.clone(), plan)
+            assert (got - masked).norm() / masked.norm() <= 1e-4
+            assert handed and len(branches) == (len(handed) if seen else 0)
+
+
 def _force_gates(model: nn.Module, block: int, s_l: float | None,
                  s_c: float | None = None) -> None:
     """Every image's S_L and S_C of ``block`` set to a constant (None: left as they are)."""
@@ -263,9 +291,9 @@ def test_native_calibration_times_the_runner_against_its_hand_back(runner_module
     handed = []
     original = type(native.blocks[0]).forward_sparse
     monkeypatch.setattr(type(native.blocks[0]), "forward_sparse",
-                        lambda self, x, plan, scores=None: handed.append(
+                        lambda self, x, plan, scores=None, *rest: handed.append(
                             (scores[0, 0].item(), (scores[0, 1:] > 0).sum().item()))
-                        or original(self, x, plan, scores))
+                        or original(self, x, plan, scores, *rest))
     plan = engine.calibrate(native, 1, repeats=1, fractions=(0.25, 0.5))
     assert handed and all(s_l == 1.0 for s_l, _ in handed)
     assert {on for _, on in handed} <= {round(f * b.mid_channels) for f in (0.25, 0.5)
