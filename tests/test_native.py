@@ -101,7 +101,9 @@ def test_native_runner_runs_the_blocks_python_would_not_slice(runner_module, bat
     channels off; the first time a set is seen Python gives the block back to the runner
     (no Python branch runs), the second time it slices. Both give the masked path's logits."""
     from models.lcnet import GatedBlockMixin
-    model = randomize(models.create("lcnet_resnet20").eval(), seed=28)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = randomize(models.create("lcnet_resnet20").eval(), seed=28)
     python, native = _fold_both(model)
     x = _input(model, batch, seed=6) + 2 * _input(model, batch, 1, seed=7)
     x = x.contiguous(memory_format=torch.channels_last)

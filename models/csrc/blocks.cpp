@@ -330,9 +330,10 @@ class Blocks {
   // then its shortcut alone when S_L = 0, else its branch on every channel, multiplied by
   // S_C unless all of them are 1 (none computed when all are 0). Stops before running a
   // block where computing only its active channels may pay (0 < #active < C_mid and
-  // #active <= slice_below[i]·C_mid, the Python path's test), so that Python slices it. Returns the features (x itself may have been
-  // overwritten), the scores (1, 1 + C_mid) of every block it gated, and the block where it
-  // stopped (`stop` when it ran them all). Batches take `gated_batch`.
+  // #active <= slice_below[i]·C_mid, the Python path's test), so that Python slices it.
+  // Returns the features (x itself may have been overwritten), the scores (1, 1 + C_mid) of
+  // every block it gated, and the block where it stopped (`stop` when it ran them all).
+  // Batches take `gated_batch`.
   std::tuple<Tensor, std::vector<Tensor>, int64_t> gated(
       Tensor x, int64_t start, int64_t stop, const std::vector<double>& slice_below) const {
     check_range(start, stop);
