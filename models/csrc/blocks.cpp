@@ -165,8 +165,8 @@ Tensor gates_from_pooled(const Block& b, const Tensor& pooled, int64_t hw) {
   return scores;
 }
 
-// Rows of a batch: every image of a dense (contiguous or channels-last) tensor is one
-// run of C·H·W values, whatever the layout.
+// Whether the runner's own loops can read x: float32 on the CPU, dense (contiguous or
+// channels-last), so that each image is one run of C·H·W values whatever the layout.
 bool rows_are_dense(const Tensor& x) {
   return x.scalar_type() == at::kFloat && x.device().is_cpu() &&
          (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast));
