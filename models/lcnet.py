@@ -359,11 +359,13 @@ class GatedBlockMixin:
         return out if ops.conv3 is None else ops.conv3(out.relu_())
 
     def forward_sparse(self, x: torch.Tensor, plan: BlockPlan,
-                       scores: torch.Tensor | None = None, run_masked=None):
+                       scores: torch.Tensor | None = None, run_masked=None, merge=None):
         """The sparse path (eval mode); may overwrite ``x`` in place, which the network owns.
         ``scores``: the gates' output on ``x`` when already computed (the native runner);
         ``run_masked(x)``: the block's output when the plan does not slice it (the native
-        runner's, faster than the Python one).
+        runner's, faster than the Python one); ``merge(branch, identity, s_l)``: at batch 1,
+        relu(identity + s_l·branch) written over ``branch`` (the native runner's, which also
+        sums the output for the next block's gates).
         Plain function calls on raw tensors throughout: at batch 1 every microsecond of
         Python and module-call overhead is a visible share of a CIFAR block."""
         if self.training:
@@ -428,7 +430,9 @@ class GatedBlockMixin:
         branch = self.sparse_branch(ops, xa, sc_a, channels, keep, channel_key)
         # into the branch's own fresh tensor: a new (B, C, H, W) result would cost as much
         # again (ResNet-50's first stage at batch 1: ~0.1 ms against ~0.05 ms per block)
-        if batch == 1:
+        if batch == 1 and merge is not None:
+            out = merge(branch, ida, s_l)
+        elif batch == 1:
             out = torch.add(ida, branch, alpha=s_l, out=branch).relu_()
         else:
             out = torch.addcmul(ida, s_l, branch, out=branch).relu_()
@@ -489,13 +493,20 @@ class GatedResNet(ResNet):
         when only recurring ones pay)."""
         n = len(self.blocks)
         scores, limits, never = [], plan.slice_limits(n), [0.0] * n
+        sums = []     # a handed-back block's output summed over H×W, by the runner's merge
+
+        def merge(branch, identity, s_l):
+            sums.append(runner.merge(branch, identity, s_l))
+            return branch
+
         while start < stop:
-            x, gated, start = runner.gated(x, start, stop, limits)
+            x, gated, start = runner.gated(x, start, stop, limits, sums.pop() if sums else None)
             scores += gated
             if start < stop:
                 i = start
                 x, _ = self.blocks[i].forward_sparse(
-                    x, plan.block(i), gated[-1], lambda h: runner.gated(h, i, i + 1, never)[0])
+                    x, plan.block(i), gated[-1], lambda h: runner.gated(h, i, i + 1, never)[0],
+                    merge if x.shape[0] == 1 else None)
                 start += 1
         return x, scores
 

@@ -285,6 +285,48 @@ def test_native_runner_checks_its_arguments(runner_module):
         native.block_spec(conv._replace(groups=2), conv, None, None)
 
 
+@pytest.mark.parametrize("shape", [(1, 16, 32, 32), (1, 256, 56, 56), (1, 2048, 7, 7)])
+def test_native_merge_is_the_residual_add_and_relu_with_its_sums(runner_module, shape):
+    """``merge`` (what a block handed back to Python ends with): relu(identity + s_l·branch)
+    over ``branch``, and the output summed over H×W, in either layout (large images split
+    by channels between the cores) and when the two layouts differ."""
+    runner = engine.fold_batchnorm(models.create("lcnet_resnet8").eval(),
+                                   use_native=True).__dict__["_native"]
+    g = torch.Generator().manual_seed(9)
+    branch, identity = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    expected = (identity + 0.3 * branch).relu()
+    last = torch.channels_last
+    dense = torch.contiguous_format
+    for b_fmt, i_fmt in ((last, last), (dense, dense), (last, dense)):
+        out = branch.contiguous(memory_format=b_fmt).clone(memory_format=b_fmt)
+        sums = runner.merge(out, identity.contiguous(memory_format=i_fmt), 0.3)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sums, expected.double().sum((2, 3)).float(),
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_native_gates_start_from_given_sums(runner_module):
+    """``gated(..., sums)`` takes the input's sums over H×W instead of pooling it: the
+    scores of its first block follow the given sums, which must have one row per image."""
+    model = randomize(models.create("lcnet_resnet20").eval(), seed=25)
+    _, native = _fold_both(model)
+    runner = native.__dict__["_native"]
+    x = _input(model, 1, seed=4).contiguous(memory_format=torch.channels_last)
+    x = native.forward_stem(x)
+    never = [0.0] * len(native.blocks)
+    with torch.no_grad():
+        _, pooled_scores, _ = runner.gated(x.clone(), 0, 1, never)
+        _, same, _ = runner.gated(x.clone(), 0, 1, never, x.sum((2, 3)))
+        _, other, _ = runner.gated(x.clone(), 0, 1, never, 0.5 * x.sum((2, 3)))
+    torch.testing.assert_close(same[0], pooled_scores[0], rtol=0, atol=1e-6)
+    ops = native.blocks[0].inference_block()
+    expected = (0.5 * x.mean((2, 3)) @ ops.gate_weight.T + ops.gate_bias).clamp(0, 1)
+    torch.testing.assert_close(other[0], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(other[0], pooled_scores[0], rtol=0, atol=1e-3)
+    with pytest.raises(RuntimeError, match="one row"):
+        runner.gated(x.clone(), 0, 1, never, x.sum((2, 3))[:, :3])
+
+
 def test_native_calibration_times_the_runner_against_its_hand_back(runner_module, monkeypatch):
     """At batch 1 a native model's calibration runs each block on a one-block runner whose
     gates give the measured channel set; the plan it returns keeps the sparse path exact."""

@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -88,6 +89,7 @@ Tensor gated_branch(const Block& b, const Tensor& x, const Tensor& s_c, bool no_
 constexpr int64_t kFusedMaxInput = 1 << 16;   // C_in·H·W
 constexpr int64_t kFusedMaxWeight = 1 << 16;  // (1 + C_mid)·C_in
 constexpr int64_t kFusedMaxChannels = 1024;
+constexpr int64_t kMergeGrain = 1 << 16;      // values one thread merges, at least
 
 // Pooling and product compiled for AVX-512, AVX2 and the baseline; the loader picks the
 // widest this CPU has (one build serves any x86-64 machine).
@@ -209,18 +211,20 @@ Tensor add_relu(Tensor branch, const Tensor& identity, float scale = 1.0f) {
   return branch;
 }
 
-// One image's merge: out = relu(identity + s_l·branch), written over `dst` (which may be
-// `identity` or `branch` itself), and the sums of out over H×W per channel into `pooled`
-// (C values).
+// One image's merge over channels [c0, c1): out = relu(identity + s_l·branch), written
+// over `dst` (which may be `identity` or `branch` itself), and the sums of out over H×W per
+// channel into `pooled` (indexed by channel). Each channel's sum runs over the positions in
+// order, however the channels are split between threads.
 DYNVIZ_VECTOR_CLONES
-void merge_row(float* dst, const float* identity, const float* branch, float s_l,
-               int64_t channels, int64_t hw, bool channels_last, float* __restrict pooled) {
-  std::fill(pooled, pooled + channels, 0.0f);
+void merge_channels(float* dst, const float* identity, const float* branch, float s_l,
+                    int64_t channels, int64_t hw, bool channels_last, int64_t c0, int64_t c1,
+                    float* __restrict pooled) {
   if (channels_last) {
+    std::fill(pooled + c0, pooled + c1, 0.0f);
     for (int64_t p = 0; p < hw; ++p) {
       const int64_t o = p * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
+      for (int64_t c = c0; c < c1; ++c) {
         const float v = std::max(identity[o + c] + s_l * branch[o + c], 0.0f);
         dst[o + c] = v;
         pooled[c] += v;
@@ -228,7 +232,7 @@ void merge_row(float* dst, const float* identity, const float* branch, float s_l
     }
     return;
   }
-  for (int64_t c = 0; c < channels; ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const int64_t o = c * hw;
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -239,6 +243,35 @@ void merge_row(float* dst, const float* identity, const float* branch, float s_l
     }
     pooled[c] = sum;
   }
+}
+
+void merge_row(float* dst, const float* identity, const float* branch, float s_l,
+               int64_t channels, int64_t hw, bool channels_last, float* pooled) {
+  merge_channels(dst, identity, branch, s_l, channels, hw, channels_last, 0, channels, pooled);
+}
+
+// One image's block output, relu(identity + s_l·branch) written over `branch`, and its
+// sums over H×W, (1, C): one pass, split by channels between the cores when the image is
+// large (ResNet-50's first stage: 0.8 M values), when both are dense in one layout; else
+// the add, the ReLU and the sums one after the other.
+Tensor merge_image(Tensor& branch, const Tensor& identity, float s_l) {
+  TORCH_CHECK(branch.size(0) == 1, "merge: one image");
+  if (!rows_are_dense(branch) || !rows_are_dense(identity) ||
+      branch.strides() != identity.strides()) {
+    return add_relu(branch, identity, s_l).sum({2, 3});
+  }
+  const int64_t channels = branch.size(1), hw = branch.size(2) * branch.size(3);
+  Tensor pooled = at::empty({1, channels}, branch.options().memory_format(
+                                               at::MemoryFormat::Contiguous));
+  float* out = branch.data_ptr<float>();
+  const float* id = identity.data_ptr<float>();
+  float* sums = pooled.data_ptr<float>();
+  const bool channels_last = !branch.is_contiguous();
+  const int64_t grain = std::max<int64_t>(1, kMergeGrain / hw);
+  at::parallel_for(0, channels, grain, [&](int64_t c0, int64_t c1) {
+    merge_channels(out, id, out, s_l, channels, hw, channels_last, c0, c1, sums);
+  });
+  return pooled;
 }
 
 // The sub-batch's block outputs into the batch: for r < rows.size(), image rows[r] of
@@ -309,6 +342,12 @@ class Blocks {
     return {gates(b, x), fuses_gates(b, x)};
   }
 
+  // A block's output at batch 1 where Python ran its branch: relu(identity + s_l·branch),
+  // written over `branch`, and its sums over H×W (1, C), which `gated` takes as `sums`.
+  Tensor merge(Tensor branch, const Tensor& identity, double s_l) const {
+    return merge_image(branch, identity, static_cast<float>(s_l));
+  }
+
   // Blocks [start, stop) of a plain network on x, which is left as it is.
   Tensor plain(Tensor x, int64_t start, int64_t stop) const {
     check_range(start, stop);
@@ -331,16 +370,23 @@ class Blocks {
   // S_C unless all of them are 1 (none computed when all are 0). Stops before running a
   // block where computing only its active channels may pay (0 < #active < C_mid and
   // #active <= slice_below[i]·C_mid, the Python path's test), so that Python slices it.
+  // `sums`: x's sums over H×W, (B, C), when known (the merge of the block before).
   // Returns the features (x itself may have been overwritten), the scores (1, 1 + C_mid) of
   // every block it gated, and the block where it stopped (`stop` when it ran them all).
   // Batches take `gated_batch`.
   std::tuple<Tensor, std::vector<Tensor>, int64_t> gated(
-      Tensor x, int64_t start, int64_t stop, const std::vector<double>& slice_below) const {
+      Tensor x, int64_t start, int64_t stop, const std::vector<double>& slice_below,
+      const std::optional<Tensor>& sums) const {
     check_range(start, stop);
     TORCH_CHECK(static_cast<int64_t>(slice_below.size()) == size(), "one limit per block");
-    if (x.size(0) > 1) return gated_batch(std::move(x), start, stop, slice_below);
+    Tensor pooled;  // (B, C) sums of x over H×W, when known
+    if (sums.has_value() && sums->defined()) {
+      TORCH_CHECK(sums->dim() == 2 && sums->size(0) == x.size(0) && sums->size(1) == x.size(1),
+                  "sums: one row of x.size(1) values per image");
+      pooled = *sums;
+    }
+    if (x.size(0) > 1) return gated_batch(std::move(x), start, stop, slice_below, pooled);
     std::vector<Tensor> scores;
-    Tensor pooled;  // (1, C) sums of x over H×W, when a small block's merge left them
     for (int64_t i = start; i < stop; ++i) {
       const Block& b = blocks_[i];
       TORCH_CHECK(b.gate_weight.defined(), "block ", i, " has no gates");
@@ -368,17 +414,8 @@ class Blocks {
       Tensor identity = b.downsample.present() ? b.downsample(x) : x;
       Tensor s_c = n_unit == c ? Tensor() : s.narrow(1, 1, c);
       Tensor out = gated_branch(b, x, s_c, n_on == 0);
-      if (out.numel() <= kFusedMaxInput && rows_are_dense(out) &&
-          out.strides() == identity.strides()) {   // one loop merges and pools
-        pooled = at::empty({1, out.size(1)}, s.options());
-        merge_row(out.data_ptr<float>(), identity.data_ptr<float>(), out.data_ptr<float>(), s_l,
-                  out.size(1), out.size(2) * out.size(3), !out.is_contiguous(),
-                  pooled.data_ptr<float>());
-        x = out;
-      } else {
-        x = add_relu(out, identity, s_l);
-        pooled = Tensor();
-      }
+      pooled = merge_image(out, identity, s_l);
+      x = out;
     }
     return {x, scores, stop};
   }
@@ -391,11 +428,11 @@ class Blocks {
   // slicing (as at batch 1). The gates' pooled sums of a block's output come with the
   // merge, for the images that ran it; the others' are their input's.
   std::tuple<Tensor, std::vector<Tensor>, int64_t> gated_batch(
-      Tensor x, int64_t start, int64_t stop, const std::vector<double>& slice_below) const {
+      Tensor x, int64_t start, int64_t stop, const std::vector<double>& slice_below,
+      Tensor pooled) const {   // (B, C) sums of x over H×W, when known
     if (!rows_are_dense(x)) x = x.contiguous(x.suggest_memory_format());
     const int64_t batch = x.size(0);
     std::vector<Tensor> scores;
-    Tensor pooled;  // (B, C) sums of x over H×W, when known
     for (int64_t i = start; i < stop; ++i) {
       const Block& b = blocks_[i];
       TORCH_CHECK(b.gate_weight.defined(), "block ", i, " has no gates");
@@ -475,5 +512,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__len__", &Blocks::size)
       .def("block_gates", &Blocks::block_gates)
       .def("plain", &Blocks::plain, py::call_guard<py::gil_scoped_release>())
-      .def("gated", &Blocks::gated, py::call_guard<py::gil_scoped_release>());
+      .def("gated", &Blocks::gated, py::arg("x"), py::arg("start"), py::arg("stop"),
+           py::arg("slice_below"), py::arg("sums") = py::none(),
+           py::call_guard<py::gil_scoped_release>())
+      .def("merge", &Blocks::merge, py::call_guard<py::gil_scoped_release>());
 }
