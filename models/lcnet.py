@@ -282,6 +282,11 @@ class GateTrace:
         return (self.channel_scores[block] > 0) & self.blocks_executed[:, block:block + 1]
 
 
+def _identity(x: torch.Tensor, ops: InferenceBlock) -> torch.Tensor:
+    """The shortcut's input to the residual add: x, or downsample(x)."""
+    return x if ops.downsample is None else ops.downsample(x)
+
+
 def _shortcut(identity: torch.Tensor, ops: InferenceBlock) -> torch.Tensor:
     """A skipped block's output: x itself (x >= 0, it left a ReLU) or ReLU(downsample(x))."""
     return identity if ops.downsample is None else identity.relu_()
@@ -382,26 +387,24 @@ class GatedBlockMixin:
             scores = torch.addmm(ops.gate_bias, pooled_sum(x, plan.pool_by_matmul),
                                  ops.gate_weight.t(),
                                  alpha=1.0 / (h * w)).clamp_(0, 1)          # (B, 1 + C_mid)
-        identity = x if ops.downsample is None else ops.downsample(x)
         if batch == 1:               # decide in Python from one copy of the scores
             row = scores.tolist()[0]
             s_l = row[0]
             if s_l == 0:
-                return _shortcut(identity, ops), scores
-            xa, ida, sc_a, active = x, identity, scores[:, 1:], None
+                return _shortcut(_identity(x, ops), ops), scores
+            xa, sc_a, active = x, scores[:, 1:], None
             n_off = row.count(0.0)                   # channels off (S_L > 0 here)
             n_unit = row.count(1.0) - (s_l == 1.0)   # channels whose S_C is exactly 1
         else:
             s_l = scores[:, 0]
             active = (s_l > 0).nonzero().squeeze(1)
             if active.numel() == 0:
-                return _shortcut(identity, ops), scores
-            xa, ida, sc_a = x, identity, scores[:, 1:]
+                return _shortcut(_identity(x, ops), ops), scores
+            xa, sc_a = x, scores[:, 1:]
             if active.numel() == batch:
                 active = None
             else:                    # drop skipped images from the sub-batch
                 xa = x[active]
-                ida = xa if ops.downsample is None else identity[active]
                 sc_a, s_l = sc_a[active], s_l[active]
             s_l = s_l[:, None, None, None]
         channels, keep, channel_key = None, None, None    # None: multiply by the mask
@@ -423,7 +426,9 @@ class GatedBlockMixin:
             if n_on == ops.mid_channels or (fraction > plan.slice_below and keep is None):
                 channels = None                      # slicing would not pay here
         if channels is None and run_masked is not None:
-            return run_masked(x), scores
+            return run_masked(x), scores             # (its downsample too: computed once)
+        identity = _identity(x, ops)
+        ida = identity if active is None else xa if ops.downsample is None else identity[active]
         if batch == 1 and n_unit == ops.mid_channels - n_off and \
                 (channels is not None or n_off == 0):
             sc_a = None                              # every channel computed has S_C = 1

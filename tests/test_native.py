@@ -99,11 +99,19 @@ def test_native_runner_runs_the_blocks_python_would_not_slice(runner_module, bat
                                                                monkeypatch):
     """A plan that slices recurring channel sets only: the runner hands back every block with
     channels off; the first time a set is seen Python gives the block back to the runner
-    (no Python branch runs), the second time it slices. Both give the masked path's logits."""
+    (no Python branch runs, nor any conv from Python: a downsampling block's shortcut is
+    computed once, by the runner), the second time it slices. Both give the masked path's
+    logits."""
     from models.lcnet import GatedBlockMixin
+    from models.resnet import InferenceConv
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = randomize(models.create("lcnet_resnet20").eval(), seed=28)
+    down = next(b for b in model.blocks if b.downsample is not None)
+    with torch.no_grad():            # run by every image, half of its channels off
+        down.block_gate.fc.weight.zero_(), down.block_gate.fc.bias.fill_(1.0)
+        down.channel_gate.fc.weight.zero_()
+        down.channel_gate.fc.bias.copy_(torch.arange(down.channel_gate.fc.out_features) % 2)
     python, native = _fold_both(model)
     x = _input(model, batch, seed=6) + 2 * _input(model, batch, 1, seed=7)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -112,16 +120,21 @@ def test_native_runner_runs_the_blocks_python_would_not_slice(runner_module, bat
     hand_back = type(native.blocks[0]).forward_sparse
     branch = GatedBlockMixin.sparse_branch
     monkeypatch.setattr(type(native.blocks[0]), "forward_sparse",
-                        lambda self, *a: handed.append(1) or hand_back(self, *a))
+                        lambda self, *a: handed.append(self.downsample is not None)
+                        or hand_back(self, *a))
     monkeypatch.setattr(GatedBlockMixin, "sparse_branch",
                         staticmethod(lambda *a: branches.append(1) or branch(*a)))
     with torch.no_grad():
         masked, _ = python(x)
+        conv, python_convs = InferenceConv.__call__, []
+        monkeypatch.setattr(InferenceConv, "__call__",
+                            lambda self, *a, **k: python_convs.append(1) or conv(self, *a, **k))
         for seen in (False, True):
-            handed.clear(), branches.clear()
+            handed.clear(), branches.clear(), python_convs.clear()
             got, _ = native(x.clone(), plan)
             assert (got - masked).norm() / masked.norm() <= 1e-4
             assert handed and len(branches) == (len(handed) if seen else 0)
+            assert seen or (not python_convs and any(handed))    # a downsampling one among them
 
 
 def _force_gates(model: nn.Module, block: int, s_l: float | None,
