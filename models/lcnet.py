@@ -511,7 +511,7 @@ class GatedResNet(ResNet):
                 i = start
                 x, _ = self.blocks[i].forward_sparse(
                     x, plan.block(i), gated[-1], lambda h: runner.gated(h, i, i + 1, never)[0],
-                    merge if x.shape[0] == 1 else None)
+                    merge)
                 start += 1
         return x, scores
 
