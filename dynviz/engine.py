@@ -24,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dynviz import settings
 from models import native
-from models.lcnet import BlockPlan, GatedResNet, SliceCache, SparsePlan, pooled_sum
+from models.lcnet import GatedResNet, SliceCache, SparsePlan, pooled_sum
 from models.resnet import ResNet
 from models.staged import ExitHead
 
@@ -188,9 +188,9 @@ def calibrate(model: GatedResNet, batch_size: int, *, repeats: int = 5,
     whose slices are in the plan's ``SliceCache``.
 
     Blocks of the same shape share one measurement. The model must be in eval mode on the
-    device it will run on. With the native runner, batch 1 times the runner's block against
-    its hand-back to Python (``_native_slice_threshold``); batches time the residual branch
-    alone, whose convs outweigh the per-op overhead that sets the two apart.
+    device it will run on. With the native runner, batch 1 times the runner's block masked
+    against sliced (``_native_slice_threshold``); batches time the residual branch alone,
+    whose convs outweigh the per-op overhead that sets the two apart.
     """
     device = next(model.parameters()).device
     module = model.__dict__.get("_native_module") if batch_size == 1 else None
@@ -246,8 +246,8 @@ def _largest_paying_fraction(block, shape, device, repeats, fractions, use_cache
             mask[torch.randperm(block.mid_channels, generator=generator)[:keep]] = 1.0
             masks.append(mask.to(device))
         masked, sliced = contenders(x, ops, masks, SliceCache() if use_cache else None)
-        for _ in masks:      # every set's slices cached before timing
-            sliced()
+        for _ in range(2 * len(masks)):   # every set's slices cached before timing (the
+            sliced()                      # native runner keeps a set the second time)
         times = compare_times({"masked": masked, "sliced": sliced}, repeats=repeats,
                               device=device)
         if times["sliced"] >= times["masked"]:
@@ -280,25 +280,25 @@ def _slice_threshold(block, shape, device, repeats, fractions, use_cache: bool) 
 def _native_slice_threshold(module, block, shape, device, repeats, fractions,
                             use_cache: bool) -> float:
     """``_largest_paying_fraction`` for a block the native runner runs (batch 1): the
-    masked side is the runner's, the sliced side is the runner handing the block back to
-    Python's ``forward_sparse``, as the sparse path then does. Each side runs the whole
-    block, gates included, on a one-block runner whose gates are constant (zero weights,
-    the scores in the bias)."""
+    runner computing every channel against the runner computing the active ones (their
+    slices gathered each call, or with ``use_cache`` kept in its store). Each side runs the
+    whole block, gates included, on one-block runners whose gates are constant (zero
+    weights, the scores in the bias)."""
     def contenders(x, ops, masks, cache):
         runners = []
         for mask in masks:
             scores = torch.cat([mask.new_ones(1), mask * 2 - 1])   # S_L = 1; S_C 1 or off
             spec = native.block_spec(ops.conv1, ops.conv2, ops.conv3, ops.downsample,
                                      gate_weight=torch.zeros_like(ops.gate_weight),
-                                     gate_bias=scores, mid_channels=ops.mid_channels)
+                                     gate_bias=scores, mid_channels=ops.mid_channels,
+                                     sequential=ops.sequential)
             runners.append(native.blocks(module, [spec]))
         turn = itertools.cycle(runners)
-        plan = BlockPlan(0.0 if cache is not None else 1.0, 1.0, cache)
-
-        def sliced():
-            h, scores, _ = next(turn).gated(x, 0, 1, [1.0])      # hands the block back
-            return block.forward_sparse(h, plan, scores[-1])
-        return (lambda: next(turn).gated(x, 0, 1, [0.0])), sliced
+        never = [0.0]
+        fresh, cached = ([0.0], [1.0]) if cache is not None else ([1.0], [0.0])
+        size = 0 if cache is None else cache.max_bytes
+        return (lambda: next(turn).gated(x, 0, 1, never, never, 0)), \
+            (lambda: next(turn).gated(x, 0, 1, fresh, cached, size))
 
     return _largest_paying_fraction(block, shape, device, repeats, fractions, use_cache,
                                     contenders)

@@ -170,6 +170,8 @@ class SparsePlan:
     multiplies the dense output by the mask otherwise. 1.0 always slices, 0.0 never does.
     ``pool_by_matmul[i]`` chooses how block ``i`` pools its input for the gates
     (``pooled_sum``). ``dynviz.engine.calibrate`` measures all of these on the current device.
+    The native runner follows the same limits and keeps the cuts of recurring sets in its
+    own store, up to ``cache.max_bytes`` (no ``cache``: nothing kept).
     """
     slice_below: tuple[float, ...] | float = 1.0
     slice_below_cached: tuple[float, ...] | float | None = None  # None: as slice_below
@@ -179,12 +181,15 @@ class SparsePlan:
     def _at(self, values, index: int) -> float:
         return float(values) if isinstance(values, float | int) else values[index]
 
-    def slice_limits(self, n_blocks: int) -> list[float]:
-        """Per block, the largest active fraction at which slicing may pay (either test)."""
-        memo = self.__dict__.setdefault("_limits", {})
+    def native_limits(self, n_blocks: int) -> tuple[list[float], list[float], int]:
+        """The native runner's arguments: per block the fresh and the cached limit, and the
+        bytes its store of cuts may hold."""
+        memo = self.__dict__.setdefault("_native", {})   # the plan is immutable: build once
         if n_blocks not in memo:
-            memo[n_blocks] = [max(b.slice_below, b.slice_below_cached)
-                              for b in map(self.block, range(n_blocks))]
+            blocks = [self.block(i) for i in range(n_blocks)]
+            memo[n_blocks] = ([b.slice_below for b in blocks],
+                              [b.slice_below_cached for b in blocks],
+                              0 if self.cache is None else self.cache.max_bytes)
         return memo[n_blocks]
 
     def block(self, index: int) -> BlockPlan:
@@ -363,14 +368,8 @@ class GatedBlockMixin:
         out = ops.conv2(out, in_ch=channels, cache=cache, channel_key=channel_key)
         return out if ops.conv3 is None else ops.conv3(out.relu_())
 
-    def forward_sparse(self, x: torch.Tensor, plan: BlockPlan,
-                       scores: torch.Tensor | None = None, run_masked=None, merge=None):
+    def forward_sparse(self, x: torch.Tensor, plan: BlockPlan):
         """The sparse path (eval mode); may overwrite ``x`` in place, which the network owns.
-        ``scores``: the gates' output on ``x`` when already computed (the native runner);
-        ``run_masked(x)``: the block's output when the plan does not slice it (the native
-        runner's, faster than the Python one); ``merge(branch, identity, s_l)``: at batch 1,
-        relu(identity + s_l·branch) written over ``branch`` (the native runner's, which also
-        sums the output for the next block's gates).
         Plain function calls on raw tensors throughout: at batch 1 every microsecond of
         Python and module-call overhead is a visible share of a CIFAR block."""
         if self.training:
@@ -380,13 +379,11 @@ class GatedBlockMixin:
         if ops is None:              # not frozen: fresh tensors every call, nothing to cache
             ops, cache = self.inference_block(), None
         batch, h, w = x.shape[0], x.shape[2], x.shape[3]
-        # at batch 1 a matrix-vector product that reads the whole gate matrix (ResNet-50's
-        # layer4: 4 MB) from memory; with one contiguous row per output it runs ~1.5× faster
-        # here than on the transposed layout
-        if scores is None:
-            scores = torch.addmm(ops.gate_bias, pooled_sum(x, plan.pool_by_matmul),
-                                 ops.gate_weight.t(),
-                                 alpha=1.0 / (h * w)).clamp_(0, 1)          # (B, 1 + C_mid)
+        # scores (B, 1 + C_mid); at batch 1 a matrix-vector product that reads the whole gate
+        # matrix (ResNet-50's layer4: 4 MB) from memory; with one contiguous row per output it
+        # runs ~1.5× faster here than on the transposed layout
+        scores = torch.addmm(ops.gate_bias, pooled_sum(x, plan.pool_by_matmul),
+                             ops.gate_weight.t(), alpha=1.0 / (h * w)).clamp_(0, 1)
         if batch == 1:               # decide in Python from one copy of the scores
             row = scores.tolist()[0]
             s_l = row[0]
@@ -425,8 +422,6 @@ class GatedBlockMixin:
                     keep = cache                     # a recurring set: slices are kept
             if n_on == ops.mid_channels or (fraction > plan.slice_below and keep is None):
                 channels = None                      # slicing would not pay here
-        if channels is None and run_masked is not None:
-            return run_masked(x), scores             # (its downsample too: computed once)
         identity = _identity(x, ops)
         ida = identity if active is None else xa if ops.downsample is None else identity[active]
         if batch == 1 and n_unit == ops.mid_channels - n_off and \
@@ -435,9 +430,7 @@ class GatedBlockMixin:
         branch = self.sparse_branch(ops, xa, sc_a, channels, keep, channel_key)
         # into the branch's own fresh tensor: a new (B, C, H, W) result would cost as much
         # again (ResNet-50's first stage at batch 1: ~0.1 ms against ~0.05 ms per block)
-        if batch == 1 and merge is not None:
-            out = merge(branch, ida, s_l)
-        elif batch == 1:
+        if batch == 1:
             out = torch.add(ida, branch, alpha=s_l, out=branch).relu_()
         else:
             out = torch.addcmul(ida, s_l, branch, out=branch).relu_()
@@ -492,28 +485,10 @@ class GatedResNet(ResNet):
         return x, scores
 
     def _forward_native(self, runner, x, start, stop, plan: SparsePlan):
-        """The sparse path through the native runner, which hands back each block where
-        slicing may pay. The Python path decides, with the plan's cache, and slices it, or
-        gives it back to the runner to run unsliced (a channel set seen for the first time,
-        when only recurring ones pay)."""
-        n = len(self.blocks)
-        scores, limits, never = [], plan.slice_limits(n), [0.0] * n
-        sums = []     # a handed-back block's output summed over H×W, by the runner's merge
-
-        def merge(branch, identity, s_l):
-            sums.append(runner.merge(branch, identity, s_l))
-            return branch
-
-        while start < stop:
-            x, gated, start = runner.gated(x, start, stop, limits, sums.pop() if sums else None)
-            scores += gated
-            if start < stop:
-                i = start
-                x, _ = self.blocks[i].forward_sparse(
-                    x, plan.block(i), gated[-1], lambda h: runner.gated(h, i, i + 1, never)[0],
-                    merge)
-                start += 1
-        return x, scores
+        """The sparse path through the native runner: gates, decisions, slicing (with the
+        runner's store of recurring cuts) and merges with no Python between blocks."""
+        fresh, cached, cache_bytes = plan.native_limits(len(self.blocks))
+        return runner.gated(x, start, stop, fresh, cached, cache_bytes)
 
     def forward_features(self, x, plan: SparsePlan | None = None):
         return self.forward_blocks(self.forward_stem(x), 0, len(self.blocks), plan)
@@ -525,7 +500,8 @@ class GatedResNet(ResNet):
             ops = block.inference_block()
             specs.append(native.block_spec(ops.conv1, ops.conv2, ops.conv3, ops.downsample,
                                            gate_weight=ops.gate_weight, gate_bias=ops.gate_bias,
-                                           mid_channels=ops.mid_channels))
+                                           mid_channels=ops.mid_channels,
+                                           sequential=ops.sequential))
         return specs
 
     def forward_intermediates(self, x, indices):

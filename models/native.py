@@ -93,8 +93,10 @@ def _conv_fields(conv) -> tuple[list[torch.Tensor], list[int]]:
 
 def block_spec(conv1, conv2, conv3, downsample, *, gather: torch.Tensor | None = None,
                gate_weight: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
-               mid_channels: int = 0) -> tuple[list[torch.Tensor], list[int]]:
-    """One block's tensors and ints in the layout ``Blocks`` takes (see blocks.cpp)."""
+               mid_channels: int = 0, sequential: bool = True,
+               ) -> tuple[list[torch.Tensor], list[int]]:
+    """One block's tensors and ints in the layout ``Blocks`` takes (see blocks.cpp);
+    ``sequential``: the gates' placement (parallel ones run beside conv1)."""
     tensors, ints = [], []
     for conv in (conv1, conv2, conv3, downsample):
         t, n = _conv_fields(conv)
@@ -102,7 +104,7 @@ def block_spec(conv1, conv2, conv3, downsample, *, gather: torch.Tensor | None =
         ints += n
     empty = torch.empty(0)
     tensors += [empty if v is None else v for v in (gather, gate_weight, gate_bias)]
-    return tensors, ints + [mid_channels]
+    return tensors, ints + [mid_channels, int(sequential)]
 
 
 def blocks(module: ModuleType, specs: Iterable[tuple[list[torch.Tensor], list[int]]]):

@@ -1,11 +1,12 @@
 """The native block runner (models/csrc/blocks.cpp) against the Python paths it replaces:
-frozen plain blocks, the gated sparse path at batch 1 and in batches (with its hand-back of
-blocks to slice), and static cuts."""
+frozen plain blocks, the gated sparse path at batch 1 and in batches (with its slicing and
+its store of recurring cuts), and static cuts."""
 from __future__ import annotations
 
 import copy
 import pickle
 import shutil
+import threading
 
 import pytest
 import torch
@@ -37,13 +38,15 @@ def _fold_both(model: nn.Module, channels_last: bool = True):
     return python, native
 
 
+def _refuse(*args, **kwargs):
+    raise AssertionError("a Python block path ran")
+
+
 def _no_python_blocks(monkeypatch):
     """Make the Python block paths raise: whatever still runs, runs natively."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a Python block path ran")
-    monkeypatch.setattr(FrozenBlock, "__call__", refuse)
+    monkeypatch.setattr(FrozenBlock, "__call__", _refuse)
     from models.lcnet import GatedBlockMixin
-    monkeypatch.setattr(GatedBlockMixin, "forward_sparse", refuse)
+    monkeypatch.setattr(GatedBlockMixin, "forward_sparse", _refuse)
 
 
 @pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet18", 64), ("resnet50", 64)])
@@ -94,47 +97,56 @@ def test_copies_and_pickles_of_a_native_model_run_python_blocks(runner_module):
             torch.testing.assert_close(twin(x), native(x), rtol=1e-5, atol=1e-5)
 
 
+def _partly_off(trace) -> list[tuple[int, int]]:
+    """(block, channels) of every block the images that run it run with some but not all of
+    its channels: the union of their active channels, which the sparse path may slice to."""
+    cut = []
+    for i, s_c in enumerate(trace.channel_scores):
+        union = (s_c[trace.blocks_executed[:, i]] > 0).any(0)
+        if union.any() and not union.all():
+            cut.append((i, int(union.sum())))
+    return cut
+
+
+def _fresh_runner(native) -> None:
+    """A new runner for ``native``: an empty store of cuts."""
+    native.use_native(native.__dict__["_native_module"])
+
+
 @pytest.mark.parametrize("batch", [1, 4])
-def test_native_runner_runs_the_blocks_python_would_not_slice(runner_module, batch,
-                                                               monkeypatch):
-    """A plan that slices recurring channel sets only: the runner hands back every block with
-    channels off; the first time a set is seen Python gives the block back to the runner
-    (no Python branch runs, nor any conv from Python: a downsampling block's shortcut is
-    computed once, by the runner), the second time it slices. Both give the masked path's
-    logits."""
-    from models.lcnet import GatedBlockMixin
-    from models.resnet import InferenceConv
+def test_native_runner_keeps_the_cuts_of_recurring_channel_sets(runner_module, batch,
+                                                                monkeypatch):
+    """A plan that slices recurring channel sets only: the first time a set is met the runner
+    computes every channel and keeps nothing; from the second time on it computes only that
+    set, from a cut it keeps, one per block whose (union) set is partly off, of that set's
+    size, a downsampling block among them. No Python block runs, the logits stay the masked
+    path's, and a store too small for a cut keeps none."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = randomize(models.create("lcnet_resnet20").eval(), seed=28)
-    down = next(b for b in model.blocks if b.downsample is not None)
-    with torch.no_grad():            # run by every image, half of its channels off
-        down.block_gate.fc.weight.zero_(), down.block_gate.fc.bias.fill_(1.0)
-        down.channel_gate.fc.weight.zero_()
-        down.channel_gate.fc.bias.copy_(torch.arange(down.channel_gate.fc.out_features) % 2)
+    down = next(i for i, b in enumerate(model.blocks) if b.downsample is not None)
+    _force_gates(model, down, 1.0, 0.0)   # run by every image,
+    with torch.no_grad():                 # half of its channels off
+        gate = model.blocks[down].channel_gate.fc
+        gate.bias.copy_(torch.arange(gate.out_features) % 2)
     python, native = _fold_both(model)
     x = _input(model, batch, seed=6) + 2 * _input(model, batch, 1, seed=7)
     x = x.contiguous(memory_format=torch.channels_last)
-    plan = SparsePlan(0.0, 1.0, SliceCache(64 << 20))
-    handed, branches = [], []
-    hand_back = type(native.blocks[0]).forward_sparse
-    branch = GatedBlockMixin.sparse_branch
-    monkeypatch.setattr(type(native.blocks[0]), "forward_sparse",
-                        lambda self, *a: handed.append(self.downsample is not None)
-                        or hand_back(self, *a))
-    monkeypatch.setattr(GatedBlockMixin, "sparse_branch",
-                        staticmethod(lambda *a: branches.append(1) or branch(*a)))
+    runner = native.__dict__["_native"]
     with torch.no_grad():
-        masked, _ = python(x)
-        conv, python_convs = InferenceConv.__call__, []
-        monkeypatch.setattr(InferenceConv, "__call__",
-                            lambda self, *a, **k: python_convs.append(1) or conv(self, *a, **k))
-        for seen in (False, True):
-            handed.clear(), branches.clear(), python_convs.clear()
-            got, _ = native(x.clone(), plan)
-            assert (got - masked).norm() / masked.norm() <= 1e-4
-            assert handed and len(branches) == (len(handed) if seen else 0)
-            assert seen or (not python_convs and any(handed))    # a downsampling one among them
+        masked, trace = python(x)
+        expected = _partly_off(trace)
+        assert (down, model.blocks[down].mid_channels // 2) in expected
+        _no_python_blocks(monkeypatch)
+        for plan, kept in ((SparsePlan(0.0, 1.0, SliceCache(1)), [[], [], []]),
+                           (SparsePlan(0.0, 1.0, SliceCache(64 << 20)),
+                            [[], expected, expected])):
+            _fresh_runner(native)
+            runner = native.__dict__["_native"]
+            for after in kept:
+                got, _ = native(x.clone(), plan)
+                assert (got - masked).norm() / masked.norm() <= 1e-4
+                assert sorted(runner.slices()) == after
 
 
 def _force_gates(model: nn.Module, block: int, s_l: float | None,
@@ -149,29 +161,31 @@ def _force_gates(model: nn.Module, block: int, s_l: float | None,
 
 
 def _native_sparse_paths_agree(python, native, x, monkeypatch):
-    """Runs the sparse path of ``native`` on ``x`` with a plan that never slices (the Python
-    block paths made to raise) and one that always does, and holds both to the Python sparse
-    path (logits, scores) and the masked one (logits, MACs). Returns the masked trace and how
-    many blocks the second run handed back to Python."""
+    """Runs the sparse path of ``native`` on ``x`` (the Python block paths made to raise)
+    with a plan that never slices and, twice, one that always does, and holds each run to
+    the Python sparse path (logits, scores) and the masked one (logits, MACs). Returns the
+    masked trace and the (block, channels) cuts the runner kept: none after the first time
+    (every set met once), the recurring ones after the second."""
     with torch.no_grad():
         masked, t_masked = python(x)
         expected, t_py = python(x.clone(), SparsePlan(0.0))
+        _fresh_runner(native)
+        runner = native.__dict__["_native"]
+        runs = []
         with monkeypatch.context() as m:
             _no_python_blocks(m)
-            never, t_never = native(x.clone(), SparsePlan(0.0))
-        calls = []
-        original = type(native.blocks[0]).forward_sparse
-        with monkeypatch.context() as m:
-            m.setattr(type(native.blocks[0]), "forward_sparse",
-                      lambda self, *a: calls.append(1) or original(self, *a))
-            always, t_always = native(x.clone(), SparsePlan(1.0, 1.0, SliceCache(64 << 20)))
-    for logits, trace in ((never, t_never), (always, t_always)):
+            runs.append(native(x.clone(), SparsePlan(0.0)))
+            always = SparsePlan(1.0, 1.0, SliceCache(64 << 20))
+            runs.append(native(x.clone(), always))        # fresh cuts, none kept
+            assert runner.slices() == []
+            runs.append(native(x.clone(), always))
+    for logits, trace in runs:
         assert (logits - expected).norm() / expected.norm() <= 1e-5
         assert (logits - masked).norm() / masked.norm() <= 1e-4
         for a, b in zip(trace.scores, t_py.scores):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
         assert torch.equal(trace.macs, t_masked.macs)
-    return t_masked, len(calls)
+    return t_masked, sorted(runner.slices())
 
 
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
@@ -179,25 +193,23 @@ def _native_sparse_paths_agree(python, native, x, monkeypatch):
 def test_native_sparse_path_equals_the_python_one_and_the_masked_one(runner_module, name,
                                                                       placement, monkeypatch):
     """Random gate patterns (blocks skipped, channels off, scores in (0, 1)) and blocks run
-    with no channel on, batch 1: the same logits, scores and MACs. With a plan that never
-    slices, every block runs natively; with one that always slices, the runner hands each
-    block with some (not all) channels off to Python."""
+    with no channel on, batch 1: the same logits, scores and MACs, whether the runner never
+    slices or always does, when it cuts exactly the blocks run with some (not all) channels
+    off, to their active channels."""
     model = randomize(models.create(name, placement=placement).eval(), seed=23)
     down = [i for i, b in enumerate(model.blocks) if b.downsample is not None]
     for i in (1, down[-1]):
         _force_gates(model, i, 1.0, -1.0)         # run with no channel: conv2's bias
     python, native = _fold_both(model)
     size = 32 if model.cfg.stem == "cifar" else 64
-    handed = skipped = 0
+    cut = skipped = 0
     for seed in range(4):
         x = _input(model, 1, size, seed=seed).contiguous(memory_format=torch.channels_last)
-        t_masked, hand_backs = _native_sparse_paths_agree(python, native, x, monkeypatch)
-        partly_off = sum(int(((s[0, 1:] == 0).any() & (s[0, 1:] > 0).any() &
-                              (s[0, 0] > 0)).item()) for s in t_masked.scores)
-        assert hand_backs == partly_off      # exactly the blocks where slicing may pay
-        handed += hand_backs
+        t_masked, kept = _native_sparse_paths_agree(python, native, x, monkeypatch)
+        assert kept == _partly_off(t_masked)
+        cut += len(kept)
         skipped += int((~t_masked.blocks_executed).sum())
-    assert handed > 0 and skipped > 0
+    assert cut > 0 and skipped > 0
 
 
 def test_native_gates_take_any_memory_layout(runner_module):
@@ -228,8 +240,8 @@ def test_native_sparse_batches_equal_the_python_ones(runner_module, name, channe
     """Batches run natively too: images that skip a block leave its sub-batch and the rest
     are merged back. Blocks that every image runs (all S_C = 1) or skips, downsampling ones
     among them, and blocks some images run give the Python path's logits, scores and MACs in
-    either memory layout. Never slicing, nothing runs in Python; always slicing, the runner
-    hands back exactly the blocks whose sub-batch leaves some channel off in every image."""
+    either memory layout, never slicing or always: then the runner cuts exactly the blocks
+    whose sub-batch leaves some channel off in every image, to the union of the others."""
     with torch.random.fork_rng(devices=[]):          # conv weights too: the patterns
         torch.manual_seed(0)                         # asserted below depend on them
         model = randomize(models.create(name).eval(), seed=22)
@@ -246,18 +258,13 @@ def test_native_sparse_batches_equal_the_python_ones(runner_module, name, channe
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = _input(model, 6, seed=4) + 2 * _input(model, 6, 1, seed=5)  # a colour per image:
     x = x.contiguous(memory_format=fmt)                     # the gates differ between them
-    t_masked, hand_backs = _native_sparse_paths_agree(python, native, x, monkeypatch)
+    t_masked, kept = _native_sparse_paths_agree(python, native, x, monkeypatch)
     runs = t_masked.blocks_executed.sum(0).tolist()       # images per block
     assert [runs[i] for i in every] == [6, 6] and [runs[i] for i in none] == [0, 0]
     assert all(runs[i] > 0 for i in empty)
     assert any(0 < runs[i] < 6 for i in down) and \
         any(0 < n < 6 for i, n in enumerate(runs) if i not in down)
-    partly_off = 0
-    for i in range(len(runs)):
-        ran = t_masked.blocks_executed[:, i]
-        union = (t_masked.channel_scores[i][ran] > 0).any(0)
-        partly_off += bool(union.any()) and not union.all()
-    assert hand_backs == partly_off > 0       # blocks with no channel run natively
+    assert kept == _partly_off(t_masked) and kept
 
 
 @pytest.mark.parametrize("placement", ["parallel", "sequential"])
@@ -290,7 +297,7 @@ def test_native_runner_checks_its_arguments(runner_module):
     runner = folded.__dict__["_native"]
     x = torch.randn(2, 16, 32, 32)
     with pytest.raises(RuntimeError, match="one limit per block"):
-        runner.gated(x, 0, 1, [0.0])
+        runner.gated(x, 0, 1, [0.0], [0.0], 0)
     with pytest.raises(RuntimeError, match="out of range"):
         runner.plain(x, 0, len(folded.blocks) + 1)
     conv = folded.blocks[0].inference_block().conv1
@@ -300,7 +307,7 @@ def test_native_runner_checks_its_arguments(runner_module):
 
 @pytest.mark.parametrize("shape", [(1, 16, 32, 32), (1, 256, 56, 56), (1, 2048, 7, 7)])
 def test_native_merge_is_the_residual_add_and_relu_with_its_sums(runner_module, shape):
-    """``merge`` (what a block handed back to Python ends with): relu(identity + s_l·branch)
+    """``merge`` (what ends a block of the gated path at batch 1): relu(identity + s_l·branch)
     over ``branch``, and the output summed over H×W, in either layout (large images split
     by channels between the cores) and when the two layouts differ."""
     runner = engine.fold_batchnorm(models.create("lcnet_resnet8").eval(),
@@ -328,39 +335,69 @@ def test_native_gates_start_from_given_sums(runner_module):
     x = native.forward_stem(x)
     never = [0.0] * len(native.blocks)
     with torch.no_grad():
-        _, pooled_scores, _ = runner.gated(x.clone(), 0, 1, never)
-        _, same, _ = runner.gated(x.clone(), 0, 1, never, x.sum((2, 3)))
-        _, other, _ = runner.gated(x.clone(), 0, 1, never, 0.5 * x.sum((2, 3)))
+        _, pooled_scores = runner.gated(x.clone(), 0, 1, never, never, 0)
+        _, same = runner.gated(x.clone(), 0, 1, never, never, 0, x.sum((2, 3)))
+        _, other = runner.gated(x.clone(), 0, 1, never, never, 0, 0.5 * x.sum((2, 3)))
     torch.testing.assert_close(same[0], pooled_scores[0], rtol=0, atol=1e-6)
     ops = native.blocks[0].inference_block()
     expected = (0.5 * x.mean((2, 3)) @ ops.gate_weight.T + ops.gate_bias).clamp(0, 1)
     torch.testing.assert_close(other[0], expected, rtol=0, atol=1e-5)
     assert not torch.allclose(other[0], pooled_scores[0], rtol=0, atol=1e-3)
     with pytest.raises(RuntimeError, match="one row"):
-        runner.gated(x.clone(), 0, 1, never, x.sum((2, 3))[:, :3])
+        runner.gated(x.clone(), 0, 1, never, never, 0, x.sum((2, 3))[:, :3])
 
 
-def test_native_calibration_times_the_runner_against_its_hand_back(runner_module, monkeypatch):
-    """At batch 1 a native model's calibration runs each block on a one-block runner whose
-    gates give the measured channel set; the plan it returns keeps the sparse path exact."""
+def test_native_calibration_times_the_runner_masked_against_sliced(runner_module,
+                                                                    monkeypatch):
+    """At batch 1 a native model's calibration runs each block on one-block runners whose
+    gates give the measured channel sets; with the store, each keeps the cut of its set, of
+    the measured size. No Python block runs, and the plan keeps the sparse path exact."""
+    from models import native as native_runner
     model = randomize(models.create("lcnet_resnet8").eval(), seed=27)
     _, native = _fold_both(model)
-    handed = []
-    original = type(native.blocks[0]).forward_sparse
-    monkeypatch.setattr(type(native.blocks[0]), "forward_sparse",
-                        lambda self, x, plan, scores=None, *rest: handed.append(
-                            (scores[0, 0].item(), (scores[0, 1:] > 0).sum().item()))
-                        or original(self, x, plan, scores, *rest))
-    plan = engine.calibrate(native, 1, repeats=1, fractions=(0.25, 0.5))
-    assert handed and all(s_l == 1.0 for s_l, _ in handed)
-    assert {on for _, on in handed} <= {round(f * b.mid_channels) for f in (0.25, 0.5)
-                                          for b in native.blocks}
+    made, build = [], native_runner.blocks
+    monkeypatch.setattr(native_runner, "blocks",
+                        lambda *a: made.append(build(*a)) or made[-1])
+    with monkeypatch.context() as m:
+        _no_python_blocks(m)
+        m.setattr(type(native.blocks[0]), "sparse_branch", _refuse)
+        plan = engine.calibrate(native, 1, repeats=1, fractions=(0.25, 0.5))
+    kept = [cut for runner in made for cut in runner.slices()]
+    assert kept and all(block == 0 for block, _ in kept)
+    assert {n for _, n in kept} <= {round(f * b.mid_channels) for f in (0.25, 0.5)
+                                     for b in native.blocks}
     assert all(t in (0.0, 0.25, 0.5) for t in plan.slice_below + plan.slice_below_cached)
     x = _input(model, 1).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         masked, _ = native(x)
         sparse, _ = native(x.clone(), plan)
     assert (sparse - masked).norm() / masked.norm() <= 1e-4
+
+
+def test_native_store_serves_concurrent_callers(runner_module):
+    """One runner, threads with different inputs and a store that holds about one cut, so
+    that cuts are kept and evicted while others run: each thread gets its serial answer."""
+    model = randomize(models.create("lcnet_resnet20").eval(), seed=29)
+    _, native = _fold_both(model)
+    plan = SparsePlan(1.0, 1.0, SliceCache(40 << 10))
+    inputs = [(_input(model, 1 + i % 2, seed=i) + 2 * _input(model, 1 + i % 2, 1, seed=i + 9))
+              .contiguous(memory_format=torch.channels_last) for i in range(8)]
+    with torch.no_grad():
+        expected = [native(x.clone(), plan)[0] for x in inputs]
+    results = [None] * len(inputs)
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(5):
+                results[i] = native(inputs[i].clone(), plan)[0]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 0 < len(native.__dict__["_native"].slices()) < 8
+    for got, ref in zip(results, expected):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_native_gated_model_refuses_the_sparse_path_in_training_mode(runner_module):

@@ -12,8 +12,15 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace {
@@ -44,11 +51,13 @@ struct Conv {
 // F = conv2(relu(conv1(x))) [then conv3(relu(.)) for a bottleneck]. A block without conv1
 // is a skipped one (a static cut's): relu(downsample(x)) or x. `gather` (parallel
 // placement in a static cut) keeps those outputs of conv1. Gated: `gate_weight`
-// (1 + C_mid, C_in) and `gate_bias` give S_L then S_C from the pooled input.
+// (1 + C_mid, C_in) and `gate_bias` give S_L then S_C from the pooled input; `sequential`
+// placement scores the block input before conv1 (parallel: beside it).
 struct Block {
   Conv conv1, conv2, conv3, downsample;
   Tensor gather, gate_weight, gate_bias;
   int64_t mid_channels = 0;
+  bool sequential = true;
 };
 
 Tensor shortcut(const Block& b, const Tensor& x) {
@@ -82,6 +91,146 @@ Tensor gated_branch(const Block& b, const Tensor& x, const Tensor& s_c, bool no_
   if (b.conv2.bias.defined()) out.add_(b.conv2.bias.view({1, -1, 1, 1}));
   return b.conv3.present() ? b.conv3(out.relu_()) : out;
 }
+
+// A gated block cut to a set of its C_mid channels: conv1 cut to those outputs (sequential
+// placement; parallel computes all of them beside the gates) and conv2 to those inputs.
+struct Cut {
+  int64_t block = 0;
+  Tensor channels;  // (n,) ascending
+  Conv conv1, conv2;
+  int64_t nbytes = 0;
+};
+
+// w's slices `channels` along `dim`, in w's layout (as models/resnet.py's `_slice`).
+Tensor slice_weight(const Tensor& w, int64_t dim, const Tensor& channels) {
+  Tensor cut = w.index_select(dim, channels);
+  return w.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? cut.contiguous(at::MemoryFormat::ChannelsLast) : cut;
+}
+
+int64_t bytes_of(const Conv& conv) {
+  if (!conv.present()) return 0;
+  const int64_t bias = conv.bias.defined() ? conv.bias.nbytes() : 0;
+  return static_cast<int64_t>(conv.weight.nbytes()) + bias;
+}
+
+// Block `index` cut to the channels `on` marks (one flag per channel of C_mid).
+Cut make_cut(const Block& b, int64_t index, const std::vector<char>& on) {
+  std::vector<int64_t> kept;
+  for (int64_t k = 0; k < static_cast<int64_t>(on.size()); ++k) {
+    if (on[k]) kept.push_back(k);
+  }
+  Cut cut;
+  cut.block = index;
+  cut.channels = at::tensor(kept, b.conv2.weight.options().dtype(at::kLong));
+  if (b.sequential) {
+    cut.conv1 = b.conv1;
+    cut.conv1.weight = slice_weight(b.conv1.weight, 0, cut.channels);
+    if (b.conv1.bias.defined()) cut.conv1.bias = b.conv1.bias.index_select(0, cut.channels);
+  }
+  cut.conv2 = b.conv2;
+  cut.conv2.weight = slice_weight(b.conv2.weight, 1, cut.channels);
+  cut.nbytes = bytes_of(cut.conv1) + bytes_of(cut.conv2);
+  return cut;
+}
+
+// The residual branch on x computing only the cut's channels, exact when every other
+// channel's S_C is 0: their conv1 outputs (the cut conv1, or all of conv1's gathered),
+// multiplied by `s_c` (n, C_mid; undefined: all 1), into the cut conv2.
+Tensor sliced_branch(const Block& b, const Tensor& x, const Tensor& s_c, const Cut& cut) {
+  Tensor out = b.sequential ? cut.conv1(x)
+                            : b.conv1(x).index_select(1, cut.channels).contiguous(
+                                  x.suggest_memory_format());
+  out.relu_();
+  if (s_c.defined()) {
+    out.mul_(s_c.index_select(1, cut.channels).view({x.size(0), cut.channels.size(0), 1, 1}));
+  }
+  out = cut.conv2(out);
+  return b.conv3.present() ? b.conv3(out.relu_()) : out;
+}
+
+// The cuts of channel sets that recur, least recently used first, within a byte budget,
+// and the sets met once (a set is cut for keeps the second time it is met: a trained C-Net
+// reuses a few sets, while one-off per-image sets would only churn the store). Gathering
+// a wide conv's slices costs a good share of the conv at batch 1. Thread-safe: the runner
+// releases the GIL, and a cut in use stays alive when evicted.
+class SliceStore {
+ public:
+  static constexpr size_t kMaxSeen = 4096;
+
+  static std::string key(int64_t block, const std::vector<char>& on) {
+    std::string k(sizeof block + (on.size() + 7) / 8, '\0');
+    std::memcpy(k.data(), &block, sizeof block);
+    for (size_t j = 0; j < on.size(); ++j) {
+      if (on[j]) k[sizeof block + j / 8] |= static_cast<char>(1 << (j % 8));
+    }
+    return k;
+  }
+
+  std::shared_ptr<const Cut> find(const std::string& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = index_.find(key);
+    if (it == index_.end()) return nullptr;
+    entries_.splice(entries_.end(), entries_, it->second);
+    return it->second->second;
+  }
+
+  // Whether `key`'s set was met before; remembers it otherwise.
+  bool recurring(const std::string& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (index_.count(key) || seen_.count(key)) return true;
+    seen_.insert(key);
+    seen_order_.push_back(key);
+    if (seen_order_.size() > kMaxSeen) {
+      seen_.erase(seen_order_.front());
+      seen_order_.pop_front();
+    }
+    return false;
+  }
+
+  void put(const std::string& key, std::shared_ptr<const Cut> cut, int64_t max_bytes) {
+    if (cut->nbytes > max_bytes) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (index_.count(key)) return;
+    bytes_ += cut->nbytes;
+    entries_.emplace_back(key, std::move(cut));
+    index_[key] = std::prev(entries_.end());
+    while (bytes_ > max_bytes) {
+      bytes_ -= entries_.front().second->nbytes;
+      index_.erase(entries_.front().first);
+      entries_.pop_front();
+    }
+  }
+
+  // (block, channels kept) of every stored cut, least recently used first.
+  std::vector<std::tuple<int64_t, int64_t>> contents() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::tuple<int64_t, int64_t>> out;
+    for (const auto& entry : entries_) {
+      out.emplace_back(entry.second->block, entry.second->channels.size(0));
+    }
+    return out;
+  }
+
+ private:
+  using Entry = std::pair<std::string, std::shared_ptr<const Cut>>;
+  mutable std::mutex mu_;
+  std::list<Entry> entries_;
+  std::unordered_map<std::string, std::list<Entry>::iterator> index_;
+  std::unordered_set<std::string> seen_;
+  std::list<std::string> seen_order_;
+  int64_t bytes_ = 0;
+};
+
+// Per block, the largest fraction of active channels at which computing only those pays:
+// for a set met for the first time (its slices gathered for this call) and for a recurring
+// one (its cut kept in the runner's store, up to `cache_bytes`; 0: nothing kept). The
+// Python path's `SparsePlan` limits.
+struct SliceLimits {
+  const std::vector<double>& fresh;
+  const std::vector<double>& cached;
+  int64_t cache_bytes;
+};
 
 // Gates of one image: clamp(W · mean_hw(x) + b, 0, 1), (1, 1 + C_mid). Small blocks
 // (CIFAR widths) pool and multiply in one loop over a channels-last input; others call
@@ -303,14 +452,14 @@ class Blocks {
  public:
   // Per block: tensors (conv1 w, b, conv2 w, b, conv3 w, b, downsample w, b, gather,
   // gate weight, gate bias; an empty tensor where there is none) and ints (stride and
-  // padding of conv1, conv2, conv3, downsample; C_mid).
+  // padding of conv1, conv2, conv3, downsample; C_mid; 1 for sequential gates, 0 parallel).
   Blocks(const std::vector<std::vector<Tensor>>& tensors,
          const std::vector<std::vector<int64_t>>& ints) {
     TORCH_CHECK(tensors.size() == ints.size(), "one tensor list and one int list per block");
     for (size_t i = 0; i < tensors.size(); ++i) {
       const auto& t = tensors[i];
       const auto& n = ints[i];
-      TORCH_CHECK(t.size() == 11 && n.size() == 9, "block ", i, ": 11 tensors and 9 ints");
+      TORCH_CHECK(t.size() == 11 && n.size() == 10, "block ", i, ": 11 tensors and 10 ints");
       auto conv = [&](int k) {
         Conv c;
         if (t[2 * k].numel() > 0) {
@@ -328,6 +477,7 @@ class Blocks {
         b.gate_bias = t[10].contiguous();
       }
       b.mid_channels = n[8];
+      b.sequential = n[9] != 0;
       blocks_.push_back(std::move(b));
     }
   }
@@ -342,8 +492,9 @@ class Blocks {
     return {gates(b, x), fuses_gates(b, x)};
   }
 
-  // A block's output at batch 1 where Python ran its branch: relu(identity + s_l·branch),
-  // written over `branch`, and its sums over H×W (1, C), which `gated` takes as `sums`.
+  // The merge that ends a block of `gated` at batch 1: relu(identity + s_l·branch), written
+  // over `branch`, and its sums over H×W (1, C), which the next gates start from (exposed
+  // to hold it to the library's add, ReLU and sum).
   Tensor merge(Tensor branch, const Tensor& identity, double s_l) const {
     return merge_image(branch, identity, static_cast<float>(s_l));
   }
@@ -365,27 +516,30 @@ class Blocks {
     return x;
   }
 
-  // The gated sparse path for one image over blocks [start, stop): each block's gates,
-  // then its shortcut alone when S_L = 0, else its branch on every channel, multiplied by
-  // S_C unless all of them are 1 (none computed when all are 0). Stops before running a
-  // block where computing only its active channels may pay (0 < #active < C_mid and
-  // #active <= slice_below[i]·C_mid, the Python path's test), so that Python slices it.
-  // `sums`: x's sums over H×W, (B, C), when known (the merge of the block before).
-  // Returns the features (x itself may have been overwritten), the scores (1, 1 + C_mid) of
-  // every block it gated, and the block where it stopped (`stop` when it ran them all).
-  // Batches take `gated_batch`.
-  std::tuple<Tensor, std::vector<Tensor>, int64_t> gated(
+  // The gated sparse path over blocks [start, stop): each block's gates, then its shortcut
+  // alone when S_L = 0, else its branch on the active channels only when that pays (the
+  // `limits`, and the cut of a recurring set kept in the runner's store), or on every
+  // channel multiplied by S_C unless all of them are 1 (none computed when all are 0).
+  // Batches drop the images whose S_L = 0 from the block's sub-batch and slice to the
+  // union of the others' active channels (`gated_batch`). `sums`: x's sums over H×W,
+  // (B, C), when known (the merge of the block before). Returns the features (x itself may
+  // have been overwritten) and each block's scores (B, 1 + C_mid).
+  std::tuple<Tensor, std::vector<Tensor>> gated(
       Tensor x, int64_t start, int64_t stop, const std::vector<double>& slice_below,
+      const std::vector<double>& slice_below_cached, int64_t cache_bytes,
       const std::optional<Tensor>& sums) const {
     check_range(start, stop);
-    TORCH_CHECK(static_cast<int64_t>(slice_below.size()) == size(), "one limit per block");
+    TORCH_CHECK(static_cast<int64_t>(slice_below.size()) == size() &&
+                    static_cast<int64_t>(slice_below_cached.size()) == size(),
+                "one limit per block");
+    const SliceLimits limits{slice_below, slice_below_cached, cache_bytes};
     Tensor pooled;  // (B, C) sums of x over H×W, when known
     if (sums.has_value() && sums->defined()) {
       TORCH_CHECK(sums->dim() == 2 && sums->size(0) == x.size(0) && sums->size(1) == x.size(1),
                   "sums: one row of x.size(1) values per image");
       pooled = *sums;
     }
-    if (x.size(0) > 1) return gated_batch(std::move(x), start, stop, slice_below, pooled);
+    if (x.size(0) > 1) return gated_batch(std::move(x), start, stop, limits, pooled);
     std::vector<Tensor> scores;
     for (int64_t i = start; i < stop; ++i) {
       const Block& b = blocks_[i];
@@ -402,33 +556,57 @@ class Blocks {
         continue;
       }
       const int64_t c = b.mid_channels;
-      int64_t n_off = 0, n_unit = 0;
-      for (int64_t k = 1; k <= c; ++k) {
-        n_off += row[k] == 0.0f;
-        n_unit += row[k] == 1.0f;
+      std::vector<char> on(c);
+      int64_t n_on = 0, n_unit = 0;
+      for (int64_t k = 0; k < c; ++k) {
+        on[k] = row[1 + k] != 0.0f;
+        n_on += on[k];
+        n_unit += row[1 + k] == 1.0f;
       }
-      const int64_t n_on = c - n_off;
-      if (0 < n_on && n_on < c && static_cast<double>(n_on) <= slice_below[i] * c) {
-        return {x, scores, i};
-      }
+      const std::shared_ptr<const Cut> cut = cut_for(i, on, n_on, limits);
       Tensor identity = b.downsample.present() ? b.downsample(x) : x;
-      Tensor s_c = n_unit == c ? Tensor() : s.narrow(1, 1, c);
-      Tensor out = gated_branch(b, x, s_c, n_on == 0);
+      const bool unit = n_unit == n_on;  // every computed channel's S_C is 1
+      Tensor s_c = (cut ? unit : n_unit == c) ? Tensor() : s.narrow(1, 1, c);
+      Tensor out = cut ? sliced_branch(b, x, s_c, *cut) : gated_branch(b, x, s_c, n_on == 0);
       pooled = merge_image(out, identity, s_l);
       x = out;
     }
-    return {x, scores, stop};
+    return {x, scores};
+  }
+
+  // (block, channels kept) of every cut the runner keeps, least recently used first.
+  std::vector<std::tuple<int64_t, int64_t>> slices() const { return store_.contents(); }
+
+ private:
+  // Block i cut to the channels `on` marks (n_on of them), when computing only those pays
+  // by the limits; nullptr when the block computes every channel.
+  std::shared_ptr<const Cut> cut_for(int64_t i, const std::vector<char>& on, int64_t n_on,
+                                     const SliceLimits& limits) const {
+    const int64_t c = blocks_[i].mid_channels;
+    if (n_on == 0 || n_on == c) return nullptr;
+    const double fraction = static_cast<double>(n_on) / static_cast<double>(c);
+    if (fraction > std::max(limits.fresh[i], limits.cached[i])) return nullptr;
+    std::string key;
+    bool recurring = false;
+    if (limits.cache_bytes > 0 && fraction <= limits.cached[i]) {
+      key = SliceStore::key(i, on);
+      if (auto kept = store_.find(key)) return kept;
+      recurring = store_.recurring(key);
+    }
+    if (!recurring && fraction > limits.fresh[i]) return nullptr;
+    auto cut = std::make_shared<const Cut>(make_cut(blocks_[i], i, on));
+    if (recurring) store_.put(key, cut, limits.cache_bytes);
+    return cut;
   }
 
   // The gated sparse path for a batch, as the Python one computes it: images whose S_L = 0
   // are dropped from the block's sub-batch (gathered), the others' outputs are merged back
-  // into the batch in place of their inputs, which x's owner must allow. Channels: every
-  // channel of the sub-batch is computed and multiplied by S_C unless all of them are 1;
-  // it stops before a block where the union of the sub-batch's active channels may pay
-  // slicing (as at batch 1). The gates' pooled sums of a block's output come with the
-  // merge, for the images that ran it; the others' are their input's.
-  std::tuple<Tensor, std::vector<Tensor>, int64_t> gated_batch(
-      Tensor x, int64_t start, int64_t stop, const std::vector<double>& slice_below,
+  // into the batch in place of their inputs, which x's owner must allow. Channels: the
+  // union of the sub-batch's active channels when slicing it pays, else every channel,
+  // multiplied by S_C unless all of them are 1. The gates' pooled sums of a block's output
+  // come with the merge, for the images that ran it; the others' are their input's.
+  std::tuple<Tensor, std::vector<Tensor>> gated_batch(
+      Tensor x, int64_t start, int64_t stop, const SliceLimits& limits,
       Tensor pooled) const {   // (B, C) sums of x over H×W, when known
     if (!rows_are_dense(x)) x = x.contiguous(x.suggest_memory_format());
     const int64_t batch = x.size(0);
@@ -445,16 +623,12 @@ class Blocks {
       std::vector<int64_t> rows;
       std::vector<float> s_l;
       std::vector<char> on(c, 0);
-      bool unit = true;  // every active image's S_C is 1
       for (int64_t r = 0; r < batch; ++r) {
         const float* row = all + r * (1 + c);
         if (row[0] == 0.0f) continue;
         rows.push_back(r);
         s_l.push_back(row[0]);
-        for (int64_t k = 0; k < c; ++k) {
-          on[k] |= row[1 + k] != 0.0f;
-          unit &= row[1 + k] == 1.0f;
-        }
+        for (int64_t k = 0; k < c; ++k) on[k] |= row[1 + k] != 0.0f;
       }
       if (rows.empty()) {
         x = shortcut(b, x);
@@ -462,8 +636,11 @@ class Blocks {
         continue;
       }
       const int64_t n_on = std::count(on.begin(), on.end(), 1);
-      if (0 < n_on && n_on < c && static_cast<double>(n_on) <= slice_below[i] * c) {
-        return {x, scores, i};
+      const std::shared_ptr<const Cut> cut = cut_for(i, on, n_on, limits);
+      bool unit = true;  // every computed channel of every image in the sub-batch has S_C 1
+      for (int64_t r : rows) {
+        const float* row = all + r * (1 + c);
+        for (int64_t k = 0; k < c && unit; ++k) unit = row[1 + k] == 1.0f || (cut && !on[k]);
       }
       const int64_t n = static_cast<int64_t>(rows.size());
       const bool every = n == batch;
@@ -473,7 +650,8 @@ class Blocks {
         s_c = s.narrow(1, 1, c);
         if (!every) s_c = s_c.index_select(0, at::tensor(rows, s.options().dtype(at::kLong)));
       }
-      Tensor out = gated_branch(b, xa, s_c, n_on == 0).contiguous(x.suggest_memory_format());
+      Tensor out = (cut ? sliced_branch(b, xa, s_c, *cut) : gated_branch(b, xa, s_c, n_on == 0))
+                       .contiguous(x.suggest_memory_format());
       if (b.downsample.present()) {
         Tensor identity = b.downsample(x);
         if (!rows_are_dense(identity)) identity = identity.contiguous();
@@ -490,16 +668,16 @@ class Blocks {
         merge_rows(x, rows, Tensor(), out, s_l, pooled);
       }
     }
-    return {x, scores, stop};
+    return {x, scores};
   }
 
- private:
   void check_range(int64_t start, int64_t stop) const {
     TORCH_CHECK(0 <= start && start <= stop && stop <= size(), "blocks [", start, ", ", stop,
                 ") out of range for ", size(), " blocks");
   }
 
   std::vector<Block> blocks_;
+  mutable SliceStore store_;  // the cuts of recurring channel sets (`cut_for`)
 };
 
 }  // namespace
@@ -513,7 +691,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("block_gates", &Blocks::block_gates)
       .def("plain", &Blocks::plain, py::call_guard<py::gil_scoped_release>())
       .def("gated", &Blocks::gated, py::arg("x"), py::arg("start"), py::arg("stop"),
-           py::arg("slice_below"), py::arg("sums") = py::none(),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("slice_below"), py::arg("slice_below_cached"), py::arg("cache_bytes"),
+           py::arg("sums") = py::none(), py::call_guard<py::gil_scoped_release>())
+      .def("slices", &Blocks::slices)
       .def("merge", &Blocks::merge, py::call_guard<py::gil_scoped_release>());
 }
