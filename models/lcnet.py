@@ -95,7 +95,9 @@ class SliceCache:
     Gathering a slice of a wide conv weight costs a good share of the conv itself at batch 1
     (ResNet-50's 512-channel 3×3 conv: ~0.3-2 ms to gather against ~1 ms to convolve); trained
     C-Nets reuse a few channel sets over and over, so keeping the cut convs pays. Entries are
-    immutable; the cache evicts least-recently-used ones beyond ``max_bytes``.
+    immutable; the cache evicts least-recently-used ones beyond ``max_bytes``. The native
+    runner keeps its cuts in a store of its own (``SliceStore`` in ``models/csrc/blocks.cpp``)
+    with the same rules, within this ``max_bytes``.
     """
 
     def __init__(self, max_bytes: int = 256 << 20, max_seen: int = 4096):

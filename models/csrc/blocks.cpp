@@ -6,7 +6,8 @@
 // dispatcher only, and the gates of small blocks are one fused loop. In batches the gated
 // path moves memory the dense network does not (a block's sub-batch gathered, its outputs
 // merged back, every image pooled for the next gates); one loop per image merges an output
-// back and pools it. `models/native.py`
+// back and pools it. Where computing only a block's active channels pays, the runner runs
+// its convs cut to them, keeping the cuts of recurring channel sets. `models/native.py`
 // builds and loads this file; the Python paths in `models/resnet.py` and `models/lcnet.py`
 // are the reference it is tested against, and what runs when it cannot be built.
 #include <torch/extension.h>
