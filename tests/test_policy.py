@@ -352,3 +352,27 @@ def test_exit_scores_are_what_the_exits_decide_on(family, feature):
                     assert abs(scores[k]) == pytest.approx(phi[k, 1])
         assert pol.score_name().endswith(
             {"linear": "φ·w", "constant": "max probability"}.get(family, P.FEATURE_NAMES[feature]))
+
+
+def test_cross_stage_trial_features_match_their_definitions():
+    """``scripts/policy_features_trial.py``'s features, image by image and stage by stage."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "policy_features_trial.py"
+    spec = importlib.util.spec_from_file_location("policy_features_trial", path)
+    trial = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trial)
+    out = synthetic(n=50, k=4)
+    cols = trial.cross_stage_features(out)
+    z = out.logits.astype(np.float64)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    for i in range(len(out)):
+        for s in range(out.n_stages):
+            c = int(np.argmax(p[i, s]))
+            assert cols["agree"][i, s] == (s > 0 and c == int(np.argmax(p[i, s - 1])))
+            assert cols["prev_prob"][i, s] == pytest.approx(p[i, s - 1, c] if s else 0.0)
+            assert cols["mean_prob"][i, s] == pytest.approx(p[i, :s + 1, c].mean())
+    wide = trial.with_features(out, ("prev_prob", "agree"))
+    assert np.array_equal(wide.features[..., :3], out.features)
+    assert np.array_equal(wide.features[..., 3], cols["prev_prob"])
+    assert np.array_equal(wide.features[..., 4], cols["agree"])

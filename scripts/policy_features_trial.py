@@ -1,0 +1,112 @@
+"""Do confidence features that compare a stage with the stages before it let the learned
+policy beat one global threshold at more budgets than the shipped features do?
+
+    .venv/bin/python scripts/policy_features_trial.py                  # every staged system
+    .venv/bin/python scripts/policy_features_trial.py --system cascade_r8_r20_r56
+
+The shipped policies see one stage's confidence only (`policy.FEATURES`: maximum
+probability, margin, negative entropy). Here stage k also sees
+- ``agree``: whether its prediction equals stage k − 1's (0 at the first stage);
+- ``prev_prob``: stage k − 1's probability of stage k's predicted class (0 at the first);
+- ``mean_prob``: the mean over stages ≤ k of their probability of stage k's class.
+For each set of extra features, the linear family over the shipped three plus those is swept
+on *fit* and its frontier judged on *check* against the global maximum-probability threshold
+chosen on fit for the same budget, as `python -m dynviz policies` judges the shipped
+frontier (printed first).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dynviz import data, evaluate, zoo  # noqa: E402
+from dynviz import policy as P  # noqa: E402
+
+EXTRA = ("agree", "prev_prob", "mean_prob")
+TRIALS = (("agree",), ("prev_prob",), ("mean_prob",), EXTRA)
+
+
+def cross_stage_features(out: P.StageOutputs) -> dict[str, np.ndarray]:
+    """The ``EXTRA`` features of every image and stage, each (N, K)."""
+    z = out.logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)                                   # (N, K, C)
+    pred = out.predictions                                          # (N, K)
+    n, k = pred.shape
+    # prob_of_pred[i, s, j]: stage j's probability of stage s's predicted class, (N, K, K)
+    prob_of_pred = np.take_along_axis(p, np.broadcast_to(pred[:, None, :], (n, k, k)),
+                                      -1).transpose(0, 2, 1)
+    agree, prev = np.zeros((n, k)), np.zeros((n, k))
+    agree[:, 1:] = pred[:, 1:] == pred[:, :-1]
+    prev[:, 1:] = prob_of_pred[:, np.arange(1, k), np.arange(k - 1)]
+    mean = np.array([prob_of_pred[:, s, :s + 1].mean(1) for s in range(k)]).T
+    return {"agree": agree, "prev_prob": prev, "mean_prob": mean}
+
+
+def with_features(out: P.StageOutputs, extra: tuple[str, ...]) -> P.StageOutputs:
+    """``out`` whose ``features`` are the shipped three followed by ``extra``."""
+    cols = cross_stage_features(out)
+    wide = P.StageOutputs(out.logits, out.labels, out.stage_costs, out.jump_costs,
+                          out.stage_names, out.reference)
+    wide.__dict__["features"] = np.concatenate(
+        [out.features] + [cols[name][..., None] for name in extra], -1)
+    return wide
+
+
+def judged(front: list[P.SweepPoint], check_wide: P.StageOutputs, fit: P.StageOutputs,
+           check: P.StageOutputs) -> tuple[int, int, float, float]:
+    """(budgets where learned >= baseline, budgets compared, worst gap, its paired SE)."""
+    thresholds = evaluate.baseline_thresholds(fit, "max_prob")
+    on_fit = np.array([evaluate._cost_accuracy(P.global_threshold(fit, t), fit)
+                       for t in thresholds])
+    base = [P.simulate(P.global_threshold(check, t), check).correct for t in thresholds]
+    gaps, ses = [], []
+    for point in front:
+        chosen = evaluate._best_within(on_fit, point.cost_fraction)
+        if chosen is None:
+            continue
+        learned = P.simulate(point.policy, check_wide).correct
+        gaps.append(learned.mean() - base[chosen].mean())
+        ses.append(evaluate.paired_se(learned, base[chosen]))
+    worst = int(np.argmin(gaps))
+    return sum(g >= 0 for g in gaps), len(gaps), gaps[worst], ses[worst]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", nargs="+", default=None,
+                        help="staged systems (default: every available exits/cascade system)")
+    parser.add_argument("--points", type=int, default=40, help="λ values per sweep (40)")
+    args = parser.parse_args(argv)
+    staged = zoo.staged(zoo.available())
+    for name in args.system or []:
+        if name not in staged:
+            parser.error(f"{name!r} is not a trained staged system; choose from {staged}")
+    val = data.get_split("val")
+    for name in args.system or staged:
+        cached = zoo.outputs(name, val)
+        fit, check = cached.half("fit"), cached.half("check")
+        topology = zoo.spec(name).topology
+        print(f"{name} (check half; learned >= baseline, worst gap ± paired SE)")
+        trials = [("shipped kinds", evaluate.learned_frontier(fit, topology=topology,
+                                                               n_points=args.points), check)]
+        for extra in TRIALS:
+            fit_wide, check_wide = with_features(fit, extra), with_features(check, extra)
+            front = P.sweep(fit_wide, args.points, "linear", "max_prob", topology,
+                            lam_range=(1e-4, 30.0))
+            trials.append(("linear + " + ", ".join(extra), front, check_wide))
+        for title, front, judged_on in trials:
+            wins, compared, gap, se = judged(front, judged_on, fit, check)
+            print(f"  {title:40s} {wins}/{compared}  {gap * 100:+.2f} ± {se * 100:.2f} pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
