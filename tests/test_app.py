@@ -163,6 +163,10 @@ def test_budget_slider_moves_the_operating_point_as_the_library_says(app_env):
         assert shown["check"]["cost_fraction"] <= percent / 100 + 0.05
         acc = [m for m in at.metric if m.label == "Accuracy (check)"][0].value
         assert acc == f"{expected.check['accuracy']:.2%}"
+        # in MACs the ratio to dense is a MAC reduction, never called a speedup
+        ratio = [m for m in at.metric if m.label == "MAC reduction (check)"][0].value
+        assert ratio == f"{1 / expected.check['cost_fraction']:.2f}×"
+        assert not [m for m in at.metric if "peedup" in m.label]
         seen.append(expected.fit["cost_fraction"])
     assert seen == sorted(seen) and seen[0] < seen[-1]
 
@@ -270,5 +274,7 @@ def test_budget_in_measured_latency(app_env):
     _no_exception(at)
     cost = [m for m in at.metric if m.label == "Mean cost (check)"][0]
     assert cost.value.endswith(" ms")
+    ratio = [m for m in at.metric if m.label == "Speedup (check)"][0].value   # measured time
+    assert ratio == f"{1 / at.session_state['budget_last']['check']['cost_fraction']:.2f}×"
     budget_set = at.slider(key="budget_slider").value / 100
     assert 0 < at.session_state["budget_last"]["check"]["cost_fraction"] <= budget_set + 0.05
