@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dynviz import budget, data, evaluate, settings, zoo
+from dynviz import budget, data, evaluate, gallery, settings, zoo
 from dynviz import policy as P
 
 PAGES = str(settings.PROJECT_ROOT / "dynviz" / "ui" / "{}_page.py")
@@ -240,6 +240,32 @@ def test_galleries_rank_a_class_by_what_the_model_spent(app_env):
              for g in (captions[:n], captions[n:])]
     assert np.allclose(shown[0], spent[:n], atol=0.051)
     assert np.allclose(shown[1], spent[::-1][:n], atol=0.051)
+
+
+def test_galleries_firing_rates_and_their_starting_block_by_brute_force(app_env):
+    cached = zoo.outputs("lcnet_resnet20", app_env, progress=False)
+    labels = cached.arrays["labels"].astype(int)
+    s_l, names = cached.arrays["block_scores"], cached.manifest["block_names"]
+    spreads = []
+    for block in range(len(names)):
+        s_c = cached.channel_scores(block)
+        rates = np.zeros((len(data.CLASSES), s_c.shape[1]))
+        for i, label in enumerate(labels):           # image by image, from the uint8 scores
+            if s_l[i, block] > 0:
+                rates[label] += s_c[i] > 0
+        rates /= np.bincount(labels, minlength=len(data.CLASSES))[:, None]
+        assert np.allclose(gallery.class_firing_rates(cached, block), rates)
+        spreads.append(np.mean([rates[:, j].var() for j in range(rates.shape[1])]))
+    assert max(spreads) > 0
+    start = gallery.most_class_specific_block(cached)
+    assert spreads[start] == pytest.approx(max(spreads))
+    at = _run("galleries", gallery_system="lcnet_resnet20")
+    _no_exception(at)
+    picker = at.selectbox(key="gallery_block")
+    assert picker.value == start
+    expected = gallery.class_firing_rates(cached, start)
+    z = json.loads(at.get("plotly_chart")[1].proto.spec)["data"][0]["z"]   # the heatmap
+    assert np.allclose(_plotted(z).reshape(expected.shape), expected)
 
 
 def test_models_page_lists_results_checkpoints_and_papers(app_env, tmp_path, monkeypatch):

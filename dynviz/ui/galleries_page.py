@@ -5,22 +5,10 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from dynviz import data, evaluate, plots, policy as P, zoo
+from dynviz import data, gallery as G, plots, zoo
 from dynviz.ui import state
 
 N_SHOWN = 8
-
-
-def per_image_cost(name: str, cached) -> tuple[np.ndarray, np.ndarray, float]:
-    """(cost per image, prediction per image, reference cost) under the system's default."""
-    out = cached.stage_outputs()
-    if zoo.spec(name).kind in ("exits", "cascade"):
-        pol = evaluate.load_policy(name, evaluate.LOSSES[0])
-        if pol is None:
-            pol = P.target_budget(cached.half("fit"), 0.5, topology=zoo.spec(name).topology)
-        sim = P.simulate(pol, out)
-        return sim.cost, sim.predictions, out.reference_cost
-    return out.stage_costs[:, 0], out.predictions[:, 0], float(out.stage_costs[:, 0].max())
 
 
 def gallery(title: str, order: np.ndarray, cost, pred, labels, images) -> None:
@@ -47,7 +35,7 @@ def render() -> None:
                         help="Dynamic systems only: a static network spends the same on "
                              "every image.")
     cached = state.outputs(name)
-    cost, pred, reference = per_image_cost(name, cached)
+    cost, pred, reference = G.per_image_cost(name, cached)
     labels = cached.arrays["labels"].astype(int)
     images = split.images()
     cls = st.selectbox("Class", ["all"] + list(data.CLASSES), key="gallery_class")
@@ -61,10 +49,11 @@ def render() -> None:
     if "block_scores" in cached.arrays:
         names_b = cached.manifest["block_names"]
         block = st.selectbox("Block", range(len(names_b)), format_func=lambda i: names_b[i],
-                             key="gallery_block")
-        ran = (cached.block_scores()[:, block] > 0)[:, None] & (cached.channel_scores(block) > 0)
-        rates = np.stack([ran[labels == c].mean(0) for c in range(len(data.CLASSES))])
-        st.plotly_chart(plots.class_firing(rates, names_b[block]), key="gallery_firing")
+                             index=state.class_specific_block(name), key="gallery_block",
+                             help="Starts on the block whose channels fire most differently "
+                                  "from class to class.")
+        st.plotly_chart(plots.class_firing(G.class_firing_rates(cached, block), names_b[block]),
+                        key="gallery_firing")
 
 
 render()

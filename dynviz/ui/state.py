@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dynviz import budget, cache, data, engine, evaluate, inspect, policy as P, zoo
+from dynviz import budget, cache, data, engine, evaluate, gallery, inspect, policy as P, zoo
 
 engine.keep_freed_memory()   # steadier latencies: freed memory is reused, not faulted back in
 
@@ -80,6 +80,12 @@ def shipped_percent(name: str, metric: str) -> int | None:
 def curves(name: str, family: str, feature: str, topology: str, metric: str) -> budget.Curves:
     fit, check = halves(name, metric)
     return budget.curves(fit, check, budget.BudgetQuery(family, feature, topology))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def class_specific_block(name: str) -> int:
+    """Where the Galleries page's block picker starts for a gated system."""
+    return gallery.most_class_specific_block(outputs(name))
 
 
 def start_index(names: list[str]) -> int:
