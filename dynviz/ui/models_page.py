@@ -31,6 +31,10 @@ _MILLIONS = st.column_config.NumberColumn(format="%.1f")
 RESULT_COLUMNS = {"accuracy": _PERCENT, "MACs (M)": _MILLIONS, "MAC reduction": _TIMES,
                   "speedup b1": _TIMES, "speedup b256": _TIMES}
 CHECKPOINT_COLUMNS = {"check accuracy": _PERCENT, "MACs (M)": _MILLIONS}
+# wide enough for the longest entries, which the default widths cut off
+PAPER_COLUMNS = {"system": st.column_config.TextColumn(width="medium"),
+                 "MACs": st.column_config.TextColumn(width="medium"),
+                 "note": st.column_config.TextColumn(width="medium")}
 
 
 def _height(n_rows: int) -> int:
@@ -81,7 +85,8 @@ def render() -> None:
     if any(zoo.missing(n) for n in zoo.SYSTEMS):
         st.info(state.missing_systems_message())
     st.subheader("The papers' figures")
-    st.dataframe(pd.DataFrame(PAPER_ROWS), hide_index=True, key="papers")
+    st.dataframe(pd.DataFrame(PAPER_ROWS), hide_index=True, key="papers",
+                 column_config=PAPER_COLUMNS)
 
 
 render()
