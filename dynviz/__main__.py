@@ -179,10 +179,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from dynviz import data, evaluate, inspect
 
+    images = []       # every file decoded before a model loads: a bad one fails at once
+    for path in args.images:
+        try:
+            images.append(data.preprocess_upload(Path(path).read_bytes()))
+        except (OSError, data.InvalidImageError) as err:
+            raise ValueError(f"{path}: {getattr(err, 'strerror', None) or err}") from None
     policy = evaluate.load_policy(args.system, args.loss / 100) if args.loss else None
     runner = inspect.build_runner(args.system, policy)
-    for path in args.images:
-        image = data.preprocess_upload(Path(path).read_bytes())
+    for path, image in zip(args.images, images):
         print(json.dumps({"image": path} | inspect.inspect_image(runner, image).summary()))
     return 0
 

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+
+from PIL import Image
 
 from dynviz.__main__ import build_parser, main
 from dynviz import settings
@@ -36,3 +39,38 @@ def test_parser_requires_a_command():
     import pytest
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+
+
+def test_predict_names_a_bad_file_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    from dynviz import inspect
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded for files that cannot all be read")
+
+    monkeypatch.setattr(inspect, "build_runner", no_model)
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(good)
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    for bad, says in ((text, "not an image format"), (tmp_path / "gone.png", "No such file")):
+        assert main(["predict", "resnet8", str(good), str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad}: ") and says in err
+
+
+def test_predict_prints_what_inspect_computes_for_each_image(app_env, tmp_path, capsys):
+    from dynviz import data, inspect
+    paths = []
+    for i, colour in enumerate([(200, 30, 30), (20, 40, 220)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (48, 40), colour).save(paths[-1])
+    assert main(["predict", "lcnet_resnet20", *map(str, paths)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    runner = inspect.build_runner("lcnet_resnet20")
+    assert [line["image"] for line in lines] == list(map(str, paths))
+    for line, path in zip(lines, paths):
+        expected = inspect.inspect_image(runner, data.preprocess_upload(path.read_bytes()))
+        want = expected.summary()
+        for key in ("prediction", "macs", "macs_dense", "blocks_executed"):  # not timings
+            assert line[key] == want[key], key
+        assert [c for c, _ in line["top5"]] == [c for c, _ in want["top5"]]
