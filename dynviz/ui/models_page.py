@@ -74,7 +74,7 @@ def render() -> None:
     if rows:
         st.subheader("Results on the check half (vs resnet56)")
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="results",
-                     height=_height(len(rows)), column_config=RESULT_COLUMNS)
+                     height=_height(len(rows)), column_config=RESULT_COLUMNS, placeholder="—")
         st.caption("Speedups are measured wall-clock against resnet56 on this machine; an "
                    "oracle is a bound, not a runnable system, so it has none.")
     st.subheader("Trained checkpoints")
