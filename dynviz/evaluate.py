@@ -159,10 +159,13 @@ def _best_within(points: np.ndarray, budget: float) -> int | None:
 def baseline_comparison(fit: P.StageOutputs, check: P.StageOutputs, kinds=CANDIDATES,
                         feature: str = "max_prob", topology: str = "chain",
                         n_points: int = 40, n_thresholds: int = BASELINE_GRID,
-                        frontier: list[P.SweepPoint] | None = None) -> list[dict]:
+                        frontier: list[P.SweepPoint] | None = None,
+                        learned_on: P.StageOutputs | None = None) -> list[dict]:
     """The ``budgets`` rows of ``PolicyReport`` (see there) for outputs split in two: the
     learned frontier of ``kinds`` (or the given ``frontier``, whose points' budgets are their
-    ``cost_fraction``) against one global threshold on ``feature``."""
+    ``cost_fraction``) against one global threshold on ``feature``. ``learned_on``: the check
+    images as the frontier's policies see them, when their features differ from ``check``'s
+    (default: ``check``)."""
     sweep = frontier if frontier is not None else learned_frontier(fit, kinds, topology,
                                                                      n_points)
     thresholds = baseline_thresholds(fit, feature, n_thresholds)
@@ -174,7 +177,7 @@ def baseline_comparison(fit: P.StageOutputs, check: P.StageOutputs, kinds=CANDID
                                 check_right.mean(1)])
     rows = []
     for point in sweep:
-        learned = P.simulate(point.policy, check)
+        learned = P.simulate(point.policy, check if learned_on is None else learned_on)
         cost = float(learned.cost.mean() / check.reference_cost)
         chosen = _best_within(on_fit, point.cost_fraction)
         hindsight = _best_within(on_check, cost)

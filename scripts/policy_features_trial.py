@@ -59,23 +59,13 @@ def with_features(out: P.StageOutputs, extra: tuple[str, ...]) -> P.StageOutputs
     return wide
 
 
-def judged(front: list[P.SweepPoint], check_wide: P.StageOutputs, fit: P.StageOutputs,
-           check: P.StageOutputs) -> tuple[int, int, float, float]:
-    """(budgets where learned >= baseline, budgets compared, worst gap, its paired SE)."""
-    thresholds = evaluate.baseline_thresholds(fit, "max_prob")
-    on_fit = np.array([evaluate._cost_accuracy(P.global_threshold(fit, t), fit)
-                       for t in thresholds])
-    base = [P.simulate(P.global_threshold(check, t), check).correct for t in thresholds]
-    gaps, ses = [], []
-    for point in front:
-        chosen = evaluate._best_within(on_fit, point.cost_fraction)
-        if chosen is None:
-            continue
-        learned = P.simulate(point.policy, check_wide).correct
-        gaps.append(learned.mean() - base[chosen].mean())
-        ses.append(evaluate.paired_se(learned, base[chosen]))
-    worst = int(np.argmin(gaps))
-    return sum(g >= 0 for g in gaps), len(gaps), gaps[worst], ses[worst]
+def summary(rows: list[dict]) -> str:
+    """Budgets where learned >= baseline, and the worst gap ± its paired SE, in points."""
+    compared = [r for r in rows if r["baseline"] is not None]
+    gaps = [r["learned"] - r["baseline"] for r in compared]
+    worst = compared[int(np.argmin(gaps))]
+    return (f"{sum(g >= 0 for g in gaps)}/{len(gaps)}  {min(gaps) * 100:+.2f} ± "
+            f"{worst['gap_se'] * 100:.2f} pt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,16 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         fit, check = cached.half("fit"), cached.half("check")
         topology = zoo.spec(name).topology
         print(f"{name} (check half; learned >= baseline, worst gap ± paired SE)")
-        trials = [("shipped kinds", evaluate.learned_frontier(fit, topology=topology,
-                                                               n_points=args.points), check)]
+        rows = evaluate.baseline_comparison(fit, check, topology=topology,
+                                            n_points=args.points)
+        print(f"  {'shipped kinds':40s} {summary(rows)}")
         for extra in TRIALS:
-            fit_wide, check_wide = with_features(fit, extra), with_features(check, extra)
-            front = P.sweep(fit_wide, args.points, "linear", "max_prob", topology,
-                            lam_range=(1e-4, 30.0))
-            trials.append(("linear + " + ", ".join(extra), front, check_wide))
-        for title, front, judged_on in trials:
-            wins, compared, gap, se = judged(front, judged_on, fit, check)
-            print(f"  {title:40s} {wins}/{compared}  {gap * 100:+.2f} ± {se * 100:.2f} pt")
+            front = P.sweep(with_features(fit, extra), args.points, "linear", "max_prob",
+                            topology, lam_range=(1e-4, 30.0))
+            rows = evaluate.baseline_comparison(fit, check, frontier=front,
+                                                learned_on=with_features(check, extra))
+            print(f"  {'linear + ' + ', '.join(extra):40s} {summary(rows)}")
     return 0
 
 

@@ -291,6 +291,26 @@ def test_baseline_columns_equal_a_brute_force_scan_of_thresholds(topology):
         assert row["baseline_hindsight"] == pytest.approx(on_check[within, 1].max())
 
 
+def test_learned_column_runs_on_the_outputs_it_is_given():
+    """``learned_on``: the frontier's policies run on those outputs (e.g. the check images with
+    more features), the baseline stays on ``check``."""
+    fit, check = synthetic(n=300, seed=5), synthetic(n=300, seed=6)
+    front = P.sweep(fit, 12, "linear")
+    plain = evaluate.baseline_comparison(fit, check, frontier=front, n_thresholds=60)
+    assert plain == evaluate.baseline_comparison(fit, check, frontier=front, n_thresholds=60,
+                                                 learned_on=check)
+    other = synthetic(n=300, seed=7)          # other images: other learned outcomes
+    rows = evaluate.baseline_comparison(fit, check, frontier=front, n_thresholds=60,
+                                        learned_on=other)
+    for point, row, base in zip(front, rows, plain):
+        outcome = P.simulate(point.policy, other)
+        assert row["learned"] == pytest.approx(outcome.correct.mean())
+        assert row["cost_fraction"] == pytest.approx(outcome.cost.mean() / check.reference_cost)
+        assert (row["baseline"], row["baseline_cost"]) == (base["baseline"],
+                                                           base["baseline_cost"])
+    assert [r["learned"] for r in rows] != [r["learned"] for r in plain]
+
+
 def test_paired_standard_error_is_the_formula():
     a = np.array([1, 1, 0, 1, 0, 1, 1, 0], bool)
     b = np.array([1, 0, 0, 1, 1, 1, 0, 0], bool)
