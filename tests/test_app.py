@@ -263,6 +263,13 @@ def test_galleries_firing_rates_and_their_starting_block_by_brute_force(app_env)
     _no_exception(at)
     picker = at.selectbox(key="gallery_block")
     assert picker.value == start
+    other = (start + 1) % len(names)
+    picker.set_value(other).run()                      # a block chosen stays chosen...
+    assert at.selectbox(key="gallery_block").value == other
+    at.selectbox(key="gallery_system").set_value("exits_resnet56").run()
+    at.selectbox(key="gallery_system").set_value("lcnet_resnet20").run()
+    _no_exception(at)                                  # ...until the system changes
+    assert at.selectbox(key="gallery_block").value == start
     expected = gallery.class_firing_rates(cached, start)
     z = json.loads(at.get("plotly_chart")[1].proto.spec)["data"][0]["z"]   # the heatmap
     assert np.allclose(_plotted(z).reshape(expected.shape), expected)

@@ -48,8 +48,14 @@ def render() -> None:
     st.plotly_chart(plots.class_cost(per_class, reference), key="gallery_class_cost")
     if "block_scores" in cached.arrays:
         names_b = cached.manifest["block_names"]
+        if st.session_state.get("gallery_block_for") != name or \
+                "gallery_block" not in st.session_state:
+            # a system just chosen (or the picker just back after a system without one):
+            # start on its block whose firing differs most by class
+            st.session_state["gallery_block"] = state.class_specific_block(name)
+            st.session_state["gallery_block_for"] = name
         block = st.selectbox("Block", range(len(names_b)), format_func=lambda i: names_b[i],
-                             index=state.class_specific_block(name), key="gallery_block",
+                             key="gallery_block",
                              help="Starts on the block whose channels fire most differently "
                                   "from class to class.")
         st.plotly_chart(plots.class_firing(G.class_firing_rates(cached, block), names_b[block]),
