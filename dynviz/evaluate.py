@@ -193,6 +193,16 @@ def baseline_comparison(fit: P.StageOutputs, check: P.StageOutputs, kinds=CANDID
     return rows
 
 
+def against_baseline(rows: list[dict]) -> tuple[int, int, dict | None]:
+    """Of ``baseline_comparison`` rows: (budgets where learned >= baseline, budgets where some
+    threshold is affordable, the row of the worst gap learned − baseline, or None when no
+    threshold is affordable)."""
+    compared = [r for r in rows if r["baseline"] is not None]
+    gaps = [r["learned"] - r["baseline"] for r in compared]
+    worst = compared[int(np.argmin(gaps))] if compared else None
+    return sum(g >= 0 for g in gaps), len(gaps), worst
+
+
 def paired_se(a: np.ndarray, b: np.ndarray) -> float:
     """Standard error of mean(a) − mean(b) for two correctness vectors on the same images
     (only the images where they disagree contribute)."""
@@ -208,9 +218,7 @@ def policy_report(name: str, val: data.Split, family: str = AUTO,
     fit, check = cached.half("fit"), cached.half("check")
     kinds = candidates(family, feature)
     rows = baseline_comparison(fit, check, kinds, feature, zoo.spec(name).topology, n_points)
-    compared = [r for r in rows if r["baseline"] is not None]
-    gaps = [r["learned"] - r["baseline"] for r in compared]
-    worst = compared[int(np.argmin(gaps))] if compared else {"gap_se": 0.0}
+    wins, compared, worst = against_baseline(rows)
     hindsight_gaps = [r["learned"] - r["baseline_hindsight"] for r in rows
                       if r["baseline_hindsight"] is not None]
     pol, op, share = load_policy(name, LOSSES[0]), None, None
@@ -219,10 +227,10 @@ def policy_report(name: str, val: data.Split, family: str = AUTO,
         op = outcome.summary(check.reference_cost, check.n_stages)
         oracle_frac = P.oracle_cost_at(check, op["accuracy"]) / check.reference_cost
         share = (1 - op["cost_fraction"]) / max(1 - oracle_frac, 1e-12)
-    return PolicyReport(name, rows, sum(g >= 0 for g in gaps),
-                        sum(g >= 0 for g in hindsight_gaps), len(gaps),
-                        min(gaps, default=0.0), worst["gap_se"],
-                        min(hindsight_gaps, default=0.0), op, share)
+    return PolicyReport(name, rows, wins, sum(g >= 0 for g in hindsight_gaps), compared,
+                        worst["learned"] - worst["baseline"] if worst else 0.0,
+                        worst["gap_se"] if worst else 0.0, min(hindsight_gaps, default=0.0),
+                        op, share)
 
 
 def load_policy(system: str, loss: float) -> P.Policy | None:

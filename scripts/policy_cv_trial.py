@@ -51,15 +51,13 @@ def out_of_fold_frontier(fit: P.StageOutputs, topology: str, folds: int, n_point
 
 
 def summarise(title: str, rows: list[dict]) -> None:
-    compared = [r for r in rows if r["baseline"] is not None]
-    if not compared:
+    wins, compared, worst = evaluate.against_baseline(rows)
+    if worst is None:
         print(f"  {title}: no budget where a global threshold is affordable")
         return
-    gaps = np.array([r["learned"] - r["baseline"] for r in compared])
-    worst = compared[int(gaps.argmin())]
-    print(f"  {title}: learned >= baseline at {int((gaps >= 0).sum())}/{len(gaps)} budgets; "
-          f"worst {gaps.min() * 100:+.2f} ± {worst['gap_se'] * 100:.2f} pt "
-          f"(budget {worst['budget']:.3f})")
+    print(f"  {title}: learned >= baseline at {wins}/{compared} budgets; "
+          f"worst {(worst['learned'] - worst['baseline']) * 100:+.2f} ± "
+          f"{worst['gap_se'] * 100:.2f} pt (budget {worst['budget']:.3f})")
 
 
 def main(argv: list[str] | None = None) -> int:

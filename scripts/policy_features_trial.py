@@ -54,18 +54,16 @@ def with_features(out: P.StageOutputs, extra: tuple[str, ...]) -> P.StageOutputs
     cols = cross_stage_features(out)
     wide = P.StageOutputs(out.logits, out.labels, out.stage_costs, out.jump_costs,
                           out.stage_names, out.reference)
+    # ``features`` is a cached_property: filling its slot is what every policy then reads
     wide.__dict__["features"] = np.concatenate(
         [out.features] + [cols[name][..., None] for name in extra], -1)
     return wide
 
 
 def summary(rows: list[dict]) -> str:
-    """Budgets where learned >= baseline, and the worst gap ± its paired SE, in points."""
-    compared = [r for r in rows if r["baseline"] is not None]
-    gaps = [r["learned"] - r["baseline"] for r in compared]
-    worst = compared[int(np.argmin(gaps))]
-    return (f"{sum(g >= 0 for g in gaps)}/{len(gaps)}  {min(gaps) * 100:+.2f} ± "
-            f"{worst['gap_se'] * 100:.2f} pt")
+    wins, compared, worst = evaluate.against_baseline(rows)
+    gap = worst["learned"] - worst["baseline"]
+    return f"{wins}/{compared}  {gap * 100:+.2f} ± {worst['gap_se'] * 100:.2f} pt"
 
 
 def main(argv: list[str] | None = None) -> int:

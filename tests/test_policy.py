@@ -311,6 +311,17 @@ def test_learned_column_runs_on_the_outputs_it_is_given():
     assert [r["learned"] for r in rows] != [r["learned"] for r in plain]
 
 
+def test_against_baseline_counts_wins_and_finds_the_worst_gap():
+    rows = [{"learned": 0.90, "baseline": 0.88, "gap_se": 0.01},
+            {"learned": 0.80, "baseline": None, "gap_se": None},     # nothing affordable
+            {"learned": 0.85, "baseline": 0.87, "gap_se": 0.02},     # worst: -0.02
+            {"learned": 0.86, "baseline": 0.86, "gap_se": 0.0},      # a tie counts as a win
+            {"learned": 0.70, "baseline": 0.71, "gap_se": 0.03}]
+    wins, compared, worst = evaluate.against_baseline(rows)
+    assert (wins, compared) == (2, 4) and worst is rows[2]
+    assert evaluate.against_baseline([rows[1]]) == (0, 0, None)
+
+
 def test_paired_standard_error_is_the_formula():
     a = np.array([1, 1, 0, 1, 0, 1, 1, 0], bool)
     b = np.array([1, 0, 0, 1, 1, 1, 0, 0], bool)
