@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from dynviz.__main__ import build_parser, main
@@ -68,9 +69,12 @@ def test_predict_prints_what_inspect_computes_for_each_image(app_env, tmp_path, 
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     runner = inspect.build_runner("lcnet_resnet20")
     assert [line["image"] for line in lines] == list(map(str, paths))
-    for line, path in zip(lines, paths):
-        expected = inspect.inspect_image(runner, data.preprocess_upload(path.read_bytes()))
-        want = expected.summary()
+    wanted = [inspect.inspect_image(runner, data.preprocess_upload(p.read_bytes())).summary()
+              for p in paths]
+    assert wanted[0]["top5"] != wanted[1]["top5"]      # so that a mix-up of files shows
+    for line, want in zip(lines, wanted):
         for key in ("prediction", "macs", "macs_dense", "blocks_executed"):  # not timings
             assert line[key] == want[key], key
         assert [c for c, _ in line["top5"]] == [c for c, _ in want["top5"]]
+        assert [p for _, p in line["top5"]] == pytest.approx([p for _, p in want["top5"]],
+                                                             abs=1e-4)
