@@ -179,6 +179,20 @@ def test_sparsity_penalty_is_lcnets_l1_formula():
     assert torch.allclose(train.sparsity_penalty(trace, recipe), by_hand)
 
 
+def test_a_mac_budget_pulls_only_batches_that_spend_more():
+    model = models.create("lcnet_resnet8")
+    for gate in (m for n, m in model.named_modules() if n.endswith("_gate.fc")):
+        torch.nn.init.normal_(gate.weight, std=0.5)
+    _, trace = model(torch.randn(4, 3, 32, 32))
+    spent = trace.macs.double().mean().item()      # held to torch's FLOP counter elsewhere
+    assert spent < model.macs()                     # some gates are off: a real mean
+    pull = dataclasses.replace(TINY, l1_block=0.3, l1_channel=0.7)
+    over = dataclasses.replace(pull, mac_budget=spent - 1)
+    within = dataclasses.replace(pull, mac_budget=spent + 1)
+    assert torch.equal(train.sparsity_penalty(trace, over), train.sparsity_penalty(trace, pull))
+    assert train.sparsity_penalty(trace, within).item() == 0.0
+
+
 def test_distillation_loss_is_its_formula_image_by_image():
     torch.manual_seed(0)
     logits, y = torch.randn(4, 3, 5) * 3, torch.tensor([0, 4, 2, 2])
