@@ -161,8 +161,13 @@ def test_budget_slider_moves_the_operating_point_as_the_library_says(app_env):
         shown = at.session_state["budget_last"]
         assert shown["check"] == expected.check and shown["fit"] == expected.fit
         assert shown["check"]["cost_fraction"] <= percent / 100 + 0.05
-        acc = [m for m in at.metric if m.label == "Accuracy (check)"][0].value
-        assert acc == f"{expected.check['accuracy']:.2%}"
+        for half, summary in (("check", expected.check), ("fit", expected.fit)):
+            acc = [m for m in at.metric if m.label == f"Accuracy ({half})"][0]
+            assert acc.value == f"{summary['accuracy']:.2%}"
+            # the loss against resnet56 itself on that half, from its own cached outputs
+            alone = zoo.outputs("resnet56", app_env, progress=False).half(half)
+            ref = float((alone.logits[:, 0].argmax(-1) == alone.labels).mean())
+            assert acc.delta == f"{(summary['accuracy'] - ref) * 100:+.2f} pt vs resnet56"
         # in MACs the ratio to dense is a MAC reduction, never called a speedup
         ratio = [m for m in at.metric if m.label == "MAC reduction (check)"][0].value
         assert ratio == f"{1 / expected.check['cost_fraction']:.2f}×"

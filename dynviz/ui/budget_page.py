@@ -52,14 +52,18 @@ def panel(name: str, family: str, feature: str, topology: str, metric: str) -> N
     fit, check = state.halves(name, metric)
     result = budget.solve(fit, check, query)
     cols = st.columns(5)
-    cols[0].metric("Accuracy (check)", f"{result.check['accuracy']:.2%}",
-                   f"{result.check['accuracy'] - result.fit['accuracy']:+.2%} vs fit",
-                   delta_color="off")
-    cols[1].metric("Accuracy (fit)", f"{result.fit['accuracy']:.2%}")
+    for col, half, summary in ((cols[0], "check", result.check), (cols[1], "fit", result.fit)):
+        # the loss budgets are in points of resnet56's accuracy on the same half
+        ref = state.reference_accuracy(half)
+        col.metric(f"Accuracy ({half})", f"{summary['accuracy']:.2%}",
+                   None if ref is None else
+                   f"{(summary['accuracy'] - ref) * 100:+.2f} pt vs {zoo.REFERENCE}",
+                   delta_arrow="off",
+                   help=None if ref is None else f"{zoo.REFERENCE}: {ref:.2%} on the {half} half")
     unit = "M" if metric == "macs" else "ms"
     scale = 1e-6 if metric == "macs" else 1e3
     cols[2].metric("Mean cost (check)", f"{result.check['cost_mean'] * scale:.1f} {unit}",
-                   f"{result.check['cost_fraction']:.0%} of dense", delta_color="off",
+                   f"{result.check['cost_fraction']:.0%} of dense", delta_color="off", delta_arrow="off",
                    help="MACs per image (M = millions)" if metric == "macs"
                    else "measured milliseconds per image at batch 1")
     # with MACs as the cost this is a MAC ratio, not a speedup: time is only ever measured

@@ -81,6 +81,7 @@ def render_result(result) -> None:
         c2.metric("Dynamic run", f"{result.ms_dynamic:.2f} ms", help=timing)
         c3.metric("Dense run", f"{result.ms_dense:.2f} ms",
                   f"{result.ms_dense / result.ms_dynamic:.2f}× speedup", delta_color="off",
+                  delta_arrow="off",
                   help=timing)
         if result.block_scores is not None:
             st.plotly_chart(plots.block_strip(result.block_scores, result.block_names),

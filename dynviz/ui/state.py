@@ -68,6 +68,14 @@ def halves(name: str, metric: str) -> tuple[P.StageOutputs, P.StageOutputs]:
     return fit, check
 
 
+@st.cache_data(show_spinner=False)
+def reference_accuracy(half: str) -> float | None:
+    """``zoo.REFERENCE``'s accuracy on a half of the validation split (the loss budgets are
+    measured against it), or None when its outputs are not there."""
+    cached = outputs(zoo.REFERENCE)
+    return None if cached is None else float(cached.half(half).correct[:, -1].mean())
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def shipped_percent(name: str, metric: str) -> int | None:
     """The budget (whole % of the dense cost, in ``metric``) of the system's shipped
