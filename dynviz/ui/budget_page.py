@@ -46,8 +46,11 @@ def panel(name: str, family: str, feature: str, topology: str, metric: str) -> N
     percent = st.slider("Budget: mean cost, % of the dense network", 5, 100, step=1,
                         key="budget_slider",
                         help=None if shipped is None else
-                        f"Starts at {shipped}%: the shipped operating point within 0.5% of "
-                        f"{zoo.REFERENCE}'s accuracy, chosen on the fit half.")
+                        f"Starts at {shipped}%, what the shipped operating point within 0.5% "
+                        f"of {zoo.REFERENCE}'s accuracy spends on the fit half. Each position "
+                        f"re-learns the most accurate policy on fit within its budget, which "
+                        f"can differ a little from the shipped one (the cheapest within the "
+                        f"loss).")
     query = budget.BudgetQuery(family, feature, topology, percent / 100)
     fit, check = state.halves(name, metric)
     result = budget.solve(fit, check, query)
