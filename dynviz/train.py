@@ -140,6 +140,12 @@ RECIPES: dict[str, Recipe] = {
     # and the rest of each step trains for accuracy at that budget. 16 epochs, as kd16 (whose
     # recipe it is but for α and the budget). Adopted by the kd32 rule, set before it ran:
     # on fit, beat kd16 (88.72% at 56.3 M) on accuracy or MACs without losing on the other.
+    # Run on 2026-12-02 (89 min, ~5.3 min an epoch that day): the MACs reached 46 M by epoch
+    # 3 and stayed at 44–50 M, but validation accuracy never passed 80% (kd16: 84–88% from
+    # epoch 2 on) and did not rise as the LR annealed; fit 78.64% at 48.1 M, so not adopted
+    # (check 77.16% at 48.0 M). Near the budget the pull switches fully on or off from one
+    # batch to the next; our reading, not measured further, is that the backbone never
+    # settled under it.
     "lcnet_resnet56_budget": dataclasses.replace(_LCNET_KD, epochs=16, l1_block=2.0,
                                                  mac_budget=48e6),
     # Heads on the frozen backbone; each learns from the final head too (distillation).
