@@ -66,7 +66,8 @@ def panel(name: str, family: str, feature: str, topology: str, metric: str) -> N
     unit = "M" if metric == "macs" else "ms"
     scale = 1e-6 if metric == "macs" else 1e3
     cols[2].metric("Mean cost (check)", f"{result.check['cost_mean'] * scale:.1f} {unit}",
-                   f"{result.check['cost_fraction']:.0%} of dense", delta_color="off", delta_arrow="off",
+                   f"{result.check['cost_fraction']:.0%} of dense", delta_color="off",
+                   delta_arrow="off",
                    help="MACs per image (M = millions)" if metric == "macs"
                    else "measured milliseconds per image at batch 1")
     # with MACs as the cost this is a MAC ratio, not a speedup: time is only ever measured
