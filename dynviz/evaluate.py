@@ -78,11 +78,6 @@ def choose_operating_point(fit: P.StageOutputs, reference_correct: np.ndarray, m
             else max(front, key=lambda p: p.accuracy)).policy
 
 
-def reference_accuracy(split: data.Split) -> float:
-    out = zoo.outputs(zoo.REFERENCE, split, progress=False).stage_outputs()
-    return float(out.correct[:, -1].mean())
-
-
 def ship_operating_points(family: str = AUTO, feature: str = "max_prob",
                           val: data.Split | None = None) -> list[Path]:
     """Choose, on the fit half of ``val``, and write the default policies of every available
