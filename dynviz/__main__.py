@@ -43,10 +43,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_bench_gated(args: argparse.Namespace) -> int:
     from dynviz import bench
+    from dynviz.bench import gated
 
     rows = []
     for placement in args.placement:
-        rows += bench.bench_gated(args.model, placement=placement, blocks_off=args.blocks_off,
+        rows += gated.bench_gated(args.model, placement=placement, blocks_off=args.blocks_off,
                                   channels_off=args.channels_off,
                                   batch_sizes=tuple(args.batch), repeats=args.repeats,
                                   checkpoint=args.checkpoint, calibrate=not args.no_calibrate,
@@ -58,12 +59,13 @@ def _cmd_bench_gated(args: argparse.Namespace) -> int:
 
 
 def _cmd_native(args: argparse.Namespace) -> int:
-    from dynviz import engine, settings
+    from dynviz import settings
+    from dynviz.runtime import native
 
     if not settings.native_enabled():
         print("the native block runner is turned off (DYNVIZ_NATIVE=0)")
         return 0
-    module = engine.native_module()
+    module = native.module()
     if module is None:
         print("the native block runner is not available here; Python blocks run (see above)",
               file=sys.stderr)
@@ -74,25 +76,28 @@ def _cmd_native(args: argparse.Namespace) -> int:
 
 def _cmd_bench_policy(args: argparse.Namespace) -> int:
     from dynviz import bench
+    from dynviz.bench import policy
 
-    print(bench.format_rows(bench.bench_policy(args.n, args.stages, args.repeats)))
+    print(bench.format_rows(policy.bench_policy(args.n, args.stages, args.repeats)))
     return 0
 
 
 def _cmd_bench_stages(args: argparse.Namespace) -> int:
     from dynviz import bench
+    from dynviz.bench import stages
 
-    print(bench.format_rows(bench.bench_stages(args.model, batch_sizes=tuple(args.batch),
+    print(bench.format_rows(stages.bench_stages(args.model, batch_sizes=tuple(args.batch),
                                                repeats=args.repeats)))
     return 0
 
 
 def _cmd_bench_staged(args: argparse.Namespace) -> int:
     from dynviz import bench
+    from dynviz.bench import staged
 
     rows = []
     for system in args.system:
-        rows += bench.bench_staged(system, loss=args.loss / 100, n_images=args.images,
+        rows += staged.bench_staged(system, loss=args.loss / 100, n_images=args.images,
                                    repeats=args.repeats)
     print(bench.format_rows(rows))
     return 0
@@ -177,7 +182,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dynviz import data, evaluate, inspect
+    from dynviz import data, evaluate, live
 
     images = []       # every file decoded before a model loads: a bad one fails at once
     for path in args.images:
@@ -186,9 +191,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         except (OSError, data.InvalidImageError) as err:
             raise ValueError(f"{path}: {getattr(err, 'strerror', None) or err}") from None
     policy = evaluate.load_policy(args.system, args.loss / 100) if args.loss else None
-    runner = inspect.build_runner(args.system, policy)
+    system = live.build(args.system, policy)
     for path, image in zip(args.images, images):
-        print(json.dumps({"image": path} | inspect.inspect_image(runner, image).summary()))
+        print(json.dumps({"image": path} | live.inspect_image(system, image).summary()))
     return 0
 
 
@@ -356,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dynviz import engine
-    engine.keep_freed_memory()       # steadier timings (see there); before any model runs
+    from dynviz import runtime
+    runtime.keep_freed_memory()      # steadier timings (see there); before any model runs
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as err:  # incl. missing data/checkpoints

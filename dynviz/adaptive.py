@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dynviz.policy import FEATURES, Policy, confidence_features, row_confidence_features
+from models.output import Output
 
 NOT_REACHED, CONTINUE, EXIT, JUMP = -1, 0, 1, 2
 
@@ -41,6 +42,10 @@ class AdaptiveTrace:
     def feature_names(self) -> tuple[str, ...]:
         return FEATURES
 
+    def cache_arrays(self) -> dict[str, np.ndarray]:
+        """Nothing beyond the stages' logits and MACs (policies are simulated from those)."""
+        return {}
+
 
 class AdaptiveClassifier(nn.Module):
     """Args:
@@ -53,13 +58,23 @@ class AdaptiveClassifier(nn.Module):
         if policy.exits and len(policy.exits) != system.n_stages - 1:
             raise ValueError(f"policy has {len(policy.exits)} decisions; the system needs "
                              f"{system.n_stages - 1}")
-        if policy.jumps and not hasattr(system, "jump_macs"):
+        if policy.jumps and not system.can_jump:
             raise ValueError("a jump policy needs a cascade")
         self.system = system
         self.policy = policy
+        self.n_stages = system.n_stages
+        self.stage_names = system.stage_names
+
+    def dense_counterpart(self) -> nn.Module:
+        return self.system.dense_counterpart()
+
+    def macs(self) -> int:
+        """MACs of the dense counterpart: what a budget is a share of."""
+        return self.dense_counterpart().macs()
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, AdaptiveTrace]:
+    def forward(self, x: torch.Tensor) -> Output:
+        """Each image's answer from the stage it left at; the trace is an ``AdaptiveTrace``."""
         if x.shape[0] == 1:
             return self._forward_one(x)
         system, k_total, b = self.system, self.system.n_stages, x.shape[0]
@@ -104,13 +119,12 @@ class AdaptiveClassifier(nn.Module):
             active = active[keep]
         trace = AdaptiveTrace(features, decisions, exit_stage, jumped, stage_macs,
                               list(system.stage_names), stage_logits)
-        return out, trace
+        return _output(out, trace)
 
-    def _forward_one(self, x: torch.Tensor) -> tuple[torch.Tensor, AdaptiveTrace]:
+    def _forward_one(self, x: torch.Tensor) -> Output:
         """``forward`` for one image, in plain Python between the stages: the logits become one
-        list of floats, features and decisions are computed on it without numpy (a few numpy
-        calls per stage cost 0.1-0.2 ms here, the time of half a CIFAR block), and the
-        trace's arrays are built once at the end. Same features and decisions as ``forward``
+        list of floats, features and decisions are computed on it without numpy (whose per-call
+        overhead is a CIFAR block's share at batch 1: docs/benchmarks.md), and the trace's arrays are built once at the end. Same features and decisions as ``forward``
         up to float rounding (``row_confidence_features``)."""
         system, k_total = self.system, self.system.n_stages
         rows, phis, macs_spent, decisions = {}, {}, {}, []
@@ -144,4 +158,10 @@ class AdaptiveClassifier(nn.Module):
         trace_decisions[0, :len(decisions)] = decisions
         trace = AdaptiveTrace(features, trace_decisions, np.array([k]), np.array([jumped]),
                               stage_macs, list(system.stage_names), stage_logits)
-        return logits, trace
+        return _output(logits, trace)
+
+
+def _output(logits: torch.Tensor, trace: AdaptiveTrace) -> Output:
+    stage_macs = torch.from_numpy(trace.stage_macs).to(logits.device)
+    return Output(logits, stage_macs.sum(1), torch.from_numpy(trace.stage_logits).to(logits.device),
+                  stage_macs, trace)

@@ -25,8 +25,6 @@ import torch.nn as nn
 
 from dynviz import __version__, data, settings
 from dynviz.policy import StageOutputs
-from models.lcnet import GatedResNet
-from models.staged import dense_counterpart
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +72,21 @@ class CachedOutputs:
         return self.arrays["channel_scores"][:, lo:hi].astype(np.float32) / 255.0
 
 
-def _quantise(scores: torch.Tensor) -> np.ndarray:
-    return (scores.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+def _to_numpy(name: str, value: torch.Tensor) -> np.ndarray:
+    """Logits as float32; scores in [0, 1] (``*_scores``) quantised to uint8; the rest as is."""
+    if name == "logits":
+        return value.float().cpu().numpy()
+    if name.endswith("_scores"):
+        return (value.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return value.cpu().numpy()
 
 
 @torch.no_grad()
 def compute_outputs(model: nn.Module, images: np.ndarray, *, device: torch.device,
                     batch_size: int = 250, progress: bool = True,
                     on_progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
-    """Run ``model`` (staged, gated or plain) on uint8 images (N, H, W, 3).
+    """Run ``model`` on uint8 images (N, H, W, 3): every stage's logits and MACs, and what
+    its trace keeps (``Output.arrays``).
 
     ``progress``: a tqdm bar on stderr; ``on_progress``: called with the fraction done
     after every batch (the app's progress bar)."""
@@ -90,30 +94,11 @@ def compute_outputs(model: nn.Module, images: np.ndarray, *, device: torch.devic
 
     model = model.to(device).eval()
     parts: dict[str, list[np.ndarray]] = {}
-    staged = hasattr(model, "run_stage")
-    static = model.macs() if hasattr(model, "macs") else None
     for start in tqdm(range(0, len(images), batch_size), desc="caching outputs", unit="batch",
                       disable=not progress, leave=False):
         x = data.to_tensor(np.ascontiguousarray(images[start:start + batch_size]), device)
-        out = model(x)
-        batch = {}
-        if staged:
-            logits, macs = out
-            batch["logits"], batch["stage_macs"] = logits, macs
-            if hasattr(model, "jump_macs"):
-                batch["jump_macs"] = model.jump_macs(x)
-        elif isinstance(model, GatedResNet):
-            logits, trace = out
-            batch["logits"], batch["stage_macs"] = logits[:, None], trace.macs[:, None]
-            batch["block_scores"] = _quantise(trace.block_scores)
-            batch["channel_scores"] = _quantise(torch.cat(trace.channel_scores, 1))
-        else:
-            batch["logits"] = out[:, None]
-            batch["stage_macs"] = torch.full((len(x), 1), static, dtype=torch.long)
-        for name, value in batch.items():
-            value = value.float().cpu().numpy() if name == "logits" else (
-                value.cpu().numpy() if torch.is_tensor(value) else value)
-            parts.setdefault(name, []).append(value)
+        for name, value in model(x).arrays().items():
+            parts.setdefault(name, []).append(_to_numpy(name, value))
         if on_progress is not None:
             on_progress(min(1.0, (start + batch_size) / len(images)))
     return {name: np.concatenate(values) for name, values in parts.items()}
@@ -202,31 +187,21 @@ def store(directory: Path, system: str, model: nn.Module, split: data.Split,
           ) -> CachedOutputs:
     """Write ``arrays`` (what ``compute_outputs`` returns) and the manifest for ``model``."""
     arrays = dict(arrays, labels=split.labels.astype(np.int16))
+    staged = model.n_stages > 1
     manifest = {
         "system": system, "checkpoint_sha256": checkpoint_sha, "split": split.name,
         "data_fingerprint": split.fingerprint, "data_root": _portable(split.dataset.root),
-        "ids": split.ids, "stage_names": list(getattr(model, "stage_names", [system])),
+        "ids": split.ids,
+        "stage_names": list(model.stage_names) if staged else [system],
         "shapes": {k: list(v.shape) for k, v in arrays.items()},
-        "stage_macs_static": (model.stage_macs() if hasattr(model, "stage_macs")
-                              else [model.macs()] if hasattr(model, "macs") else None),
-        "reference_macs": _reference_macs(model),
+        "stage_macs_static": model.stage_macs(),
+        # what budgets of a staged system are shares of: its dense counterpart
+        "reference_macs": model.dense_counterpart().macs() if staged else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 1), "dynviz": __version__,
-    }
-    if isinstance(model, GatedResNet):
-        widths = [b.mid_channels for b in model.blocks]
-        manifest["channel_offsets"] = np.concatenate([[0], np.cumsum(widths)]).tolist()
-        manifest["block_names"] = model.block_names()
+    } | model.cache_layout()
     _write(directory, arrays, manifest)
     return load(directory)
-
-
-def _reference_macs(model: nn.Module) -> int | None:
-    """MACs of the dense counterpart (backbone of early exits, last network of a cascade)."""
-    if not hasattr(model, "run_stage"):
-        return None
-    dense = dense_counterpart(model)
-    return dense.macs() if hasattr(dense, "macs") else None
 
 
 def _portable(path: Path) -> str:

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynviz import data, engine, policy as P, settings, zoo
+from dynviz import data, policy as P, runtime, settings, zoo
 from dynviz.adaptive import AdaptiveClassifier
-from models.lcnet import GatedResNet
 
 log = logging.getLogger(__name__)
 
@@ -236,14 +235,14 @@ def load_policy(system: str, loss: float) -> P.Policy | None:
 # ---------------------------------------------------------------------------- timing
 def _speedup(fn, reference, images: np.ndarray, batch: int, device, repeats: int) -> float:
     """Reference time / ``fn`` time over the images in batches of ``batch``, both measured
-    round-robin, as the median of the per-round ratios (``engine.paired_ratio``)."""
+    round-robin, as the median of the per-round ratios (``runtime.paired_ratio``)."""
     chunks = [data.to_tensor(np.ascontiguousarray(images[i:i + batch]), device)
               for i in range(0, len(images), batch)]
     with torch.no_grad():
-        times = engine.round_robin_times({"reference": lambda: [reference(c) for c in chunks],
+        times = runtime.round_robin_times({"reference": lambda: [reference(c) for c in chunks],
                                           "system": lambda: [fn(c) for c in chunks]},
                                          repeats=repeats, warmup=1, device=device)
-    return engine.paired_ratio(times["reference"], times["system"])
+    return runtime.paired_ratio(times["reference"], times["system"])
 
 
 @dataclass
@@ -269,7 +268,7 @@ def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
     images = split.images()
     ref_out = zoo.outputs(zoo.REFERENCE, split, progress=progress).stage_outputs()
     ref_macs = float(ref_out.stage_costs.sum(1).mean())
-    reference = engine.fold_batchnorm(zoo.load_system(zoo.REFERENCE, device))
+    reference = runtime.fold(zoo.load_system(zoo.REFERENCE, device))
 
     def timed(name: str, fn) -> tuple[float, float] | tuple[None, None]:
         if not time_it:
@@ -291,16 +290,12 @@ def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
     for name in zoo.available():
         s = zoo.spec(name)
         out = zoo.outputs(name, split, progress=progress).stage_outputs()
-        model = zoo.load_system(name, device)
-        if s.kind in ("static", "gated"):
-            if isinstance(model, GatedResNet):
-                folded = engine.fold_batchnorm(model)
-                plans = {b: engine.calibrate(folded, b) for b in (1, 256)} if time_it else {}
-                fn = _GatedRunner(folded, plans)
-            else:
-                fn = engine.fold_batchnorm(model)
+        folded = runtime.fold(zoo.load_system(name, device))
+        if time_it:                  # the sparse path's slicing limits, per batch size
+            runtime.calibrate_all(folded, (1, 256))
+        if folded.n_stages == 1:
             rows.append(row(name, s.kind, "trained", out.correct[:, 0].mean(),
-                            out.stage_costs[:, 0].mean(), timed(name, fn)))
+                            out.stage_costs[:, 0].mean(), timed(name, folded)))
             continue
         for loss in LOSSES:
             pol = load_policy(name, loss)
@@ -311,23 +306,12 @@ def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
             sim = P.simulate(pol, out)
             rows.append(row(name, s.kind, f"≤{loss * 100:g}% loss (fit half)",
                             sim.correct.mean(), sim.cost.mean(),
-                            timed(name, AdaptiveClassifier(engine.fold_batchnorm(model), pol)),
+                            timed(name, AdaptiveClassifier(folded, pol)),
                             pol))
         o = P.oracle(out)
         rows.append(row(f"{name} oracle", "oracle", "knows the correct stages",
                         o.correct.mean(), o.cost.mean(), (None, None)))
     return rows
-
-
-class _GatedRunner:
-    """Sparse path of a gated model with the plan calibrated for the batch size."""
-
-    def __init__(self, model: GatedResNet, plans: dict):
-        self.model, self.plans = model, plans
-
-    def __call__(self, x):
-        plan = self.plans.get(1 if x.shape[0] == 1 else 256)
-        return self.model(x, plan) if plan is not None else self.model(x)
 
 
 def write(rows: list[Row], path: Path) -> None:

@@ -199,15 +199,11 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _logits(out) -> tuple[torch.Tensor, object | None]:
-    """A model returns logits, or (logits, trace); staged models (B, K, C) logits."""
-    return out if isinstance(out, tuple) else (out, None)
-
-
 def classification_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float,
                         distill: float = 0.0, temperature: float = 1.0,
                         teacher: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy; for staged models (B, K, C) the mean over images and the K exits.
+    """Cross-entropy; for staged models (B, K, C) the mean over images and the K exits
+    (K = 1 is a single network's (B, C)).
 
     With ``distill`` = w > 0 a student learns from a teacher too (Hinton et al.'s
     distillation): its term is (1 − w)·CE + w·T²·KL(p_teacher ‖ p_student), p at temperature
@@ -215,6 +211,8 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float,
     in a staged model without one, every exit but the last learns from the last exit.
     """
     logits = logits.float()
+    if logits.ndim == 3 and logits.shape[1] == 1:
+        logits = logits[:, 0]
     if logits.ndim == 2:
         ce = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="none")
         if teacher is None or not distill:
@@ -239,13 +237,6 @@ def _distillation(student: torch.Tensor, teacher: torch.Tensor,
     t = F.log_softmax(teacher.detach() / temperature, -1)
     s = F.log_softmax(student / temperature, -1)
     return temperature ** 2 * (t.exp() * (t - s)).sum(-1)
-
-
-def _trace_macs(trace, batch: int, static: float) -> torch.Tensor:
-    if trace is None:
-        return torch.full((batch,), static)
-    macs = trace if torch.is_tensor(trace) else trace.macs          # staged: (B, K)
-    return macs.sum(1) if macs.ndim == 2 else macs
 
 
 def sparsity_penalty(trace, recipe: Recipe) -> torch.Tensor:
@@ -313,14 +304,13 @@ def evaluate_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray,
     staged models the accuracy of every stage (a list) and the MACs of running them all."""
     model.eval()
     correct, macs = 0, 0.0
-    static_macs = model.macs() if hasattr(model, "macs") else float("nan")
     for x, y in data.batches(images, labels, batch_size, device=device):
-        logits, trace = _logits(model(x))
-        hits = logits.argmax(-1) == (y[:, None] if logits.ndim == 3 else y)
+        out = model(x)
+        hits = out.stage_logits.argmax(-1) == y[:, None]          # (B, K)
         correct = correct + hits.sum(0).cpu().numpy()
-        macs += _trace_macs(trace, len(y), static_macs).sum().item()
+        macs += out.macs.sum().item()
     accuracy = correct / len(labels)
-    return (accuracy.tolist() if np.ndim(accuracy) else float(accuracy)), macs / len(labels)
+    return (accuracy.tolist() if len(accuracy) > 1 else float(accuracy[0])), macs / len(labels)
 
 
 # ---------------------------------------------------------------------------- loop
@@ -453,12 +443,12 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
                 target = None
                 if teacher:
                     with torch.no_grad():
-                        target = _logits(teacher[0](x))[0]
-                logits, trace = _logits(net(x))
-                loss = classification_loss(logits, y, recipe.label_smoothing, recipe.distill,
-                                           recipe.distill_temperature, target)
+                        target = teacher[0](x).logits
+                out = net(x)
+                loss = classification_loss(out.stage_logits, y, recipe.label_smoothing,
+                                            recipe.distill, recipe.distill_temperature, target)
                 if recipe.l1_block or recipe.l1_channel:
-                    loss = loss + sparsity_penalty(trace, recipe)
+                    loss = loss + sparsity_penalty(out.trace, recipe)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -537,7 +527,7 @@ def _finish(name, recipe, model, state, dataset, out_dir, device) -> dict:
     manifest = {
         "name": name, "model": recipe.model, "recipe": dataclasses.asdict(recipe),
         "metrics": metrics, "history": state.history,
-        "macs_dense": model.macs() if hasattr(model, "macs") else None,
+        "macs_dense": model.macs(),
         "data_fingerprint": dataset.fingerprint, "sha256": file_sha256(weights),
         "git_commit": git_commit(), "wall_seconds": round(state.wall_seconds),
         "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,5 +1,6 @@
 """Pure torch model definitions and their registry; imports nothing of dynviz."""
+from models.output import Output
 from models.registry import create, names, register_model
 from models import resnet, lcnet, staged  # noqa: F401  (registers the builders)
 
-__all__ = ["create", "names", "register_model"]
+__all__ = ["Output", "create", "names", "register_model"]

@@ -9,19 +9,14 @@ cascades compose whole backbones without the backbone knowing of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from models import native
 from models.macs import conv_macs, conv_out_hw, linear_macs
+from models.output import Output
 from models.registry import register_model
-
-if TYPE_CHECKING:
-    from models.lcnet import SliceCache
 
 CostTable = dict[str, int]  # layer name -> MACs for one image
 
@@ -34,119 +29,8 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
 
 
-def _slice(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> torch.Tensor:
-    sliced = weight.index_select(dim, channels)
-    if weight.is_contiguous(memory_format=torch.channels_last):
-        sliced = sliced.contiguous(memory_format=torch.channels_last)
-    return sliced
-
-
-# Convs whose weight has at least this many elements run on oneDNN whatever the input. For a
-# CPU float input of one image under 20480 elements torch picks its im2col convolution
-# instead, which here took 1.45 ms against oneDNN's 0.78 ms for ResNet-50's last-stage 3×3
-# conv cut to 256 input channels (a 7×7 map), the same for the full 512 channels: the cut
-# conv was slower than the whole one. For CIFAR's small convs torch's choice stands (it is
-# faster for 32 and 64 channels; oneDNN is 15% faster for 16 channels at 32×32). The native
-# runner (models/csrc/blocks.cpp) applies the same rule.
-ONEDNN_MIN_WEIGHT = 1 << 16
-
-
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding,
-           dilation, groups: int) -> torch.Tensor:
-    """``F.conv2d``, on oneDNN for large weights on the CPU (see ``ONEDNN_MIN_WEIGHT``)."""
-    if weight.numel() >= ONEDNN_MIN_WEIGHT and x.device.type == "cpu" and \
-            x.dtype == torch.float32 and torch.backends.mkldnn.is_available() and \
-            not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-
-class InferenceConv(NamedTuple):
-    """A conv with its BatchNorm folded in, as raw tensors: no module lookups at call time."""
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-
-    @classmethod
-    def fold(cls, conv: nn.Conv2d, bn: nn.Module) -> InferenceConv:
-        weight, bias = conv.weight.detach(), conv.bias
-        if isinstance(bn, nn.BatchNorm2d):
-            weight, bias = fuse_conv_bn_weights(weight, bias, bn.running_mean, bn.running_var,
-                                                bn.eps, bn.weight, bn.bias)
-            if conv.weight.is_contiguous(memory_format=torch.channels_last):
-                weight = weight.contiguous(memory_format=torch.channels_last)
-        bias = None if bias is None else bias.detach()
-        return cls(weight.detach(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-    def __call__(self, x: torch.Tensor, out_ch: torch.Tensor | None = None,
-                 in_ch: torch.Tensor | None = None, cache: SliceCache | None = None,
-                 channel_key: bytes | None = None) -> torch.Tensor:
-        """The conv restricted to output channels ``out_ch`` or input channels ``in_ch``;
-        with a ``cache``, one of the two, whose ``SliceCache.channel_key`` is ``channel_key``."""
-        conv = self
-        if cache is not None and (out_ch is None) != (in_ch is None):
-            dim, channels = (0, out_ch) if out_ch is not None else (1, in_ch)
-            conv = cache.conv(self, dim, channels, channel_key)
-        elif out_ch is not None or in_ch is not None:
-            conv = self.restrict(out_ch, in_ch)
-        return conv2d(x, conv.weight, conv.bias, self.stride, self.padding, self.dilation,
-                      self.groups)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias)
-                   if t is not None)
-
-    def restrict(self, out_ch: torch.Tensor | None = None, in_ch: torch.Tensor | None = None,
-                 scale: torch.Tensor | float = 1.0) -> InferenceConv:
-        """This conv cut for good to output channels ``out_ch`` and input channels ``in_ch``
-        (the weight slices gathered now). ``scale`` folds a factor into the weights: a number
-        multiplies the output; a (C_in',) tensor multiplies each kept input channel."""
-        weight, bias = self.weight, self.bias
-        if out_ch is not None:
-            weight = _slice(weight, 0, out_ch)
-            bias = None if bias is None else bias[out_ch]
-        if in_ch is not None:
-            weight = _slice(weight, 1, in_ch)
-        if torch.is_tensor(scale):                      # (C_in',): per input channel
-            weight = weight * scale[None, :, None, None]
-        elif scale != 1.0:
-            weight = weight * scale
-            bias = None if bias is None else bias * scale
-        if self.weight.is_contiguous(memory_format=torch.channels_last):
-            weight = weight.contiguous(memory_format=torch.channels_last)
-        return self._replace(weight=weight, bias=bias)
-
-    def out_hw(self, hw) -> tuple[int, int]:
-        k = self.weight.shape[-2:]
-        return tuple((hw[i] + 2 * self.padding[i] - self.dilation[i] * (k[i] - 1) - 1)
-                     // self.stride[i] + 1 for i in range(2))
-
-
 def _downsample_costs(block: nn.Module, hw: tuple[int, int]) -> CostTable:
     return {} if block.downsample is None else {"downsample.0": conv_macs(block.downsample[0], hw)}
-
-
-class FrozenBlock(NamedTuple):
-    """A plain block for inference only: BN-folded convs as raw tensors (``freeze``)."""
-    conv1: InferenceConv
-    conv2: InferenceConv
-    conv3: InferenceConv | None         # bottleneck only
-    downsample: InferenceConv | None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The block on ``x`` (left as it is): plain function calls and in-place ops on its
-        own tensors, as the gated sparse path runs, so that timing one against the other
-        compares skipping, not dispatch (module calls made a CIFAR ResNet ~1.3× slower at
-        batch 1)."""
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.conv2(self.conv1(x).relu_())
-        if self.conv3 is not None:
-            out = self.conv3(out.relu_())
-        return out.add_(identity).relu_()
 
 
 class ResidualBlock(nn.Module):
@@ -162,27 +46,6 @@ class ResidualBlock(nn.Module):
         out = self.residual_tail(self.bn2(self.conv2(out)))
         out += identity
         return self.relu(out)
-
-    def frozen_block(self) -> FrozenBlock:
-        conv3 = getattr(self, "conv3", None)
-        downsample = None if self.downsample is None else \
-            InferenceConv.fold(self.downsample[0], self.downsample[1])
-        return FrozenBlock(InferenceConv.fold(self.conv1, self.bn1),
-                           InferenceConv.fold(self.conv2, self.bn2),
-                           None if conv3 is None else InferenceConv.fold(conv3, self.bn3),
-                           downsample)
-
-    def freeze(self) -> None:
-        """Store ``frozen_block()`` for a model that will no longer be trained: a plain
-        network's eval-mode forward then runs it (a gated one's sparse path reads it);
-        ``.to()`` rebuilds it."""
-        self.__dict__["_frozen"] = self.frozen_block()
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        if self.__dict__.get("_frozen") is not None:
-            self.freeze()
-        return out
 
 
 class BasicBlock(ResidualBlock):
@@ -275,7 +138,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         expansion = _expansion(cfg.block)
         inplanes = width
-        self.stage_names = []
+        self.layer_names = []
         for i, (depth, planes) in enumerate(zip(cfg.layers, cfg.widths)):
             stride = 1 if i == 0 else 2
             blocks = []
@@ -287,11 +150,12 @@ class ResNet(nn.Module):
                 blocks.append(cfg.block(inplanes, planes, stride if j == 0 else 1, downsample))
                 inplanes = planes * expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self.stage_names.append(f"layer{i + 1}")
+            self.layer_names.append(f"layer{i + 1}")
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, cfg.num_classes)
         self.num_features = inplanes
         self._init_weights(cfg.zero_init_residual)
+        self.dense_macs = sum(self.cost_table().values())   # per image at cfg.input_size
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
@@ -308,7 +172,7 @@ class ResNet(nn.Module):
     @property
     def blocks(self) -> list[nn.Module]:
         """Every residual block in execution order (index ``i`` = block ``i``)."""
-        return [block for name in self.stage_names for block in getattr(self, name)]
+        return [block for name in self.layer_names for block in getattr(self, name)]
 
     def block_channels(self) -> list[int]:
         """Output channels of every block (what an exit head after block ``i`` reads)."""
@@ -319,37 +183,12 @@ class ResNet(nn.Module):
 
     def forward_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Run blocks ``start`` .. ``stop - 1`` on the output of block ``start - 1``."""
-        runner = None if self.training else self.__dict__.get("_native")
-        if runner is not None and native.accepts(x):
-            return runner.plain(x, start, stop)
         for block in self.blocks[start:stop]:
-            frozen = None if self.training else block.__dict__.get("_frozen")
-            x = block(x) if frozen is None else frozen(x)
+            x = block(x)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_blocks(self.forward_stem(x), 0, len(self.blocks))
-
-    def native_specs(self) -> list[tuple[list[torch.Tensor], list[int]]]:
-        """Every frozen block in the native runner's layout (``models.native.block_spec``)."""
-        return [native.block_spec(*block.__dict__["_frozen"]) for block in self.blocks]
-
-    def use_native(self, module) -> None:
-        """Run the frozen blocks (``freeze``) in eval mode through the native runner
-        ``module`` (``models.native.load``): the same computation with no Python between the
-        ops. ``.to()`` rebuilds it; a copy or a pickle of the model runs Python blocks."""
-        self.__dict__["_native_module"] = module
-        self.__dict__["_native"] = native.blocks(module, self.native_specs())
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        return {k: v for k, v in state.items() if k not in ("_native", "_native_module")}
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)          # the blocks refreeze first
-        if self.__dict__.get("_native_module") is not None:
-            self.use_native(self.__dict__["_native_module"])
-        return out
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(x), 1))
@@ -363,8 +202,22 @@ class ResNet(nn.Module):
             start = index + 1
         return outs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor) -> Output:
+        """(B, 3, H, W) normalised images -> ``Output`` (every image costs ``macs()``)."""
+        return Output.static(self.forward_head(self.forward_features(x)), self.dense_macs)
+
+    n_stages = 1
+
+    def stage_macs(self) -> list[int]:
+        return [self.macs()]
+
+    def dense_counterpart(self) -> ResNet:
+        """The static network a dynamic system is compared with: a plain one is its own."""
+        return self
+
+    def cache_layout(self) -> dict:
+        """What a cache of its outputs needs besides logits and MACs: nothing."""
+        return {}
 
     def stem_cost(self, hw: tuple[int, int] | None = None) -> tuple[CostTable, tuple[int, int]]:
         """Stem MACs and its output size for an input of ``hw`` (default: ``input_size``)."""
@@ -392,11 +245,12 @@ class ResNet(nn.Module):
         return table
 
     def block_names(self) -> list[str]:
-        return [f"{stage}.{j}" for stage in self.stage_names
+        return [f"{stage}.{j}" for stage in self.layer_names
                 for j in range(len(getattr(self, stage)))]
 
     def macs(self) -> int:
-        return sum(self.cost_table().values())
+        """MACs of one image at ``cfg.input_size`` through every layer."""
+        return self.dense_macs
 
 
 # ---------------------------------------------------------------------------- presets

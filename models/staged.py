@@ -4,25 +4,24 @@ Both expose the same interface, which ``dynviz.adaptive.AdaptiveClassifier`` dri
 stage (dropping finished images from the batch) and which caching uses to record every
 stage's answer:
 
-- ``n_stages`` and ``stage_names``;
+- ``n_stages`` and ``stage_names``; ``can_jump``: whether an image may go straight from an
+  early stage to the last (network selection in a cascade);
 - ``begin(x) -> state`` and ``run_stage(k, state) -> (logits (B, C), next_state, macs (B,))``,
   where ``macs`` is what stage ``k`` spent on each image (stage ``k`` follows ``k - 1``);
 - ``select(state, index)`` keeps the images ``index`` of a state;
-- ``jump_macs(x_state) -> (B,)`` for cascades: the last stage run on its own;
-- ``forward(x) -> (logits (B, K, C), macs (B, K))``: every stage on every image.
+- ``forward(x) -> Output``: every stage on every image (``stage_logits`` (B, K, C)).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from models.macs import conv_macs, conv_out_hw, linear_macs
-from models.lcnet import GatedResNet
+from models.output import Output
 from models.registry import create, register_model
-from models.resnet import BasicBlock, Bottleneck, ResNet, conv3x3
+from models.resnet import ResNet, conv3x3
 
 
 class ExitHead(nn.Module):
@@ -62,36 +61,35 @@ class ExitHead(nn.Module):
         return total + linear_macs(self.fc)
 
 
-def _logits_and_macs(model: nn.Module, x: torch.Tensor, static_macs: int):
-    """Any classifier: a plain one returns logits, a dynamic one (logits, trace with .macs)."""
-    out = model(x)
-    if isinstance(out, tuple):
-        return out[0], out[1].macs
-    return out, torch.full((x.shape[0],), static_macs, dtype=torch.long, device=x.device)
+@dataclass(frozen=True, eq=False)
+class CascadeTrace:
+    """What a cascade's networks cost each image when every one of them runs."""
+    jump_macs: torch.Tensor     # (B,) the last network on its own (network selection)
 
-
-def measured_macs(model: nn.Module, input_size: int) -> int:
-    """MACs of one image through ``model``: its own count if it has one, else
-    FlopCounterMode / 2 on a dummy input (for arbitrary classifiers)."""
-    if hasattr(model, "macs"):
-        return model.macs()
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, input_size, input_size))
-    model.train(was_training)
-    return counter.get_total_flops() // 2
+    def cache_arrays(self) -> dict[str, torch.Tensor]:
+        return {"jump_macs": self.jump_macs}
 
 
 class StagedMixin:
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every stage on every image: (logits (B, K, C), macs (B, K))."""
+    can_jump = False
+
+    def forward(self, x: torch.Tensor) -> Output:
+        """Every stage on every image; the answer is the last stage's."""
         state, logits, macs = self.begin(x), [], []
         for k in range(self.n_stages):
             stage_logits, state, stage_macs = self.run_stage(k, state)
             logits.append(stage_logits)
             macs.append(stage_macs)
-        return torch.stack(logits, 1), torch.stack(macs, 1)
+        stage_logits, stage_macs = torch.stack(logits, 1), torch.stack(macs, 1)
+        return Output(stage_logits[:, -1], stage_macs.sum(1), stage_logits, stage_macs,
+                      self.all_stages_trace(stage_macs))
+
+    def all_stages_trace(self, stage_macs: torch.Tensor):
+        """The trace of running every stage (``forward``); None: nothing beyond the MACs."""
+        return None
+
+    def cache_layout(self) -> dict:
+        return {}
 
     @staticmethod
     def select(state: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -126,6 +124,7 @@ class EarlyExitNet(StagedMixin, nn.Module):
         self.stage_names = [f"exit@{i}" for i in exits] + ["final"]
         self.cfg = backbone.cfg
         self._bounds = [0] + [i + 1 for i in exits] + [len(backbone.blocks)]
+        self._stage_macs = tuple(self._count_stage_macs())   # per image, at cfg.input_size
 
     def begin(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_stem(x)
@@ -133,16 +132,12 @@ class EarlyExitNet(StagedMixin, nn.Module):
     def run_stage(self, k: int, h: torch.Tensor):
         h = self.backbone.forward_blocks(h, self._bounds[k], self._bounds[k + 1])
         head = self.heads[k] if k < len(self.heads) else self.backbone.forward_head
-        macs = torch.full((h.shape[0],), self.stage_macs()[k], dtype=torch.long, device=h.device)
+        macs = torch.full((h.shape[0],), self._stage_macs[k], dtype=torch.long, device=h.device)
         return head(h), h, macs
 
     def stage_macs(self) -> list[int]:
-        """MACs of each stage for one image: its blocks plus its head (stem in stage 0).
-        Depends only on the architecture: computed once (``run_stage`` asks every call)."""
-        cached = self.__dict__.get("_stage_macs")
-        if cached is None:
-            cached = self.__dict__["_stage_macs"] = tuple(self._count_stage_macs())
-        return list(cached)
+        """MACs of each stage for one image: its blocks plus its head (stem in stage 0)."""
+        return list(self._stage_macs)
 
     def _count_stage_macs(self) -> list[int]:
         stem, hw = self.backbone.stem_cost()
@@ -169,33 +164,36 @@ class EarlyExitNet(StagedMixin, nn.Module):
         """MACs of running every stage (all exits evaluated)."""
         return sum(self.stage_macs())
 
+    def dense_counterpart(self) -> nn.Module:
+        """The backbone alone, its own head at the end."""
+        return self.backbone
+
 
 class Cascade(StagedMixin, nn.Module):
     """Classifiers of growing cost, each run on the image from scratch.
 
-    Any ``nn.Module`` mapping images to logits can be a stage; gated stages report per-image
-    MACs through their traces. ``jump_macs`` is the cost of the last stage alone (network
-    selection may send an image straight to it).
+    Any module answering with an ``Output`` and knowing its ``macs()`` can be a stage; gated
+    stages report per-image MACs through their outputs. Network selection may send an image
+    straight to the last network (``can_jump``), which then costs what it costs alone.
     """
+    can_jump = True
 
-    def __init__(self, stages: list[nn.Module], names: list[str] | None = None,
-                 input_size: int = 32):
+    def __init__(self, stages: list[nn.Module], names: list[str] | None = None):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.n_stages = len(stages)
         self.stage_names = names or [type(s).__name__ for s in stages]
-        self.input_size = input_size
-        self._static = [measured_macs(s, input_size) for s in stages]
+        self._static = [s.macs() for s in stages]
 
     def begin(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def run_stage(self, k: int, x: torch.Tensor):
-        logits, macs = _logits_and_macs(self.stages[k], x, self._static[k])
-        return logits, x, macs
+        out = self.stages[k](x)
+        return out.logits, x, out.macs
 
-    def jump_macs(self, x: torch.Tensor) -> torch.Tensor:
-        return _logits_and_macs(self.stages[-1], x, self._static[-1])[1]
+    def all_stages_trace(self, stage_macs: torch.Tensor) -> CascadeTrace:
+        return CascadeTrace(stage_macs[:, -1])      # every network runs from scratch
 
     def stage_macs(self) -> list[int]:
         return list(self._static)
@@ -203,33 +201,16 @@ class Cascade(StagedMixin, nn.Module):
     def macs(self) -> int:
         return sum(self._static)
 
-
-def dense_counterpart(model: nn.Module) -> nn.Module:
-    """What the dynamic system is compared with: the plain network with the same weights
-    (gated), the backbone (early exits) or the last network (cascade)."""
-    if isinstance(model, GatedResNet):
-        block = Bottleneck if issubclass(model.cfg.block.func, Bottleneck) else BasicBlock
-        plain = ResNet(replace(model.cfg, block=block)).to(next(model.parameters()).device)
-        state = {k: v for k, v in model.state_dict().items() if "_gate." not in k}
-        plain.load_state_dict(state)
-        return plain.eval()
-    if isinstance(model, EarlyExitNet):
-        return model.backbone
-    if isinstance(model, Cascade):
-        return model.stages[-1]
-    return model
-
+    def dense_counterpart(self) -> nn.Module:
+        """The last (most accurate) network on its own."""
+        return self.stages[-1]
 
 
 @dataclass(frozen=True)
 class ExitsConfig:
     backbone: str = "resnet56"
-    # Middle and end of stage 2, then every other block of stage 3, whose features are the
-    # discriminative ones. Stage 2's heads have three convs: on the three-cycle resnet56, with
-    # one they reached 66% and 69% on the check half, with two 77% and 79%, with three 81% and
-    # 82%; the best policy within 0.5% of resnet56 (chosen on check itself) saves 1.22×, 1.29×
-    # and 1.32× MACs. No head in stage 1: one there reached 47% and took 1% of the images
-    # (see the exits_resnet56_shallow and exits_resnet56_stage2x2 recipes).
+    # Middle and end of stage 2, then every other block of stage 3; three-conv heads in stage
+    # 2, none in stage 1: the layouts tried are compared in docs/results.md.
     exits: tuple[int, ...] = (13, 17, 19, 21, 23)
     head_convs: int | tuple[int, ...] = (3, 3, 1, 1, 1)
 

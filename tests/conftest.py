@@ -1,22 +1,13 @@
+"""Fixtures: seeded RNG, temporary caches, synthetic CIFAR-10 roots and a synthetic zoo.
+Plain helpers live in tests/helpers.py."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dynviz import data
-
-
-def make_imagefolder(root, per_class: int, size: int = 32, seed: int = 0, fmt: str = "PNG"):
-    """A CIFAR-like ImageFolder of random images: root/<class>/<NNNN>.png."""
-    rng = np.random.default_rng(seed)
-    for name in data.CLASSES:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:04d}.png", fmt)
-    return root
+from tests.helpers import (app_variables, fake_outputs, make_imagefolder,
+                           write_random_checkpoints)
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +46,7 @@ def write_random_checkpoints(directory, checkpoints: dict[str, str]) -> None:
     """``checkpoints``: name -> architecture. Random BN statistics and gates, and classifier
     heads confident enough that policies have something to choose between."""
     import models
-    from tests.test_models import randomize
+    from tests.helpers import randomize
 
     directory.mkdir(parents=True)
     for i, (name, arch) in enumerate(checkpoints.items()):
@@ -65,12 +56,6 @@ def write_random_checkpoints(directory, checkpoints: dict[str, str]) -> None:
             if isinstance(m, torch.nn.Linear) and m.out_features == 10:
                 torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
         torch.save(model.state_dict(), directory / f"{name}.pt")
-
-
-def app_variables(root) -> dict[str, str]:
-    return {"DYNVIZ_DATA": str(root / "cifar"), "DYNVIZ_CHECKPOINTS": str(root / "ckpt"),
-            "DYNVIZ_CACHE": str(root / "cache"), "DYNVIZ_ASSETS": str(root / "assets"),
-            "DYNVIZ_DEVICE": "cpu"}
 
 
 @pytest.fixture(scope="session")
@@ -105,24 +90,5 @@ def app_env(app_root, monkeypatch):
     for var, value in app_variables(app_root).items():
         monkeypatch.setenv(var, value)
     return data.get_split("val")
-
-
-def fake_outputs(model, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Per-stage logits whose accuracy and confidence grow with the stage, and the
-    model's own static MACs per stage."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    staged = hasattr(model, "stage_macs")
-    k = model.n_stages if staged else 1
-    difficulty = rng.random(n)
-    logits = rng.normal(0, 1, (n, k, 10))
-    for stage in range(k):
-        knows = difficulty < 0.5 + 0.45 * (stage + 1) / k
-        logits[np.arange(n), stage, labels] += np.where(knows, 2.5 + 3 * rng.random(n), 0.0)
-    macs = np.tile(np.array(model.stage_macs() if staged else [model.macs()]), (n, 1))
-    out = {"logits": logits.astype(np.float32), "stage_macs": macs}
-    if hasattr(model, "jump_macs"):
-        out["jump_macs"] = macs[:, -1].copy()
-    return out
 
 

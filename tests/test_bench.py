@@ -74,14 +74,14 @@ def test_bench_times_a_static_cut_of_a_batch_that_shares_one_pattern():
 def test_static_cut_computes_the_gated_model_with_its_macs_less_the_gates(name, placement):
     """The static cut of one image's pattern gives the masked path's logits, and torch's FLOP
     counter over it counts the trace's MACs less the gates' FCs (which it does not run)."""
-    from tests.test_models import _input, flop_counter, randomize
+    from tests.helpers import flop_counter, randomize
 
     model = randomize(models.create(name, placement=placement).eval(), seed=6)
     gate_macs = sum(fc.in_features * fc.out_features for block in model.blocks
                     for fc in (block.block_gate.fc, block.channel_gate.fc))
     skipped = partial = 0
     for seed in range(4):
-        x = _input(model, 1, seed=seed)
+        x = model_input(model, 1, seed=seed)
         with torch.no_grad():
             masked, trace = model(x)
             cut = bench.static_cut(model, trace.scores)
@@ -95,7 +95,7 @@ def test_static_cut_computes_the_gated_model_with_its_macs_less_the_gates(name, 
 
 
 def test_static_cut_keeps_a_block_whose_channels_are_all_off():
-    from tests.test_models import _input, randomize
+    from tests.helpers import randomize
 
     model = randomize(models.create("lcnet_resnet20").eval(), seed=7)
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_static_cut_keeps_a_block_whose_channels_are_all_off():
             block.block_gate.fc.bias.fill_(0.5)
             block.channel_gate.fc.weight.zero_()
             block.channel_gate.fc.bias.fill_(-1.0)
-        x = _input(model, 1)
+        x = model_input(model, 1)
         masked, trace = model(x)
         logits = bench.static_cut(model, trace.scores)(x)
     assert trace.blocks_executed.all()
@@ -138,7 +138,7 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 def test_network_parts_partition_the_forward_and_its_macs(name):
     """bench stages' parts, run in turn, are the network, and their MACs add up to what
     torch's FLOP counter measures (÷2)."""
-    from tests.test_models import flop_counter
+    from tests.helpers import flop_counter
 
     model = models.create(name).eval()
     size = model.cfg.input_size

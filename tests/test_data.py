@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dynviz import data
-from tests.conftest import make_imagefolder
+from tests.helpers import make_imagefolder
 
 
 # ---------------------------------------------------------------------------- the split
@@ -46,7 +46,7 @@ def test_split_is_deterministic_and_disjoint(small_cifar):
 
 
 def test_split_refuses_too_few_images(tmp_path):
-    from tests.conftest import make_imagefolder
+    from tests.helpers import make_imagefolder
 
     make_imagefolder(tmp_path / "train", per_class=3)
     with pytest.raises(ValueError, match="needs more than 500"):
@@ -54,7 +54,7 @@ def test_split_refuses_too_few_images(tmp_path):
 
 
 def test_fingerprint_changes_when_a_file_changes(tmp_path):
-    from tests.conftest import make_imagefolder
+    from tests.helpers import make_imagefolder
 
     root = make_imagefolder(tmp_path / "train", per_class=2)
     before = data.open_imagefolder(root).fingerprint

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dynviz import budget, data, evaluate, settings, zoo
 from dynviz import policy as P
-from tests.conftest import app_variables
+from tests.helpers import app_variables
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = settings.PROJECT_ROOT / "tests" / "artifacts"

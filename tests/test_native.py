@@ -16,7 +16,7 @@ import models
 from dynviz import bench, engine, settings
 from models.lcnet import SliceCache, SparsePlan
 from models.resnet import FrozenBlock
-from tests.test_models import _input, randomize
+from tests.helpers import randomize
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_native_plain_blocks_compute_the_frozen_python_blocks(runner_module, nam
     model = randomize(models.create(name).eval(), seed=20)
     python, native = _fold_both(model)
     for batch in (1, 3):
-        x = _input(model, batch, size, seed=batch).contiguous(memory_format=torch.channels_last)
+        x = model_input(model, batch, size, seed=batch).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             expected = python(x)
             with monkeypatch.context() as m:
@@ -76,7 +76,7 @@ def test_native_blocks_leave_training_and_autograd_to_the_modules(runner_module)
         def plain(self, *args):
             raise AssertionError("the native runner ran")
     native.__dict__["_native"] = Refuse()
-    x = _input(model, 2)
+    x = model_input(model, 2)
     with torch.no_grad(), pytest.raises(AssertionError, match="native runner ran"):
         native(x)                       # inference: the runner
     x.requires_grad_(True)
@@ -90,7 +90,7 @@ def test_native_blocks_leave_training_and_autograd_to_the_modules(runner_module)
 def test_copies_and_pickles_of_a_native_model_run_python_blocks(runner_module):
     model = randomize(models.create("resnet20").eval(), seed=22)
     _, native = _fold_both(model)
-    x = _input(model, 1).contiguous(memory_format=torch.channels_last)
+    x = model_input(model, 1).contiguous(memory_format=torch.channels_last)
     for twin in (copy.deepcopy(native), pickle.loads(pickle.dumps(native))):
         assert "_native" not in twin.__dict__
         with torch.no_grad():
@@ -130,7 +130,7 @@ def test_native_runner_keeps_the_cuts_of_recurring_channel_sets(runner_module, b
         gate = model.blocks[down].channel_gate.fc
         gate.bias.copy_(torch.arange(gate.out_features) % 2)
     python, native = _fold_both(model)
-    x = _input(model, batch, seed=6) + 2 * _input(model, batch, 1, seed=7)
+    x = model_input(model, batch, seed=6) + 2 * model_input(model, batch, 1, seed=7)
     x = x.contiguous(memory_format=torch.channels_last)
     runner = native.__dict__["_native"]
     with torch.no_grad():
@@ -204,7 +204,7 @@ def test_native_sparse_path_equals_the_python_one_and_the_masked_one(runner_modu
     size = 32 if model.cfg.stem == "cifar" else 64
     cut = skipped = 0
     for seed in range(4):
-        x = _input(model, 1, size, seed=seed).contiguous(memory_format=torch.channels_last)
+        x = model_input(model, 1, size, seed=seed).contiguous(memory_format=torch.channels_last)
         t_masked, kept = _native_sparse_paths_agree(python, native, x, monkeypatch)
         assert kept == _partly_off(t_masked)
         cut += len(kept)
@@ -218,7 +218,7 @@ def test_native_gates_take_any_memory_layout(runner_module):
     model = randomize(models.create("lcnet_resnet20").eval(), seed=24)
     for channels_last in (True, False):
         python, native = _fold_both(model, channels_last)
-        x = _input(model, 1, seed=3)
+        x = model_input(model, 1, seed=3)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
@@ -256,7 +256,7 @@ def test_native_sparse_batches_equal_the_python_ones(runner_module, name, channe
         _force_gates(model, i, None, -1.0)        # no channel, in the images that run it
     python, native = _fold_both(model, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = _input(model, 6, seed=4) + 2 * _input(model, 6, 1, seed=5)  # a colour per image:
+    x = model_input(model, 6, seed=4) + 2 * model_input(model, 6, 1, seed=5)  # a colour per image:
     x = x.contiguous(memory_format=fmt)                     # the gates differ between them
     t_masked, kept = _native_sparse_paths_agree(python, native, x, monkeypatch)
     runs = t_masked.blocks_executed.sum(0).tolist()       # images per block
@@ -272,7 +272,7 @@ def test_native_static_cut_equals_the_python_static_cut(runner_module, placement
     model = randomize(models.create("lcnet_resnet20", placement=placement).eval(), seed=26)
     python, native = _fold_both(model)
     for seed in range(3):
-        x = _input(model, 1, seed=seed).contiguous(memory_format=torch.channels_last)
+        x = model_input(model, 1, seed=seed).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             masked, trace = python(x)
             expected = bench.static_cut(python, trace.scores)(x)
@@ -331,7 +331,7 @@ def test_native_gates_start_from_given_sums(runner_module):
     model = randomize(models.create("lcnet_resnet20").eval(), seed=25)
     _, native = _fold_both(model)
     runner = native.__dict__["_native"]
-    x = _input(model, 1, seed=4).contiguous(memory_format=torch.channels_last)
+    x = model_input(model, 1, seed=4).contiguous(memory_format=torch.channels_last)
     x = native.forward_stem(x)
     never = [0.0] * len(native.blocks)
     with torch.no_grad():
@@ -367,7 +367,7 @@ def test_native_calibration_times_the_runner_masked_against_sliced(runner_module
     assert {n for _, n in kept} <= {round(f * b.mid_channels) for f in (0.25, 0.5)
                                      for b in native.blocks}
     assert all(t in (0.0, 0.25, 0.5) for t in plan.slice_below + plan.slice_below_cached)
-    x = _input(model, 1).contiguous(memory_format=torch.channels_last)
+    x = model_input(model, 1).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         masked, _ = native(x)
         sparse, _ = native(x.clone(), plan)
@@ -380,7 +380,7 @@ def test_native_store_serves_concurrent_callers(runner_module):
     model = randomize(models.create("lcnet_resnet20").eval(), seed=29)
     _, native = _fold_both(model)
     plan = SparsePlan(1.0, 1.0, SliceCache(40 << 10))
-    inputs = [(_input(model, 1 + i % 2, seed=i) + 2 * _input(model, 1 + i % 2, 1, seed=i + 9))
+    inputs = [(model_input(model, 1 + i % 2, seed=i) + 2 * model_input(model, 1 + i % 2, 1, seed=i + 9))
               .contiguous(memory_format=torch.channels_last) for i in range(8)]
     with torch.no_grad():
         expected = [native(x.clone(), plan)[0] for x in inputs]
@@ -404,4 +404,4 @@ def test_native_gated_model_refuses_the_sparse_path_in_training_mode(runner_modu
     _, native = _fold_both(models.create("lcnet_resnet8").eval())
     native.train()
     with pytest.raises(RuntimeError, match="eval mode"):
-        native(_input(native, 1), SparsePlan(1.0))
+        native(model_input(native, 1), SparsePlan(1.0))

@@ -11,7 +11,7 @@ import torch
 import models
 from dynviz import data, evaluate, inspect, policy as P, zoo
 from dynviz.__main__ import main
-from tests.conftest import make_imagefolder, write_random_checkpoints
+from tests.helpers import make_imagefolder, write_random_checkpoints
 
 CHECKPOINTS = {"resnet8": "resnet8", "resnet20": "resnet20", "resnet56": "resnet56",
                "lcnet_resnet20": "lcnet_resnet20", "exits_resnet56": "exits_resnet56"}

@@ -11,8 +11,8 @@ import torch
 import models
 from dynviz import cache, data, policy as P
 from dynviz.adaptive import EXIT, JUMP, NOT_REACHED, AdaptiveClassifier
-from tests.conftest import make_imagefolder
-from tests.test_models import flops_macs, randomize
+from tests.helpers import make_imagefolder
+from tests.helpers import flops_macs, randomize
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:

@@ -83,22 +83,15 @@ def render_result(result) -> None:
                   f"{result.ms_dense / result.ms_dynamic:.2f}× speedup", delta_color="off",
                   delta_arrow="off",
                   help=timing)
-        if result.block_scores is not None:
-            st.plotly_chart(plots.block_strip(result.block_scores, result.block_names),
-                            key="inspect_blocks")
-            st.plotly_chart(plots.channel_heatmap(result.channel_scores, result.block_scores,
-                                                  result.block_names), key="inspect_channels")
-        elif result.stage_names is not None:
-            st.plotly_chart(plots.stage_path(result.stage_names, result.exit_scores,
-                                             result.exit_thresholds, result.decisions,
-                                             result.exit_stage, result.score_name),
-                            key="inspect_stages")
-            st.caption("MACs per stage: " + ", ".join(
-                f"{n} {m / 1e6:.1f} M" for n, m in zip(result.stage_names, result.stage_macs)))
+        if result.path is not None:
+            for key, figure in result.path.figures().items():
+                st.plotly_chart(figure, key=key)
+            if result.path.caption():
+                st.caption(result.path.caption())
 
 
 def render() -> None:
-    from dynviz import inspect
+    from dynviz import live
 
     st.title("Inspect")
     names = zoo.available()
@@ -110,7 +103,7 @@ def render() -> None:
     if inputs.image is None:
         st.caption("Pick or upload an image to see its compute path.")
         return
-    result = inspect.inspect_image(state.runner(inputs.system, inputs.policy_json), inputs.image)
+    result = live.inspect_image(state.live_system(inputs.system, inputs.policy_json), inputs.image)
     render_result(result)
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dynviz import budget, cache, data, engine, evaluate, gallery, inspect, policy as P, zoo
+from dynviz import budget, cache, data, evaluate, gallery, live, policy as P, runtime, zoo
 
-engine.keep_freed_memory()   # steadier latencies: freed memory is reused, not faulted back in
+runtime.keep_freed_memory()   # steadier latencies: freed memory is reused, not faulted back in
 
 
 @st.cache_resource(show_spinner="Reading the validation split…")
@@ -49,14 +49,14 @@ def outputs(name: str) -> cache.CachedOutputs | None:
 
 
 @st.cache_resource(show_spinner="Preparing the live model (calibrating the sparse path)…")
-def runner(name: str, policy_json: str | None) -> inspect.Runner:
+def live_system(name: str, policy_json: str | None) -> live.LiveSystem:
     pol = P.Policy.from_json(policy_json) if policy_json else None
-    return inspect.build_runner(name, pol, model=system(name))
+    return live.build(name, pol, model=system(name))
 
 
 @st.cache_resource(show_spinner="Timing every stage…")
 def stage_latency(name: str) -> tuple[list[float], float]:
-    return engine.stage_seconds(engine.fold_batchnorm(system(name)), batch_size=1)
+    return runtime.stage_seconds(runtime.fold(system(name)), batch_size=1)
 
 
 def halves(name: str, metric: str) -> tuple[P.StageOutputs, P.StageOutputs]:

@@ -1,7 +1,7 @@
 """The native block runner (``models/csrc/blocks.cpp``): build, load, and hand it blocks.
 
-A frozen ResNet's blocks, plain or gated, can run from C++ with no Python between the ops
-(``ResNet.use_native``): at batch 1 on CIFAR widths, Python's per-op overhead is a visible
+A folded ResNet's blocks, plain or gated, can run from C++ with no Python between the ops
+(``dynviz.runtime.fold``): at batch 1 on CIFAR widths, Python's per-op overhead is a visible
 share of a block, and the gated path pays it many times per block, skipped or not; in large
 batches the gated path's compaction (gathering a block's sub-batch, merging its outputs
 back, pooling for the next gates) is memory traffic that fused loops cut. The Python paths
@@ -9,7 +9,7 @@ stay the reference and the fallback: tests hold the two to each other, and nothi
 the extension.
 
 It is compiled on first use with the C++ compiler torch's extensions use (a minute on two
-cores) into a build directory the caller chooses (``dynviz.settings.native_dir``).
+cores) into ``dynviz.settings.native_dir()``; ``DYNVIZ_NATIVE=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -23,10 +23,21 @@ from typing import Iterable
 
 import torch
 
+import models
+from dynviz import settings
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "blocks.cpp"
+SOURCE = Path(models.__file__).resolve().parent / "csrc" / "blocks.cpp"
 _loaded: dict[Path, ModuleType | None] = {}
+
+
+def module() -> ModuleType | None:
+    """The native block runner, built on first use; None when it is turned off
+    (``DYNVIZ_NATIVE=0``) or cannot be built here."""
+    if not settings.native_enabled():
+        return None
+    return load(settings.native_dir())
 
 
 def build_dir_for(root: Path) -> Path:
@@ -80,7 +91,7 @@ def _build(directory: Path) -> ModuleType | None:
 
 
 def _conv_fields(conv) -> tuple[list[torch.Tensor], list[int]]:
-    """(weight, bias) and (stride, padding) of an ``InferenceConv`` (or None: absent)."""
+    """(weight, bias) and (stride, padding) of a ``FoldedConv`` (or None: absent)."""
     empty = torch.empty(0)
     if conv is None:
         return [empty, empty], [1, 0]
@@ -107,10 +118,10 @@ def block_spec(conv1, conv2, conv3, downsample, *, gather: torch.Tensor | None =
     return tensors, ints + [mid_channels, int(sequential)]
 
 
-def blocks(module: ModuleType, specs: Iterable[tuple[list[torch.Tensor], list[int]]]):
+def blocks(ext: ModuleType, specs: Iterable[tuple[list[torch.Tensor], list[int]]]):
     """A ``Blocks`` runner over ``block_spec``s (it keeps references to the tensors)."""
     specs = list(specs)
-    return module.Blocks([s[0] for s in specs], [s[1] for s in specs])
+    return ext.Blocks([s[0] for s in specs], [s[1] for s in specs])
 
 
 def accepts(x: torch.Tensor) -> bool:

@@ -1,0 +1,172 @@
+"""One image through one system, for real: prediction, compute path, MACs and measured
+latency of the dynamic run against the dense one. The Inspect page and
+``python -m dynviz predict`` both call ``inspect_image`` on a ``LiveSystem``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import singledispatch
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dynviz import data, evaluate, runtime, settings, zoo
+from dynviz.adaptive import AdaptiveClassifier, AdaptiveTrace
+from dynviz.policy import Policy
+from models.lcnet import GateTrace
+
+
+@dataclass(frozen=True)
+class LiveSystem:
+    """A system ready to run live: folded for inference, its sparse path calibrated, staged
+    systems under a policy. Build once per process and share; it is read-only."""
+    name: str
+    kind: str
+    system: nn.Module          # answers an ``Output``
+    dense: nn.Module           # its dense counterpart, folded alike
+    device: torch.device
+
+
+def build(name: str, policy: Policy | None = None, model: nn.Module | None = None,
+          calibrate: bool = True) -> LiveSystem:
+    """Args:
+        name: a system of ``dynviz.zoo.SYSTEMS``.
+        policy: for staged systems (default: the shipped ≤0.5% loss operating point).
+        model: an already loaded system (else loaded from its checkpoints).
+        calibrate: measure the sparse path's slicing limits at batch 1 (else it slices
+            whenever a channel is off).
+    """
+    device = settings.device()
+    model = model if model is not None else zoo.load_system(name, device)
+    system = runtime.fold(model)
+    if calibrate:
+        runtime.calibrate_all(system, (1,))
+    if system.n_stages > 1:
+        policy = policy or evaluate.load_policy(name, evaluate.LOSSES[0])
+        if policy is None:
+            raise FileNotFoundError(f"no shipped policy for {name}; run "
+                                    f"`python -m dynviz policies` or pass one")
+        system = AdaptiveClassifier(system, policy)
+    return LiveSystem(name, zoo.spec(name).kind, system, system.dense_counterpart(), device)
+
+
+@dataclass(frozen=True)
+class BlockPath:
+    """Which blocks and channels of a gated network ran for one image."""
+    block_scores: np.ndarray            # (n_blocks,) S_L
+    channel_scores: list[np.ndarray]    # per block (C_mid,) S_C
+    block_names: list[str]
+
+    def summary(self) -> dict:
+        return {"blocks_executed": int((self.block_scores > 0).sum()),
+                "blocks": len(self.block_scores)}
+
+    def figures(self) -> dict:
+        """Figures the Inspect page shows, by widget key."""
+        from dynviz import plots
+
+        return {"inspect_blocks": plots.block_strip(self.block_scores, self.block_names),
+                "inspect_channels": plots.channel_heatmap(self.channel_scores,
+                                                          self.block_scores, self.block_names)}
+
+    def caption(self) -> str | None:
+        return None
+
+
+@dataclass(frozen=True)
+class StagePath:
+    """What each stage of a staged system said about one image and what the policy did."""
+    stage_names: list[str]
+    stage_probs: np.ndarray        # (K, C), NaN where not run
+    features: np.ndarray           # (K, 3)
+    decisions: np.ndarray          # (K,) adaptive.NOT_REACHED/CONTINUE/EXIT/JUMP
+    exit_scores: np.ndarray        # (K-1,) what the policy's exits compare...
+    exit_thresholds: np.ndarray    # (K-1,) ...with these (leave iff >=)
+    score_name: str
+    exit_stage: int
+    jumped: bool
+    stage_macs: np.ndarray         # (K,)
+
+    def summary(self) -> dict:
+        return {"exit": self.stage_names[self.exit_stage], "jumped": self.jumped}
+
+    def figures(self) -> dict:
+        from dynviz import plots
+
+        return {"inspect_stages": plots.stage_path(self.stage_names, self.exit_scores,
+                                                   self.exit_thresholds, self.decisions,
+                                                   self.exit_stage, self.score_name)}
+
+    def caption(self) -> str | None:
+        return "MACs per stage: " + ", ".join(
+            f"{n} {m / 1e6:.1f} M" for n, m in zip(self.stage_names, self.stage_macs))
+
+
+@singledispatch
+def compute_path(trace, system: nn.Module) -> BlockPath | StagePath | None:
+    """The compute path of the first image of a trace; a static network has none."""
+    return None
+
+
+@compute_path.register
+def _(trace: GateTrace, system: nn.Module) -> BlockPath:
+    return BlockPath(trace.block_scores[0].cpu().numpy(),
+                     [s[0].cpu().numpy() for s in trace.channel_scores], system.block_names())
+
+
+@compute_path.register
+def _(trace: AdaptiveTrace, system: nn.Module) -> StagePath:
+    stage_probs = _softmax(torch.from_numpy(trace.stage_logits[0]))  # NaN rows stay NaN
+    scores, thresholds = system.policy.exit_scores(trace.features[0])
+    return StagePath(trace.stage_names, stage_probs, trace.features[0], trace.decisions[0],
+                     scores, thresholds, system.policy.score_name(),
+                     int(trace.exit_stage[0]), bool(trace.jumped[0]), trace.stage_macs[0])
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    system: str
+    kind: str
+    image: np.ndarray                 # (H, W, 3) uint8, as the model saw it
+    probs: np.ndarray                 # (C,) of the answer used
+    macs: int                         # spent on this image
+    macs_dense: int                   # the dense counterpart's MACs
+    ms_dynamic: float                 # measured, median
+    ms_dense: float
+    path: BlockPath | StagePath | None = None
+
+    @property
+    def prediction(self) -> str:
+        return data.CLASSES[int(self.probs.argmax())]
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        order = np.argsort(-self.probs)[:k]
+        return [(data.CLASSES[i], float(self.probs[i])) for i in order]
+
+    def summary(self) -> dict:
+        out = {"system": self.system, "prediction": self.prediction,
+               "top5": self.top(), "macs": int(self.macs), "macs_dense": int(self.macs_dense),
+               "mac_fraction": round(self.macs / self.macs_dense, 4),
+               "ms_dynamic": round(self.ms_dynamic, 3), "ms_dense": round(self.ms_dense, 3)}
+        return out | (self.path.summary() if self.path is not None else {})
+
+
+def _softmax(logits: torch.Tensor) -> np.ndarray:
+    return torch.softmax(logits.float(), -1).cpu().numpy()
+
+
+@torch.no_grad()
+def inspect_image(live: LiveSystem, image: np.ndarray, timing_repeats: int = 3) -> InspectResult:
+    """``image``: (H, W, 3) uint8 already preprocessed (see ``data.preprocess_upload``).
+
+    The latencies are medians of ``timing_repeats`` interleaved runs of each path after one
+    warm-up run (few enough to keep Inspect's server time small: docs/benchmarks.md)."""
+    x = data.to_tensor(image[None], live.device)
+    times = runtime.compare_times({"dynamic": lambda: live.system(x),
+                                   "dense": lambda: live.dense(x)},
+                                  repeats=timing_repeats, warmup=1, device=live.device)
+    out = live.system(x)
+    return InspectResult(live.name, live.kind, image, _softmax(out.logits[0]), int(out.macs[0]),
+                         live.dense.macs(), times["dynamic"] * 1e3, times["dense"] * 1e3,
+                         compute_path(out.trace, live.system))

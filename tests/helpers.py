@@ -1,0 +1,114 @@
+"""Helpers shared by the tests: random models, inputs, FLOP counting, synthetic datasets
+and zoos. Fixtures built on them live in conftest.py."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+from dynviz import data
+
+
+def model_input(model: nn.Module, batch: int, size: int | None = None, seed: int = 0):
+    """(B, 3, S, S) standard-normal images; S: 64 for ImageNet-stem models, else 32."""
+    cfg = getattr(model, "cfg", None)
+    size = size or (64 if cfg is not None and cfg.stem == "imagenet" else 32)
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _onednn_conv_flop(x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *args,
+                      out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the oneDNN convolution that large inference convs
+    call directly (``dynviz.runtime.folded.conv2d``), with torch's own convolution formula."""
+    return FlopCounterMode(display=False,
+                           custom_mapping={torch.ops.aten.mkldnn_convolution: _onednn_conv_flop})
+
+
+def flops_macs(fn) -> int:
+    with flop_counter() as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def randomize(model: nn.Module, seed: int = 0, open_fraction: float = 0.5) -> nn.Module:
+    """Random BN statistics and random gates: about ``open_fraction`` of block and channel
+    scores > 0, some of them strictly between 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        for block in getattr(model, "blocks", []):
+            # residual branches small against the identity, as in a trained ResNet: keeps
+            # a 110-layer random network's activations O(1) in float32
+            last_bn = getattr(block, "bn3", block.bn2)
+            last_bn.weight.mul_(0.2)
+        for name, m in model.named_modules():
+            if name.endswith("_gate.fc"):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 2 / m.in_features**0.5)
+                # bias b: P(score > 0) ~ open_fraction for a unit-variance pre-activation
+                shift = torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - open_fraction))
+                m.bias.fill_(-float(shift))
+    return model
+
+
+def make_imagefolder(root, per_class: int, size: int = 32, seed: int = 0, fmt: str = "PNG"):
+    """A CIFAR-like ImageFolder of random images: root/<class>/<NNNN>.png."""
+    rng = np.random.default_rng(seed)
+    for name in data.CLASSES:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:04d}.png", fmt)
+    return root
+
+
+def write_random_checkpoints(directory, checkpoints: dict[str, str]) -> None:
+    """``checkpoints``: name -> architecture. Random BN statistics and gates, and classifier
+    heads confident enough that policies have something to choose between."""
+    import models
+
+    directory.mkdir(parents=True)
+    for i, (name, arch) in enumerate(checkpoints.items()):
+        torch.manual_seed(i)
+        model = randomize(models.create(arch).eval(), seed=i)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.out_features == 10:
+                torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
+        torch.save(model.state_dict(), directory / f"{name}.pt")
+
+
+def app_variables(root) -> dict[str, str]:
+    return {"DYNVIZ_DATA": str(root / "cifar"), "DYNVIZ_CHECKPOINTS": str(root / "ckpt"),
+            "DYNVIZ_CACHE": str(root / "cache"), "DYNVIZ_ASSETS": str(root / "assets"),
+            "DYNVIZ_DEVICE": "cpu"}
+
+
+def fake_outputs(model, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Per-stage logits whose accuracy and confidence grow with the stage, and the
+    model's own static MACs per stage."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    staged = hasattr(model, "stage_macs")
+    k = model.n_stages if staged else 1
+    difficulty = rng.random(n)
+    logits = rng.normal(0, 1, (n, k, 10))
+    for stage in range(k):
+        knows = difficulty < 0.5 + 0.45 * (stage + 1) / k
+        logits[np.arange(n), stage, labels] += np.where(knows, 2.5 + 3 * rng.random(n), 0.0)
+    macs = np.tile(np.array(model.stage_macs() if staged else [model.macs()]), (n, 1))
+    out = {"logits": logits.astype(np.float32), "stage_macs": macs}
+    if hasattr(model, "jump_macs"):
+        out["jump_macs"] = macs[:, -1].copy()
+    return out
+
+
