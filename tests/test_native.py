@@ -13,15 +13,17 @@ import torch
 import torch.nn as nn
 
 import models
-from dynviz import bench, engine, settings
-from models.lcnet import SliceCache, SparsePlan
-from models.resnet import FrozenBlock
-from tests.helpers import randomize
+from dynviz import runtime, settings
+from dynviz.bench import gated as gated_bench
+from dynviz.runtime import native as native_bridge
+from dynviz.runtime.folded import FoldedBlock
+from dynviz.runtime.sparse import FoldedGatedBlock, SliceCache, SparsePlan
+from tests.helpers import model_input, randomize
 
 
 @pytest.fixture(scope="module")
 def runner_module():
-    module = engine.native_module() if settings.native_enabled() else None
+    module = native_bridge.module() if settings.native_enabled() else None
     if module is None:
         if shutil.which("c++") or shutil.which("g++"):
             if settings.native_enabled():
@@ -31,10 +33,13 @@ def runner_module():
 
 
 def _fold_both(model: nn.Module, channels_last: bool = True):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    python = engine.fold_batchnorm(model, use_native=False).to(memory_format=fmt)
-    native = engine.fold_batchnorm(model, use_native=True).to(memory_format=fmt)
-    assert "_native" in native.__dict__ and "_native" not in python.__dict__
+    """``model`` folded twice in the layout asked for: its blocks run from Python, and from
+    the native runner."""
+    model = model.to(memory_format=torch.channels_last if channels_last
+                     else torch.contiguous_format)
+    python = runtime.fold(model, use_native=False)
+    native = runtime.fold(model, use_native=True)
+    assert native.native is not None and python.native is None
     return python, native
 
 
@@ -44,9 +49,8 @@ def _refuse(*args, **kwargs):
 
 def _no_python_blocks(monkeypatch):
     """Make the Python block paths raise: whatever still runs, runs natively."""
-    monkeypatch.setattr(FrozenBlock, "__call__", _refuse)
-    from models.lcnet import GatedBlockMixin
-    monkeypatch.setattr(GatedBlockMixin, "forward_sparse", _refuse)
+    monkeypatch.setattr(FoldedBlock, "__call__", _refuse)
+    monkeypatch.setattr(FoldedGatedBlock, "run", _refuse)
 
 
 @pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet18", 64), ("resnet50", 64)])
@@ -57,10 +61,10 @@ def test_native_plain_blocks_compute_the_frozen_python_blocks(runner_module, nam
     for batch in (1, 3):
         x = model_input(model, batch, size, seed=batch).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            expected = python(x)
+            expected = python(x).logits
             with monkeypatch.context() as m:
                 _no_python_blocks(m)
-                got = native(x)
+                got = native(x).logits
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         with torch.no_grad():   # and the intermediates a staged system reads
             for a, b in zip(native.forward_intermediates(x, [2, 5]),
@@ -68,23 +72,20 @@ def test_native_plain_blocks_compute_the_frozen_python_blocks(runner_module, nam
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_native_blocks_leave_training_and_autograd_to_the_modules(runner_module):
+def test_native_blocks_leave_autograd_to_the_python_blocks(runner_module):
     model = randomize(models.create("resnet20").eval(), seed=21)
     _, native = _fold_both(model)
 
     class Refuse:
         def plain(self, *args):
             raise AssertionError("the native runner ran")
-    native.__dict__["_native"] = Refuse()
+    native.native = Refuse()
     x = model_input(model, 2)
     with torch.no_grad(), pytest.raises(AssertionError, match="native runner ran"):
         native(x)                       # inference: the runner
     x.requires_grad_(True)
-    native(x).sum().backward()          # eval mode, but autograd: the Python blocks run
+    native(x).logits.sum().backward()   # autograd: the Python blocks run
     assert x.grad is not None and x.grad.abs().sum() > 0
-    native.train().requires_grad_(True)
-    native(x).sum().backward()
-    assert all(p.grad is not None for p in native.parameters())
 
 
 def test_copies_and_pickles_of_a_native_model_run_python_blocks(runner_module):
@@ -92,9 +93,9 @@ def test_copies_and_pickles_of_a_native_model_run_python_blocks(runner_module):
     _, native = _fold_both(model)
     x = model_input(model, 1).contiguous(memory_format=torch.channels_last)
     for twin in (copy.deepcopy(native), pickle.loads(pickle.dumps(native))):
-        assert "_native" not in twin.__dict__
+        assert twin.native is None
         with torch.no_grad():
-            torch.testing.assert_close(twin(x), native(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(twin(x).logits, native(x).logits, rtol=1e-5, atol=1e-5)
 
 
 def _partly_off(trace) -> list[tuple[int, int]]:
@@ -110,7 +111,7 @@ def _partly_off(trace) -> list[tuple[int, int]]:
 
 def _fresh_runner(native) -> None:
     """A new runner for ``native``: an empty store of cuts."""
-    native.use_native(native.__dict__["_native_module"])
+    native.native = native.native_runner()
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -132,9 +133,9 @@ def test_native_runner_keeps_the_cuts_of_recurring_channel_sets(runner_module, b
     python, native = _fold_both(model)
     x = model_input(model, batch, seed=6) + 2 * model_input(model, batch, 1, seed=7)
     x = x.contiguous(memory_format=torch.channels_last)
-    runner = native.__dict__["_native"]
     with torch.no_grad():
-        masked, trace = python(x)
+        out = model(x)
+        masked, trace = out.logits, out.trace
         expected = _partly_off(trace)
         assert (down, model.blocks[down].mid_channels // 2) in expected
         _no_python_blocks(monkeypatch)
@@ -142,9 +143,9 @@ def test_native_runner_keeps_the_cuts_of_recurring_channel_sets(runner_module, b
                            (SparsePlan(0.0, 1.0, SliceCache(64 << 20)),
                             [[], expected, expected])):
             _fresh_runner(native)
-            runner = native.__dict__["_native"]
+            runner = native.native
             for after in kept:
-                got, _ = native(x.clone(), plan)
+                got = native(x.clone(), plan).logits
                 assert (got - masked).norm() / masked.norm() <= 1e-4
                 assert sorted(runner.slices()) == after
 
@@ -160,17 +161,19 @@ def _force_gates(model: nn.Module, block: int, s_l: float | None,
                 gate.fc.bias.fill_(value)
 
 
-def _native_sparse_paths_agree(python, native, x, monkeypatch):
+def _native_sparse_paths_agree(model, python, native, x, monkeypatch):
     """Runs the sparse path of ``native`` on ``x`` (the Python block paths made to raise)
     with a plan that never slices and, twice, one that always does, and holds each run to
     the Python sparse path (logits, scores) and the masked one (logits, MACs). Returns the
     masked trace and the (block, channels) cuts the runner kept: none after the first time
     (every set met once), the recurring ones after the second."""
     with torch.no_grad():
-        masked, t_masked = python(x)
-        expected, t_py = python(x.clone(), SparsePlan(0.0))
+        out = model(x)
+        masked, t_masked = out.logits, out.trace
+        out = python(x.clone(), SparsePlan(0.0))
+        expected, t_py = out.logits, out.trace
         _fresh_runner(native)
-        runner = native.__dict__["_native"]
+        runner = native.native
         runs = []
         with monkeypatch.context() as m:
             _no_python_blocks(m)
@@ -179,7 +182,7 @@ def _native_sparse_paths_agree(python, native, x, monkeypatch):
             runs.append(native(x.clone(), always))        # fresh cuts, none kept
             assert runner.slices() == []
             runs.append(native(x.clone(), always))
-    for logits, trace in runs:
+    for logits, trace in ((out.logits, out.trace) for out in runs):
         assert (logits - expected).norm() / expected.norm() <= 1e-5
         assert (logits - masked).norm() / masked.norm() <= 1e-4
         for a, b in zip(trace.scores, t_py.scores):
@@ -196,16 +199,16 @@ def test_native_sparse_path_equals_the_python_one_and_the_masked_one(runner_modu
     with no channel on, batch 1: the same logits, scores and MACs, whether the runner never
     slices or always does, when it cuts exactly the blocks run with some (not all) channels
     off, to their active channels."""
-    model = randomize(models.create(name, placement=placement).eval(), seed=23)
+    size = 32 if name == "lcnet_resnet20" else 64
+    model = randomize(models.create(name, placement=placement, input_size=size).eval(), seed=23)
     down = [i for i, b in enumerate(model.blocks) if b.downsample is not None]
     for i in (1, down[-1]):
         _force_gates(model, i, 1.0, -1.0)         # run with no channel: conv2's bias
     python, native = _fold_both(model)
-    size = 32 if model.cfg.stem == "cifar" else 64
     cut = skipped = 0
     for seed in range(4):
         x = model_input(model, 1, size, seed=seed).contiguous(memory_format=torch.channels_last)
-        t_masked, kept = _native_sparse_paths_agree(python, native, x, monkeypatch)
+        t_masked, kept = _native_sparse_paths_agree(model, python, native, x, monkeypatch)
         assert kept == _partly_off(t_masked)
         cut += len(kept)
         skipped += int((~t_masked.blocks_executed).sum())
@@ -222,10 +225,12 @@ def test_native_gates_take_any_memory_layout(runner_module):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            masked, t_masked = python(x)
-            sparse, t_native = native(x.clone(), SparsePlan(0.0))
+            out = model(x)
+            masked, t_masked = out.logits, out.trace
+            out = native(x.clone(), SparsePlan(0.0))
+            sparse, t_native = out.logits, out.trace
             h = native.forward_stem(x)
-            scores, fused = native.__dict__["_native"].block_gates(h, 0)
+            scores, fused = native.native.block_gates(h, 0)
         assert fused == channels_last
         torch.testing.assert_close(scores, t_masked.scores[0], rtol=0, atol=1e-5)
         torch.testing.assert_close(sparse, masked, rtol=1e-4, atol=1e-5)
@@ -244,7 +249,8 @@ def test_native_sparse_batches_equal_the_python_ones(runner_module, name, channe
     whose sub-batch leaves some channel off in every image, to the union of the others."""
     with torch.random.fork_rng(devices=[]):          # conv weights too: the patterns
         torch.manual_seed(0)                         # asserted below depend on them
-        model = randomize(models.create(name).eval(), seed=22)
+        size = 32 if name == "lcnet_resnet20" else 64
+        model = randomize(models.create(name, input_size=size).eval(), seed=22)
     down = [i for i, b in enumerate(model.blocks) if b.downsample is not None]
     every, none = (down[0], down[0] + 1), (down[-1] + 1, down[2] if len(down) > 2 else -1)
     for i in every:
@@ -258,7 +264,7 @@ def test_native_sparse_batches_equal_the_python_ones(runner_module, name, channe
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = model_input(model, 6, seed=4) + 2 * model_input(model, 6, 1, seed=5)  # a colour per image:
     x = x.contiguous(memory_format=fmt)                     # the gates differ between them
-    t_masked, kept = _native_sparse_paths_agree(python, native, x, monkeypatch)
+    t_masked, kept = _native_sparse_paths_agree(model, python, native, x, monkeypatch)
     runs = t_masked.blocks_executed.sum(0).tolist()       # images per block
     assert [runs[i] for i in every] == [6, 6] and [runs[i] for i in none] == [0, 0]
     assert all(runs[i] > 0 for i in empty)
@@ -274,35 +280,35 @@ def test_native_static_cut_equals_the_python_static_cut(runner_module, placement
     for seed in range(3):
         x = model_input(model, 1, seed=seed).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            masked, trace = python(x)
-            expected = bench.static_cut(python, trace.scores)(x)
-            got = bench.static_cut(native, trace.scores)(x)
+            out = model(x)
+            masked, trace = out.logits, out.trace
+            expected = gated_bench.static_cut(python, trace.scores)(x)
+            got = gated_bench.static_cut(native, trace.scores)(x)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert (got - masked).norm() / masked.norm() <= 1e-4
 
 
 def test_native_runner_can_be_turned_off(runner_module, monkeypatch):
     monkeypatch.setenv("DYNVIZ_NATIVE", "0")
-    assert engine.native_module() is None
-    folded = engine.fold_batchnorm(models.create("resnet8").eval())
-    assert "_native" not in folded.__dict__
+    assert native_bridge.module() is None
+    folded = runtime.fold(models.create("resnet8").eval())
+    assert folded.native is None
     with pytest.raises(RuntimeError, match="not available"):
-        engine.fold_batchnorm(models.create("resnet8").eval(), use_native=True)
+        runtime.fold(models.create("resnet8").eval(), use_native=True)
 
 
 def test_native_runner_checks_its_arguments(runner_module):
-    from models import native
     model = models.create("lcnet_resnet8").eval()
-    folded = engine.fold_batchnorm(model, use_native=True)
-    runner = folded.__dict__["_native"]
+    folded = runtime.fold(model, use_native=True)
+    runner = folded.native
     x = torch.randn(2, 16, 32, 32)
     with pytest.raises(RuntimeError, match="one limit per block"):
         runner.gated(x, 0, 1, [0.0], [0.0], 0)
     with pytest.raises(RuntimeError, match="out of range"):
         runner.plain(x, 0, len(folded.blocks) + 1)
-    conv = folded.blocks[0].inference_block().conv1
+    conv = folded.blocks[0].conv1
     with pytest.raises(ValueError, match="square"):
-        native.block_spec(conv._replace(groups=2), conv, None, None)
+        native_bridge.block_spec(conv._replace(groups=2), conv, None, None)
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 32, 32), (1, 256, 56, 56), (1, 2048, 7, 7)])
@@ -310,8 +316,7 @@ def test_native_merge_is_the_residual_add_and_relu_with_its_sums(runner_module, 
     """``merge`` (what ends a block of the gated path at batch 1): relu(identity + s_l·branch)
     over ``branch``, and the output summed over H×W, in either layout (large images split
     by channels between the cores) and when the two layouts differ."""
-    runner = engine.fold_batchnorm(models.create("lcnet_resnet8").eval(),
-                                   use_native=True).__dict__["_native"]
+    runner = runtime.fold(models.create("lcnet_resnet8").eval(), use_native=True).native
     g = torch.Generator().manual_seed(9)
     branch, identity = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     expected = (identity + 0.3 * branch).relu()
@@ -330,7 +335,7 @@ def test_native_gates_start_from_given_sums(runner_module):
     scores of its first block follow the given sums, which must have one row per image."""
     model = randomize(models.create("lcnet_resnet20").eval(), seed=25)
     _, native = _fold_both(model)
-    runner = native.__dict__["_native"]
+    runner = native.native
     x = model_input(model, 1, seed=4).contiguous(memory_format=torch.channels_last)
     x = native.forward_stem(x)
     never = [0.0] * len(native.blocks)
@@ -339,7 +344,7 @@ def test_native_gates_start_from_given_sums(runner_module):
         _, same = runner.gated(x.clone(), 0, 1, never, never, 0, x.sum((2, 3)))
         _, other = runner.gated(x.clone(), 0, 1, never, never, 0, 0.5 * x.sum((2, 3)))
     torch.testing.assert_close(same[0], pooled_scores[0], rtol=0, atol=1e-6)
-    ops = native.blocks[0].inference_block()
+    ops = native.blocks[0]
     expected = (0.5 * x.mean((2, 3)) @ ops.gate_weight.T + ops.gate_bias).clamp(0, 1)
     torch.testing.assert_close(other[0], expected, rtol=0, atol=1e-5)
     assert not torch.allclose(other[0], pooled_scores[0], rtol=0, atol=1e-3)
@@ -352,7 +357,7 @@ def test_native_calibration_times_the_runner_masked_against_sliced(runner_module
     """At batch 1 a native model's calibration runs each block on one-block runners whose
     gates give the measured channel sets; with the store, each keeps the cut of its set, of
     the measured size. No Python block runs, and the plan keeps the sparse path exact."""
-    from models import native as native_runner
+    native_runner = native_bridge
     model = randomize(models.create("lcnet_resnet8").eval(), seed=27)
     _, native = _fold_both(model)
     made, build = [], native_runner.blocks
@@ -360,8 +365,8 @@ def test_native_calibration_times_the_runner_masked_against_sliced(runner_module
                         lambda *a: made.append(build(*a)) or made[-1])
     with monkeypatch.context() as m:
         _no_python_blocks(m)
-        m.setattr(type(native.blocks[0]), "sparse_branch", _refuse)
-        plan = engine.calibrate(native, 1, repeats=1, fractions=(0.25, 0.5))
+        m.setattr(type(native.blocks[0]), "branch", _refuse)
+        plan = runtime.calibrate(native, 1, repeats=1, fractions=(0.25, 0.5))
     kept = [cut for runner in made for cut in runner.slices()]
     assert kept and all(block == 0 for block, _ in kept)
     assert {n for _, n in kept} <= {round(f * b.mid_channels) for f in (0.25, 0.5)
@@ -369,8 +374,8 @@ def test_native_calibration_times_the_runner_masked_against_sliced(runner_module
     assert all(t in (0.0, 0.25, 0.5) for t in plan.slice_below + plan.slice_below_cached)
     x = model_input(model, 1).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        masked, _ = native(x)
-        sparse, _ = native(x.clone(), plan)
+        masked = model(x).logits
+        sparse = native(x.clone(), plan).logits
     assert (sparse - masked).norm() / masked.norm() <= 1e-4
 
 
@@ -383,25 +388,18 @@ def test_native_store_serves_concurrent_callers(runner_module):
     inputs = [(model_input(model, 1 + i % 2, seed=i) + 2 * model_input(model, 1 + i % 2, 1, seed=i + 9))
               .contiguous(memory_format=torch.channels_last) for i in range(8)]
     with torch.no_grad():
-        expected = [native(x.clone(), plan)[0] for x in inputs]
+        expected = [native(x.clone(), plan).logits for x in inputs]
     results = [None] * len(inputs)
 
     def work(i):
         with torch.no_grad():
             for _ in range(5):
-                results[i] = native(inputs[i].clone(), plan)[0]
+                results[i] = native(inputs[i].clone(), plan).logits
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert 0 < len(native.__dict__["_native"].slices()) < 8
+    assert 0 < len(native.native.slices()) < 8
     for got, ref in zip(results, expected):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-
-
-def test_native_gated_model_refuses_the_sparse_path_in_training_mode(runner_module):
-    _, native = _fold_both(models.create("lcnet_resnet8").eval())
-    native.train()
-    with pytest.raises(RuntimeError, match="eval mode"):
-        native(model_input(native, 1), SparsePlan(1.0))

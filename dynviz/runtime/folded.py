@@ -150,8 +150,17 @@ class FoldedResNet(nn.Module):
         self.dense_macs = macs
         self.names = list(block_names)
         self.ext = ext
-        self.native = None if ext is None else native.blocks(
-            ext, [native.block_spec(*block) for block in self.blocks])
+        self.native = self.native_runner()
+
+    def native_runner(self):
+        """A new native runner over the blocks (None without the extension)."""
+        if self.ext is None:
+            return None
+        return native.blocks(self.ext, [native.block_spec(*block) for block in self.blocks])
+
+    def __getstate__(self):
+        """A copy or a pickle runs Python blocks: the extension stays with this process."""
+        return super().__getstate__() | {"ext": None, "native": None}
 
     @classmethod
     def fold(cls, model: nn.Module, ext=None) -> FoldedResNet:

@@ -307,13 +307,24 @@ class FoldedGatedResNet(nn.Module):
         self.block_shapes = _block_input_shapes(model)
         self.plans: dict[int, SparsePlan] = {}
         self.ext = ext
-        self.native = None if ext is None else native.blocks(ext, [
+        self.native = self.native_runner()
+        self.dense = FoldedResNet(self.stem, self.maxpool, [b.plain for b in self.blocks],
+                                  self.fc, model.plain_macs(), self.names, ext)
+
+    def native_runner(self):
+        """A new native runner over the blocks, its store of cuts empty (None without the
+        extension)."""
+        if self.ext is None:
+            return None
+        return native.blocks(self.ext, [
             native.block_spec(b.conv1, b.conv2, b.conv3, b.downsample,
                               gate_weight=b.gate_weight, gate_bias=b.gate_bias,
                               mid_channels=b.mid_channels, sequential=b.sequential)
             for b in self.blocks])
-        self.dense = FoldedResNet(self.stem, self.maxpool, [b.plain for b in self.blocks],
-                                  self.fc, model.plain_macs(), self.names, ext)
+
+    def __getstate__(self):
+        """A copy or a pickle runs Python blocks: the extension stays with this process."""
+        return super().__getstate__() | {"ext": None, "native": None}
 
     def plan_for(self, batch: int) -> SparsePlan:
         if not self.plans:
