@@ -98,16 +98,15 @@ def fake_outputs(model, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     model's own static MACs per stage."""
     rng = np.random.default_rng(seed)
     n = len(labels)
-    staged = hasattr(model, "stage_macs")
-    k = model.n_stages if staged else 1
+    k = model.n_stages
     difficulty = rng.random(n)
     logits = rng.normal(0, 1, (n, k, 10))
     for stage in range(k):
         knows = difficulty < 0.5 + 0.45 * (stage + 1) / k
         logits[np.arange(n), stage, labels] += np.where(knows, 2.5 + 3 * rng.random(n), 0.0)
-    macs = np.tile(np.array(model.stage_macs() if staged else [model.macs()]), (n, 1))
+    macs = np.tile(np.array(model.stage_macs()), (n, 1))
     out = {"logits": logits.astype(np.float32), "stage_macs": macs}
-    if hasattr(model, "jump_macs"):
+    if k > 1 and model.can_jump:
         out["jump_macs"] = macs[:, -1].copy()
     return out
 

@@ -95,7 +95,8 @@ def test_inspect_gated_shows_what_the_masked_model_computes(app_env):
     index = np.flatnonzero(check.labels == data.CLASSES.index("ship"))[2]
     model = zoo.load_system("lcnet_resnet20", torch.device("cpu"))
     with torch.no_grad():
-        logits, trace = model(data.to_tensor(check.images()[index:index + 1]))
+        out = model(data.to_tensor(check.images()[index:index + 1]))
+        logits, trace = out.logits, out.trace
     shown = {m.label: m.value for m in at.metric}
     assert shown["Prediction"] == data.CLASSES[int(logits.argmax())]
     assert shown["MACs"] == f"{int(trace.macs[0]) / 1e6:.1f} M"
@@ -115,9 +116,10 @@ def test_inspect_cascade_shows_the_stage_path(app_env):
     x = data.to_tensor(check.images()[index:index + 1])
     system = zoo.load_system("cascade_r8_r20_r56", torch.device("cpu"))
     with torch.no_grad():
-        logits, macs = system(x)
-        answers = P.StageOutputs(logits.numpy(), check.labels[index:index + 1],
-                                 macs.numpy().astype(float), system.jump_macs(x).numpy())
+        out = system(x)
+        answers = P.StageOutputs(out.stage_logits.numpy(), check.labels[index:index + 1],
+                                 out.stage_macs.numpy().astype(float),
+                                 out.stage_macs[:, -1].numpy().astype(float))
     outcome = P.simulate(evaluate.load_policy("cascade_r8_r20_r56", evaluate.LOSSES[0]),
                          answers)
     shown = {m.label: m.value for m in at.metric}
@@ -236,7 +238,7 @@ def test_galleries_rank_a_class_by_what_the_model_spent(app_env):
     n = min(8, len(cats))
     model = zoo.load_system("lcnet_resnet20", torch.device("cpu"))
     with torch.no_grad():
-        _, trace = model(data.to_tensor(app_env.images()[cats]))
+        trace = model(data.to_tensor(app_env.images()[cats])).trace
     spent = np.sort(trace.macs.numpy()) / 1e6
     assert spent[n - 1] < spent[-n]            # the two galleries can be told apart
     captions = [c for el in at.get("image") for c in el.captions]   # one image per column

@@ -8,15 +8,20 @@ import pytest
 import torch
 
 import models
-from dynviz import bench
+from dynviz import runtime
+from dynviz.bench import gated as gated_bench
+from dynviz.bench import staged as staged_bench
+from dynviz.bench import stages as stages_bench
+from tests.helpers import model_input
 
 
 def _patterned(name: str, blocks_off: float, channels_off: float, same: bool = False):
     model = models.create(name).eval()
-    images = bench._inputs(model, 256, seed=1)
-    bench.set_gate_pattern(model, images, blocks_off, channels_off, seed=2, same_channels=same)
+    images = gated_bench._inputs(model, 256, seed=1)
+    gated_bench.set_gate_pattern(model, images, blocks_off, channels_off, seed=2,
+                                 same_channels=same)
     with torch.no_grad():
-        _, trace = model(images)
+        trace = model(images).trace
     return model, trace
 
 
@@ -41,16 +46,16 @@ def test_same_channels_gives_every_image_one_set_per_block():
 
 
 def test_bench_rows_report_the_traced_sparsity_and_macs():
-    rows = bench.bench_gated("lcnet_resnet8", blocks_off=0.5, channels_off=0.25,
-                             batch_sizes=(1, 8), repeats=1, calibrate=False, seed=5)
+    rows = gated_bench.bench_gated("lcnet_resnet8", blocks_off=0.5, channels_off=0.25,
+                                   batch_sizes=(1, 8), repeats=1, calibrate=False, seed=5)
     # reference: the same weights and pattern, traced here on the images the benchmark times
     torch.manual_seed(5)
     model = models.create("lcnet_resnet8").eval()
-    pool = bench._inputs(model, 256, seed=5)
-    bench.set_gate_pattern(model, pool, 0.5, 0.25, seed=5)
+    pool = gated_bench._inputs(model, 256, seed=5)
+    gated_bench.set_gate_pattern(model, pool, 0.5, 0.25, seed=5)
     with torch.no_grad():
         for row, images in zip(rows, (pool[:32], pool[:8])):
-            _, trace = model(images)
+            trace = model(images).trace
             macs = trace.macs.double().mean().item()
             assert row.macs_dense == models.create("resnet8").macs()
             assert row.macs_sparse == round(macs)
@@ -64,8 +69,9 @@ def test_bench_rows_report_the_traced_sparsity_and_macs():
 
 
 def test_bench_times_a_static_cut_of_a_batch_that_shares_one_pattern():
-    rows = bench.bench_gated("lcnet_resnet8", blocks_off=0.0, channels_off=0.5,
-                             same_channels=True, batch_sizes=(8,), repeats=1, calibrate=False)
+    rows = gated_bench.bench_gated("lcnet_resnet8", blocks_off=0.0, channels_off=0.5,
+                                   same_channels=True, batch_sizes=(8,), repeats=1,
+                                   calibrate=False)
     assert rows[0].ms_static > 0 and rows[0].channels_off == 0.5
 
 
@@ -73,18 +79,23 @@ def test_bench_times_a_static_cut_of_a_batch_that_shares_one_pattern():
 @pytest.mark.parametrize("name", ["lcnet_resnet20", "lcnet_resnet50"])
 def test_static_cut_computes_the_gated_model_with_its_macs_less_the_gates(name, placement):
     """The static cut of one image's pattern gives the masked path's logits, and torch's FLOP
-    counter over it counts the trace's MACs less the gates' FCs (which it does not run)."""
+    counter over it counts the trace's MACs less the gates' FCs (which it does not run).
+    The cut is of the folded model, on Python blocks (the FLOP counter does not see into the
+    native runner; tests/test_native.py checks the native cut against this one)."""
     from tests.helpers import flop_counter, randomize
 
-    model = randomize(models.create(name, placement=placement).eval(), seed=6)
+    size = {"input_size": 64} if name == "lcnet_resnet50" else {}   # ImageNet layout at 64²
+    model = randomize(models.create(name, placement=placement, **size).eval(), seed=6)
+    folded = runtime.fold(model, use_native=False)
     gate_macs = sum(fc.in_features * fc.out_features for block in model.blocks
                     for fc in (block.block_gate.fc, block.channel_gate.fc))
     skipped = partial = 0
     for seed in range(4):
         x = model_input(model, 1, seed=seed)
         with torch.no_grad():
-            masked, trace = model(x)
-            cut = bench.static_cut(model, trace.scores)
+            out = model(x)
+            masked, trace = out.logits, out.trace
+            cut = gated_bench.static_cut(folded, trace.scores)
             with flop_counter() as counter:
                 logits = cut(x)
         assert (logits - masked).norm() / masked.norm() <= 1e-4
@@ -105,65 +116,67 @@ def test_static_cut_keeps_a_block_whose_channels_are_all_off():
             block.channel_gate.fc.weight.zero_()
             block.channel_gate.fc.bias.fill_(-1.0)
         x = model_input(model, 1)
-        masked, trace = model(x)
-        logits = bench.static_cut(model, trace.scores)(x)
+        out = model(x)
+        masked, trace = out.logits, out.trace
+        logits = gated_bench.static_cut(runtime.fold(model, use_native=False), trace.scores)(x)
     assert trace.blocks_executed.all()
     torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
 
 
 def test_round_robin_runs_each_function_once_per_round():
-    from dynviz import engine
-
     calls = []
-    times = engine.round_robin_times({"a": lambda: calls.append("a"),
+    times = runtime.round_robin_times({"a": lambda: calls.append("a"),
                                       "b": lambda: calls.append("b")}, repeats=3, warmup=2)
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
     assert [len(t) for t in times.values()] == [3, 3]
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
-    from dynviz import engine
-
     # a load burst slows the sparse run of rounds 2-4 and the dense run of rounds 4-5: the
     # ratio of medians (2/3) follows the burst, the median of round ratios does not
     dense, sparse = [2.0, 2.0, 2.0, 6.0, 6.0], [1.0, 3.0, 3.0, 3.0, 1.0]
-    assert engine.paired_ratio(dense, sparse) == 2.0
+    assert runtime.paired_ratio(dense, sparse) == 2.0
     ratios = sorted(d / s for d, s in zip(dense, sparse))
-    assert engine.paired_ratio(dense, sparse) == ratios[2]
+    assert runtime.paired_ratio(dense, sparse) == ratios[2]
     with pytest.raises(ValueError):
-        engine.paired_ratio([1.0], [1.0, 2.0])
+        runtime.paired_ratio([1.0], [1.0, 2.0])
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet50"])
 def test_network_parts_partition_the_forward_and_its_macs(name):
     """bench stages' parts, run in turn, are the network, and their MACs add up to what
-    torch's FLOP counter measures (÷2)."""
-    from tests.helpers import flop_counter
+    torch's FLOP counter measures (÷2); the same parts of the folded network (what the bench
+    times) compute the same logits."""
+    from tests.helpers import flop_counter, randomize
 
-    model = models.create(name).eval()
+    model = randomize(models.create(name).eval(), seed=8)
     size = model.cfg.input_size
     x = torch.randn(1, 3, size, size)
-    parts = bench.network_parts(model)
-    assert [p[0] for p in parts] == ["stem", *model.stage_names, "head"]
     with torch.no_grad(), flop_counter() as counter:
-        expected = model(x)
-    h = x
-    with torch.no_grad():
-        for _, _, fn in parts:
-            h = fn(h)
-    torch.testing.assert_close(h, expected)
-    assert sum(macs for _, macs, _ in parts) == counter.get_total_flops() // 2
+        expected = model(x).logits
+    for run in (None, runtime.fold(model)):
+        parts = stages_bench.network_parts(model, run)
+        assert [p[0] for p in parts] == ["stem", *model.layer_names, "head"]
+        h = x
+        with torch.no_grad():
+            for _, _, fn in parts:
+                h = fn(h)
+        if run is None:
+            torch.testing.assert_close(h, expected)
+        else:                        # BN folded: equal up to float rounding
+            assert (h - expected).norm() / expected.norm() <= 1e-4
+        assert sum(macs for _, macs, _ in parts) == counter.get_total_flops() // 2
 
 
 def test_network_parts_refuse_a_gated_model():
     with pytest.raises(TypeError, match="plain ResNet"):
-        bench.network_parts(models.create("lcnet_resnet20"))
+        stages_bench.network_parts(models.create("lcnet_resnet20"))
 
 
 def test_bench_gives_both_placements_the_same_weights_and_patterns():
-    rows = {placement: bench.bench_gated("lcnet_resnet8", placement=placement, blocks_off=0.5,
-                                         channels_off=0.25, batch_sizes=(1,), repeats=1,
-                                         calibrate=False)[0]
+    rows = {placement: gated_bench.bench_gated("lcnet_resnet8", placement=placement,
+                                               blocks_off=0.5, channels_off=0.25,
+                                               batch_sizes=(1,), repeats=1, calibrate=False)[0]
             for placement in ("sequential", "parallel")}
     seq, par = rows["sequential"], rows["parallel"]
     # the placements differ in what a gated-off channel saves, not in which are off
@@ -177,14 +190,14 @@ def test_staged_bench_groups_images_where_the_batched_system_sends_them(app_env,
 
     import numpy as np
 
-    from dynviz import data, inspect
+    from dynviz import data, live
 
-    rows = bench.bench_staged(system, n_images=24, repeats=1)
+    rows = staged_bench.bench_staged(system, n_images=24, repeats=1)
     # reference: the same 24 images as one batch (the batched routing, not the batch-1 one)
-    runner = inspect.build_runner(system)           # the shipped ≤0.5% policy, as the bench
+    runner = live.build(system)                     # the shipped ≤0.5% policy, as the bench
     x = data.to_tensor(np.ascontiguousarray(data.get_split("check").images()[:24]))
     with torch.no_grad():
-        _, trace = runner.adaptive(x)
+        trace = runner.system(x).trace
     labels = np.array([trace.stage_names[e] + ("+jump" if j else "")
                        for e, j in zip(trace.exit_stage, trace.jumped)])
     dense = runner.dense.macs()
@@ -198,7 +211,7 @@ def test_staged_bench_groups_images_where_the_batched_system_sends_them(app_env,
 
 def test_staged_bench_refuses_a_system_that_is_not_staged(app_env):
     with pytest.raises(ValueError, match="not a staged system"):
-        bench.bench_staged("resnet20")
+        staged_bench.bench_staged("resnet20")
 
 
 @pytest.mark.parametrize("system, route", [("exits_resnet56", "shipped"),
@@ -208,7 +221,7 @@ def test_staged_bench_refuses_a_system_that_is_not_staged(app_env):
 def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, system, route):
     import numpy as np
 
-    from dynviz import data, inspect
+    from dynviz import data, live
     from dynviz import policy as P
 
     k = 6 if system.startswith("exits") else 3
@@ -216,18 +229,18 @@ def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, system,
               "to the end": P.Policy("constant", "max_prob", "chain", 0.0, (P.NEVER,) * (k - 1)),
               "jump": P.Policy("constant", "max_prob", "jump", 0.0, (P.NEVER,) * (k - 1),
                                (P.ALWAYS,) + (P.NEVER,) * (k - 2))}[route]
-    runner = inspect.build_runner(system, policy)
-    model = runner.model
+    runner = live.build(system, policy)
+    model = runner.system.system         # the folded stages under the policy
     images = data.get_split("check").images()[:12]
     for i in range(len(images)):
         x = data.to_tensor(np.ascontiguousarray(images[i:i + 1]))
         with torch.no_grad():
-            _, trace = runner.forward(x)
+            trace = runner.system(x).trace
         ran, run_stage = [], model.run_stage
         model.run_stage = lambda k, state: ran.append(k) or run_stage(k, state)
         try:
             with torch.no_grad():
-                bench._replay(model, x, trace.decisions[0], bool(trace.jumped[0]))
+                staged_bench._replay(model, x, trace.decisions[0], bool(trace.jumped[0]))
         finally:
             del model.run_stage
         # reference: the stages the trace charged MACs to, in order
@@ -236,11 +249,9 @@ def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, system,
 
 def test_glibc_accepts_the_allocator_settings():
     """Both mallopt calls succeed where glibc is the C library (this project's machines):
-    without them the batch-1 timings swing with page faults (see engine.keep_freed_memory)."""
+    without them the batch-1 timings swing with page faults (see runtime.keep_freed_memory)."""
     import platform
-
-    from dynviz import engine
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
-    assert engine.keep_freed_memory() is True
+    assert runtime.keep_freed_memory() is True

@@ -43,12 +43,12 @@ def test_parser_requires_a_command():
 
 
 def test_predict_names_a_bad_file_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    from dynviz import inspect
+    from dynviz import live
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded for files that cannot all be read")
 
-    monkeypatch.setattr(inspect, "build_runner", no_model)
+    monkeypatch.setattr(live, "build", no_model)
     good = tmp_path / "good.png"
     Image.new("RGB", (40, 30), (10, 200, 30)).save(good)
     text = tmp_path / "notes.jpg"
@@ -60,16 +60,16 @@ def test_predict_names_a_bad_file_before_any_model_loads(tmp_path, monkeypatch, 
 
 
 def test_predict_prints_what_inspect_computes_for_each_image(app_env, tmp_path, capsys):
-    from dynviz import data, inspect
+    from dynviz import data, live
     paths = []
     for i, colour in enumerate([(200, 30, 30), (20, 40, 220)]):
         paths.append(tmp_path / f"{i}.png")
         Image.new("RGB", (48, 40), colour).save(paths[-1])
     assert main(["predict", "lcnet_resnet20", *map(str, paths)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    runner = inspect.build_runner("lcnet_resnet20")
+    runner = live.build("lcnet_resnet20")
     assert [line["image"] for line in lines] == list(map(str, paths))
-    wanted = [inspect.inspect_image(runner, data.preprocess_upload(p.read_bytes())).summary()
+    wanted = [live.inspect_image(runner, data.preprocess_upload(p.read_bytes())).summary()
               for p in paths]
     assert wanted[0]["top5"] != wanted[1]["top5"]      # so that a mix-up of files shows
     for line, want in zip(lines, wanted):

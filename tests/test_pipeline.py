@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models
-from dynviz import data, evaluate, inspect, policy as P, zoo
+from dynviz import data, evaluate, live, policy as P, zoo
 from dynviz.__main__ import main
 from tests.helpers import make_imagefolder, write_random_checkpoints
 
@@ -82,20 +82,21 @@ def test_policies_evaluate_and_inspect(fake_zoo, capsys):
 
     image = val.images()[3]
     for name in ("resnet20", "lcnet_resnet20", "exits_resnet56", "cascade_r8_r20_r56"):
-        runner = inspect.build_runner(name, calibrate=False)
-        result = inspect.inspect_image(runner, image, timing_repeats=1)
+        system = live.build(name, calibrate=False)
+        result = live.inspect_image(system, image, timing_repeats=1)
         assert result.probs.shape == (10,) and abs(result.probs.sum() - 1) < 1e-5
         assert result.ms_dynamic > 0 and result.ms_dense > 0
         if name == "lcnet_resnet20":
             model = zoo.load_system(name, torch.device("cpu"))
             with torch.no_grad():
-                _, trace = model(data.to_tensor(image[None]))
+                trace = model(data.to_tensor(image[None])).trace
             assert result.macs == int(trace.macs[0])
-            assert np.allclose(result.block_scores, trace.block_scores[0].numpy(), atol=1e-5)
+            assert np.allclose(result.path.block_scores, trace.block_scores[0].numpy(),
+                               atol=1e-5)
         if name in ("exits_resnet56", "cascade_r8_r20_r56"):
             out = zoo.outputs(name, val, progress=False).stage_outputs(np.array([3]))
-            sim = P.simulate(runner.policy, out)
-            assert result.exit_stage == sim.exit_stage[0]
+            sim = P.simulate(system.system.policy, out)
+            assert result.path.exit_stage == sim.exit_stage[0]
             assert result.macs == pytest.approx(sim.cost[0])
             assert result.prediction == data.CLASSES[sim.predictions[0]]
 

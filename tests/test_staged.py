@@ -11,8 +11,7 @@ import torch
 import models
 from dynviz import cache, data, policy as P
 from dynviz.adaptive import EXIT, JUMP, NOT_REACHED, AdaptiveClassifier
-from tests.helpers import make_imagefolder
-from tests.helpers import flops_macs, randomize
+from tests.helpers import flops_macs, make_imagefolder, randomize
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -34,8 +33,10 @@ def _system(name: str, **kw):
 
 def _stage_outputs(system, x) -> P.StageOutputs:
     with torch.no_grad():
-        logits, macs = system(x)
-        jump = system.jump_macs(x).numpy().astype(float) if hasattr(system, "jump_macs") else None
+        out = system(x)
+    logits, macs = out.stage_logits, out.stage_macs
+    # a cascade's trace: what its last network costs on its own (a jump's cost)
+    jump = out.trace.jump_macs.numpy().astype(float) if system.can_jump else None
     labels = logits[:, -1].argmax(1).numpy()                     # the last stage is "right"
     labels[::7] = (labels[::7] + 1) % 10                          # ... mostly
     return P.StageOutputs(logits.numpy(), labels, macs.numpy().astype(float), jump)
@@ -48,16 +49,18 @@ def test_stage_macs_equal_flop_counter():
         x = torch.randn(1, 3, 32, 32)
         with torch.no_grad():
             assert flops_macs(lambda: system(x)) == system.macs() == sum(system.stage_macs())
-            _, macs = system(x)
-        assert macs[0].tolist() == system.stage_macs()
+            out = system(x)
+        assert out.stage_macs[0].tolist() == system.stage_macs()
+        assert out.macs[0].item() == system.macs()
 
 
 def test_exit_heads_read_the_backbone_unchanged():
     system = randomize(models.create("exits_resnet20").eval(), seed=1)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        logits, _ = system(x)
-        assert torch.allclose(logits[:, -1], system.backbone(x), atol=1e-5)
+        out = system(x)
+        assert torch.allclose(out.stage_logits[:, -1], system.backbone(x).logits, atol=1e-5)
+    assert torch.equal(out.logits, out.stage_logits[:, -1])   # the answer: the last exit's
 
 
 def test_cascade_that_always_exits_is_its_first_model():
@@ -65,8 +68,9 @@ def test_cascade_that_always_exits_is_its_first_model():
     x = data.to_tensor(_images(6))
     always = P.Policy("constant", "max_prob", "chain", 0.0, (P.ALWAYS, P.ALWAYS))
     with torch.no_grad():
-        logits, trace = AdaptiveClassifier(system, always)(x)
-        assert torch.equal(logits, system.stages[0](x))
+        out = AdaptiveClassifier(system, always)(x)
+        logits, trace = out.logits, out.trace
+        assert torch.equal(logits, system.stages[0](x).logits)
     assert (trace.exit_stage == 0).all()
     assert (trace.macs == system.stage_macs()[0]).all()
     assert (trace.decisions[:, 1:] == NOT_REACHED).all()
@@ -91,7 +95,8 @@ def test_live_classifier_equals_the_simulation(name, kw, topology, family):
             break
     assert pol is not None, "no λ gave a policy that uses more than one stage"
     with torch.no_grad():
-        logits, trace = AdaptiveClassifier(system, pol)(x)
+        out = AdaptiveClassifier(system, pol)(x)
+    logits, trace = out.logits, out.trace
     assert np.array_equal(trace.exit_stage, sim.exit_stage)
     assert np.array_equal(trace.jumped, sim.jumped)
     assert np.array_equal(logits.argmax(1).numpy(), sim.predictions)
@@ -102,7 +107,8 @@ def test_live_classifier_equals_the_simulation(name, kw, topology, family):
     live = AdaptiveClassifier(system, pol)
     for i in range(0, len(x), 7):
         with torch.no_grad():
-            one_logits, one = live(x[i:i + 1])
+            one_out = live(x[i:i + 1])
+        one_logits, one = one_out.logits, one_out.trace
         # batch 1 and batch 96 may take different conv kernels: equal up to float rounding,
         # relative to the logits' scale (random weights give logits in the hundreds)
         scale = 1e-5 * float(logits[i].abs().max())
@@ -135,9 +141,9 @@ def test_cache_round_trip_and_staleness(tiny_split, cache_env):
     assert isinstance(built.arrays["logits"], np.memmap)
     assert built.ids == tiny_split.ids
     with torch.no_grad():
-        direct, macs = system(data.to_tensor(tiny_split.images()))
-    assert np.allclose(built.arrays["logits"], direct.numpy(), atol=1e-5)
-    assert np.array_equal(built.arrays["stage_macs"], macs.numpy())
+        out = system(data.to_tensor(tiny_split.images()))
+    assert np.allclose(built.arrays["logits"], out.stage_logits.numpy(), atol=1e-5)
+    assert np.array_equal(built.arrays["stage_macs"], out.stage_macs.numpy())
     assert np.array_equal(built.arrays["labels"], tiny_split.labels)
     manifest = json.loads((built.directory / "manifest.json").read_text())
     assert manifest["data_fingerprint"] == tiny_split.fingerprint
@@ -187,7 +193,7 @@ def test_cache_of_a_gated_model_keeps_its_gates(tiny_split, cache_env):
     model = randomize(models.create("lcnet_resnet8").eval(), seed=12)
     cached = cache.ensure("lcnet_resnet8", model, tiny_split, "c" * 64, progress=False)
     with torch.no_grad():
-        _, trace = model(data.to_tensor(tiny_split.images()))
+        trace = model(data.to_tensor(tiny_split.images())).trace
     assert np.abs(cached.block_scores() - trace.block_scores.numpy()).max() <= 0.5 / 255 + 1e-6
     for b in range(len(model.blocks)):
         assert np.abs(cached.channel_scores(b) - trace.channel_scores[b].numpy()).max() \
