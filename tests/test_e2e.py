@@ -22,8 +22,9 @@ from tests.helpers import app_variables
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = settings.PROJECT_ROOT / "tests" / "artifacts"
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
-                                "(scripts/run.sh test installs it with apt-get as root)")
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                                 "(scripts/run.sh test installs it with apt-get as root)")]
 
 
 def _free_port() -> int:

@@ -20,6 +20,8 @@ from dynviz.runtime.folded import FoldedBlock
 from dynviz.runtime.sparse import FoldedGatedBlock, SliceCache, SparsePlan
 from tests.helpers import model_input, randomize
 
+pytestmark = pytest.mark.native
+
 
 @pytest.fixture(scope="module")
 def runner_module():

@@ -13,6 +13,8 @@ from dynviz import data, evaluate, live, policy as P, zoo
 from dynviz.__main__ import main
 from tests.helpers import make_imagefolder, write_random_checkpoints
 
+pytestmark = pytest.mark.slow
+
 CHECKPOINTS = {"resnet8": "resnet8", "resnet20": "resnet20", "resnet56": "resnet56",
                "lcnet_resnet20": "lcnet_resnet20", "exits_resnet56": "exits_resnet56"}
 

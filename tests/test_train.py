@@ -305,6 +305,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_data_parallel_ranks_hold_identical_weights(train_env):
     """Two CPU processes under torchrun (gloo) train a few steps on different shards."""
     out = train_env / "ranks"
@@ -323,6 +324,7 @@ def test_data_parallel_ranks_hold_identical_weights(train_env):
     assert last["epoch"] == 1 and _same_weights(last["model"], rank0)   # rank 0 wrote it
 
 
+@pytest.mark.slow
 def test_an_early_exit_network_trains_and_reports_every_exit(train_env):
     recipe = train.Recipe("exits_resnet20", epochs=1, batch_size=16, bf16=False)
     manifest = train.train("exits-tiny", recipe, limit_batches=1, progress=False)
