@@ -134,7 +134,8 @@ def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_roo
         monkeypatch.setenv(var, value)
     model = zoo.load_system("lcnet_resnet20", torch.device("cpu"))
     with torch.no_grad():
-        logits, trace = model(data.to_tensor(data.preprocess_upload(buf.getvalue())[None]))
+        out = model(data.to_tensor(data.preprocess_upload(buf.getvalue())[None]))
+        logits, trace = out.logits, out.trace
     metrics = page.locator('[data-testid="stMetric"]')
     shown = metrics.filter(has_text="Prediction").inner_text().split("\n")
     assert shown[-1].strip() == data.CLASSES[int(logits.argmax())]

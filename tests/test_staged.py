@@ -52,6 +52,9 @@ def test_stage_macs_equal_flop_counter():
             out = system(x)
         assert out.stage_macs[0].tolist() == system.stage_macs()
         assert out.macs[0].item() == system.macs()
+        if system.can_jump:          # a jump runs the last network alone: what it counts
+            last = system.stages[-1]
+            assert out.trace.jump_macs.tolist() == [flops_macs(lambda: last(x))]
 
 
 def test_exit_heads_read_the_backbone_unchanged():
