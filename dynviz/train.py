@@ -7,7 +7,6 @@ at their own learning rate.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from dynviz import data, settings
+from dynviz import data, files, settings
 
 log = logging.getLogger(__name__)
 
@@ -280,14 +279,6 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     ) if g["params"]]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=settings.PROJECT_ROOT,
@@ -387,7 +378,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
         target = model.get_submodule(recipe.init_into) if recipe.init_into else model
         init_path = settings.checkpoint_dir() / f"{recipe.init_from}.pt"
         load_weights(target, init_path, strict=bool(recipe.init_into))
-        init_sha = file_sha256(init_path)
+        init_sha = files.sha256_file(init_path)
     if recipe.trainable:
         for pname, p in model.named_parameters():
             p.requires_grad_(pname.startswith(recipe.trainable))
@@ -500,7 +491,7 @@ def _teacher(recipe: Recipe, device: torch.device) -> tuple[nn.Module, str] | No
                           else recipe.teacher)
     load_weights(model, path)
     model.requires_grad_(False)
-    return model.to(device, memory_format=torch.channels_last).eval(), file_sha256(path)
+    return model.to(device, memory_format=torch.channels_last).eval(), files.sha256_file(path)
 
 
 @torch.no_grad()
@@ -519,9 +510,8 @@ def _rounded(accuracy: float | list[float]) -> float | list[float]:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with files.atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _finish(name, recipe, model, state, dataset, out_dir, device) -> dict:
@@ -538,7 +528,7 @@ def _finish(name, recipe, model, state, dataset, out_dir, device) -> dict:
         "name": name, "model": recipe.model, "recipe": dataclasses.asdict(recipe),
         "metrics": metrics, "history": state.history,
         "macs_dense": model.macs() if hasattr(model, "macs") else None,
-        "data_fingerprint": dataset.fingerprint, "sha256": file_sha256(weights),
+        "data_fingerprint": dataset.fingerprint, "sha256": files.sha256_file(weights),
         "git_commit": git_commit(), "wall_seconds": round(state.wall_seconds),
         "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
