@@ -27,13 +27,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dynviz import train
+    from dynviz.recipes import RECIPES
 
-    if args.recipe not in train.RECIPES:
-        print(f"unknown recipe {args.recipe!r}; choose from {', '.join(train.RECIPES)}",
+    if args.recipe not in RECIPES:
+        print(f"unknown recipe {args.recipe!r}; choose from {', '.join(RECIPES)}",
               file=sys.stderr)
         return 2
     train.init_distributed()
-    manifest = train.train(args.name or args.recipe, train.RECIPES[args.recipe],
+    manifest = train.train(args.name or args.recipe, RECIPES[args.recipe],
                            resume=args.resume, epochs=args.epochs,
                            limit_batches=args.limit_batches, out_dir=args.out_dir)
     if manifest:
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a recipe; writes models/checkpoints/NAME.pt and "
                                    "NAME.json. Checkpoints every epoch; --resume continues. "
                                    "Data-parallel: torchrun --nproc_per_node N -m dynviz train R")
-    p.add_argument("recipe", help="recipe name (see dynviz/train.py RECIPES)")
+    p.add_argument("recipe", help="recipe name (see dynviz/recipes.py RECIPES)")
     p.add_argument("--name", help="output name (default: the recipe name)")
     p.add_argument("--resume", action="store_true", help="continue the last run of NAME")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
