@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynviz import data, engine, policy as P, settings, zoo
+from dynviz import data, engine, learn, policy as P, settings, zoo
 from dynviz.adaptive import AdaptiveClassifier
 from models.lcnet import GatedResNet
 
@@ -53,11 +53,11 @@ def candidates(family: str = AUTO, feature: str = "max_prob") -> tuple[tuple[str
 
 
 def learned_frontier(fit: P.StageOutputs, kinds=CANDIDATES, topology: str = "chain",
-                     n_points: int = 60) -> list[P.SweepPoint]:
+                     n_points: int = 60) -> list[learn.SweepPoint]:
     """The Pareto frontier on ``fit`` of the λ sweeps of every (family, feature) in ``kinds``."""
-    return P.pareto([point for family, feature in kinds
-                     for point in P.sweep(fit, n_points, family, feature, topology,
-                                          lam_range=(1e-4, 30.0))])
+    return learn.pareto([point for family, feature in kinds
+                         for point in learn.sweep(fit, n_points, family, feature, topology,
+                                                  lam_range=(1e-4, 30.0))])
 
 
 def choose_operating_point(fit: P.StageOutputs, reference_correct: np.ndarray, max_loss: float,
@@ -154,7 +154,7 @@ def _best_within(points: np.ndarray, budget: float) -> int | None:
 def baseline_comparison(fit: P.StageOutputs, check: P.StageOutputs, kinds=CANDIDATES,
                         feature: str = "max_prob", topology: str = "chain",
                         n_points: int = 40, n_thresholds: int = BASELINE_GRID,
-                        frontier: list[P.SweepPoint] | None = None,
+                        frontier: list[learn.SweepPoint] | None = None,
                         learned_on: P.StageOutputs | None = None) -> list[dict]:
     """The ``budgets`` rows of ``PolicyReport`` (see there) for outputs split in two: the
     learned frontier of ``kinds`` (or the given ``frontier``, whose points' budgets are their

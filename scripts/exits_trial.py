@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from dynviz import cache, data, evaluate, settings, zoo  # noqa: E402
+from dynviz import cache, data, evaluate, learn, settings, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def hindsight_reduction(check: P.StageOutputs, accuracy: float, n_points: int = 
     """MAC reduction of the cheapest policy, fit on ``check`` itself, reaching ``accuracy``."""
     best = None
     for lam in np.geomspace(1e-4, 30.0, n_points):
-        outcome = P.simulate(P.fit(check, float(lam)), check)
+        outcome = P.simulate(learn.fit(check, float(lam)), check)
         if outcome.correct.mean() >= accuracy - 1e-12:
             cost = float(outcome.cost.mean())
             best = cost if best is None else min(best, cost)

@@ -24,12 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import data, evaluate, zoo  # noqa: E402
+from dynviz import data, evaluate, learn, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 
 def out_of_fold_frontier(fit: P.StageOutputs, topology: str, folds: int, n_points: int,
-                         seed: int = 0) -> tuple[list[P.SweepPoint], dict[int, np.ndarray]]:
+                         seed: int = 0) -> tuple[list[learn.SweepPoint], dict[int, np.ndarray]]:
     """Frontier of the out-of-fold estimates (each point's policy refit on all of ``fit``)
     and, per point (by ``id``), the out-of-fold correctness of its images."""
     fold = np.random.default_rng(seed).permutation(len(fit)) % folds
@@ -40,14 +40,14 @@ def out_of_fold_frontier(fit: P.StageOutputs, topology: str, folds: int, n_point
         for lam in np.geomspace(1e-4, 30.0, n_points):
             correct, cost = np.zeros(len(fit), bool), np.zeros(len(fit))
             for train, held, index in parts:
-                outcome = P.simulate(P.fit(train, float(lam), family, feature, topology), held)
+                outcome = P.simulate(learn.fit(train, float(lam), family, feature, topology), held)
                 correct[index], cost[index] = outcome.correct, outcome.cost
-            point = P.SweepPoint(float(lam), float(correct.mean()),
-                                 float(cost.mean() / fit.reference_cost),
-                                 P.fit(fit, float(lam), family, feature, topology))
+            point = learn.SweepPoint(float(lam), float(correct.mean()),
+                                     float(cost.mean() / fit.reference_cost),
+                                     learn.fit(fit, float(lam), family, feature, topology))
             points.append(point)
             correct_of[id(point)] = correct
-    return P.pareto(points), correct_of
+    return learn.pareto(points), correct_of
 
 
 def summarise(title: str, rows: list[dict]) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import data, evaluate, zoo  # noqa: E402
+from dynviz import data, evaluate, learn, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 EXTRA = ("agree", "prev_prob", "mean_prob")
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                             n_points=args.points)
         print(f"  {'shipped kinds':40s} {summary(rows)}")
         for extra in TRIALS:
-            front = P.sweep(with_features(fit, extra), args.points, "linear", "max_prob",
-                            topology, lam_range=(1e-4, 30.0))
+            front = learn.sweep(with_features(fit, extra), args.points, "linear", "max_prob",
+                                topology, lam_range=(1e-4, 30.0))
             rows = evaluate.baseline_comparison(fit, check, frontier=front,
                                                 learned_on=with_features(check, extra))
             print(f"  {'linear + ' + ', '.join(extra):40s} {summary(rows)}")
