@@ -136,29 +136,17 @@ def _cmd_ship(args: argparse.Namespace) -> int:
 
 
 def _cmd_policies(args: argparse.Namespace) -> int:
-    from dynviz import data, evaluate, zoo
+    from dynviz import data, operating_points, policy_report, zoo
 
-    for path in evaluate.ship_operating_points(args.family, args.feature):
+    for path in operating_points.ship(args.family, args.feature):
         print(f"wrote {path}")
     val = data.get_split("val")
     print("\nOn the check half (learned policy vs one global threshold, and vs the oracle):")
     print("Baseline: the global threshold chosen on fit for the same budget; hindsight: the "
           "best threshold on check at the learned policy's cost there;\n± one paired "
           "standard error of the gap.")
-    print("| system | learned >= baseline | worst gap | learned >= hindsight | worst gap "
-          "| ≤0.5% point: accuracy | cost | oracle share |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in zoo.available():
-        if zoo.spec(name).kind not in ("exits", "cascade"):
-            continue
-        r = evaluate.policy_report(name, val, args.family, args.feature)
-        op = r.operating_point or {}
-        print(f"| {name} | {r.beats_baseline}/{r.compared} | "
-              f"{r.worst_gap * 100:+.2f} ± {r.worst_gap_se * 100:.2f} pt | "
-              f"{r.beats_hindsight}/{r.compared} | {r.worst_gap_hindsight * 100:+.2f} pt | "
-              f"{op.get('accuracy', float('nan')) * 100:.2f}% | "
-              f"{op.get('cost_fraction', float('nan')):.3f} | "
-              f"{(r.oracle_share or float('nan')) * 100:.0f}% |")
+    print(policy_report.markdown([policy_report.report(name, val, args.family, args.feature)
+                                  for name in zoo.staged(zoo.available())]))
     return 0
 
 
@@ -178,7 +166,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dynviz import data, evaluate, inspect
+    from dynviz import data, inspect, operating_points
 
     images = []       # every file decoded before a model loads: a bad one fails at once
     for path in args.images:
@@ -186,7 +174,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             images.append(data.preprocess_upload(Path(path).read_bytes()))
         except (OSError, data.InvalidImageError) as err:
             raise ValueError(f"{path}: {getattr(err, 'strerror', None) or err}") from None
-    policy = evaluate.load_policy(args.system, args.loss / 100) if args.loss else None
+    policy = operating_points.load_policy(args.system, args.loss / 100) if args.loss else None
     runner = inspect.build_runner(args.system, policy)
     for path, image in zip(args.images, images):
         print(json.dumps({"image": path} | inspect.inspect_image(runner, image).summary()))

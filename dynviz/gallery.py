@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynviz import cache, data, evaluate, learn, policy as P, zoo
+from dynviz import cache, data, learn, operating_points, policy as P, zoo
 
 
 def per_image_cost(name: str, cached: cache.CachedOutputs) -> tuple[np.ndarray, np.ndarray,
@@ -16,7 +16,7 @@ def per_image_cost(name: str, cached: cache.CachedOutputs) -> tuple[np.ndarray, 
     as they ran."""
     out = cached.stage_outputs()
     if zoo.spec(name).kind in ("exits", "cascade"):
-        pol = evaluate.load_policy(name, evaluate.LOSSES[0])
+        pol = operating_points.load_policy(name, operating_points.LOSSES[0])
         if pol is None:
             pol = learn.target_budget(cached.half("fit"), 0.5, topology=zoo.spec(name).topology)
         sim = P.simulate(pol, out)

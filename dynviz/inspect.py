@@ -51,7 +51,7 @@ def build_runner(name: str, policy: Policy | None = None, model: nn.Module | Non
         model: an already loaded system (else loaded from its checkpoints).
         calibrate: measure the sparse plan's slicing thresholds (gated systems).
     """
-    from dynviz import evaluate
+    from dynviz import operating_points
 
     spec = zoo.spec(name)
     device = settings.device()
@@ -63,7 +63,7 @@ def build_runner(name: str, policy: Policy | None = None, model: nn.Module | Non
     if spec.kind == "gated":
         plan = engine.calibrate(folded, 1) if calibrate else SparsePlan(1.0)
     if spec.kind in ("exits", "cascade") and policy is None:
-        policy = evaluate.load_policy(name, evaluate.LOSSES[0])
+        policy = operating_points.load_policy(name, operating_points.LOSSES[0])
         if policy is None:
             raise FileNotFoundError(f"no shipped policy for {name}; run "
                                     f"`python -m dynviz policies` or pass one")

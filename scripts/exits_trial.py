@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from dynviz import cache, data, evaluate, learn, settings, zoo  # noqa: E402
+from dynviz import cache, data, learn, operating_points, settings, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 
@@ -61,8 +61,8 @@ def report(name: str, cached: cache.CachedOutputs, ref_fit: np.ndarray,
     print(f"{name}: stages {', '.join(check.stage_names)}; per-stage check accuracy "
           + "/".join(f"{a:.1%}" for a in check.correct.mean(0)))
     print("  per-stage fit accuracy " + "/".join(f"{a:.1%}" for a in fit.correct.mean(0)))
-    for loss in evaluate.LOSSES:
-        pol = evaluate.choose_operating_point(fit, ref_fit, loss)
+    for loss in operating_points.LOSSES:
+        pol = operating_points.choose(fit, ref_fit, loss)
         on_fit, outcome = P.simulate(pol, fit), P.simulate(pol, check)
         print(f"  ≤{loss:.1%} point: fit {on_fit.correct.mean():.2%}, "
               f"{fit.reference_cost / on_fit.cost.mean():.3f}× fewer MACs (where it was "

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dynviz import evaluate, learn, policy as P
+from dynviz import learn, policy as P
 from tests.conftest import synthetic_outputs
 
 
@@ -108,122 +108,6 @@ def test_policy_json_round_trip(family, topology):
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="shapes"):
         P.StageOutputs(np.zeros((4, 2, 3)), np.zeros(4, int), np.zeros((5, 2)))
-
-
-# ---------------------------------------------------------------------------- baseline
-def _global_threshold_by_hand(out: P.StageOutputs, thresholds: np.ndarray) -> np.ndarray:
-    """(T, 2) mean cost fraction and accuracy of leaving at the first early stage whose
-    softmax maximum reaches each threshold, computed image by image."""
-    z = out.logits.astype(np.float64)
-    p = np.exp(z - z.max(-1, keepdims=True))
-    conf = (p / p.sum(-1, keepdims=True)).max(-1)
-    rows = []
-    for t in thresholds:
-        cost = right = 0.0
-        for i in range(len(out)):
-            k = next((k for k in range(out.n_stages - 1) if conf[i, k] >= t), out.n_stages - 1)
-            cost += out.stage_costs[i, :k + 1].sum()
-            right += out.logits[i, k].argmax() == out.labels[i]
-        rows.append((cost / len(out) / out.reference_cost, right / len(out)))
-    return np.array(rows)
-
-
-@pytest.mark.parametrize("topology", ["chain", "jump"])
-def test_baseline_columns_equal_a_brute_force_scan_of_thresholds(topology):
-    fit = synthetic_outputs(n=300, seed=5, jump=True)
-    check = synthetic_outputs(n=300, seed=6, jump=True)
-    thresholds = evaluate.baseline_thresholds(fit, "max_prob", n=60)
-    on_fit = _global_threshold_by_hand(fit, thresholds)
-    on_check = _global_threshold_by_hand(check, thresholds)
-    rows = evaluate.baseline_comparison(fit, check, topology=topology, n_points=15,
-                                        n_thresholds=60)
-    assert len(rows) >= 5
-    for row in rows:
-        affordable = np.flatnonzero(on_fit[:, 0] <= row["budget"] + 1e-9)
-        # chosen on fit: the most accurate affordable threshold there, then the cheapest
-        best = affordable[on_fit[affordable, 1] >= on_fit[affordable, 1].max() - 1e-12]
-        chosen = best[on_fit[best, 0].argmin()]
-        assert row["baseline"] == pytest.approx(on_check[chosen, 1])
-        assert row["baseline_cost"] == pytest.approx(on_check[chosen, 0])
-        within = on_check[:, 0] <= row["cost_fraction"] + 1e-9
-        assert row["baseline_hindsight"] == pytest.approx(on_check[within, 1].max())
-
-
-def test_learned_column_runs_on_the_outputs_it_is_given():
-    """``learned_on``: the frontier's policies run on those outputs (e.g. the check images with
-    more features), the baseline stays on ``check``."""
-    fit, check = synthetic_outputs(n=300, seed=5), synthetic_outputs(n=300, seed=6)
-    front = learn.sweep(fit, 12, "linear")
-    plain = evaluate.baseline_comparison(fit, check, frontier=front, n_thresholds=60)
-    assert plain == evaluate.baseline_comparison(fit, check, frontier=front, n_thresholds=60,
-                                                 learned_on=check)
-    other = synthetic_outputs(n=300, seed=7)          # other images: other learned outcomes
-    rows = evaluate.baseline_comparison(fit, check, frontier=front, n_thresholds=60,
-                                        learned_on=other)
-    for point, row, base in zip(front, rows, plain):
-        outcome = P.simulate(point.policy, other)
-        assert row["learned"] == pytest.approx(outcome.correct.mean())
-        assert row["cost_fraction"] == pytest.approx(outcome.cost.mean() / check.reference_cost)
-        assert (row["baseline"], row["baseline_cost"]) == (base["baseline"],
-                                                           base["baseline_cost"])
-    assert [r["learned"] for r in rows] != [r["learned"] for r in plain]
-
-
-def test_against_baseline_counts_wins_and_finds_the_worst_gap():
-    rows = [{"learned": 0.90, "baseline": 0.88, "gap_se": 0.01},
-            {"learned": 0.80, "baseline": None, "gap_se": None},     # nothing affordable
-            {"learned": 0.85, "baseline": 0.87, "gap_se": 0.02},     # worst: -0.02
-            {"learned": 0.86, "baseline": 0.86, "gap_se": 0.0},      # a tie counts as a win
-            {"learned": 0.70, "baseline": 0.71, "gap_se": 0.03}]
-    wins, compared, worst = evaluate.against_baseline(rows)
-    assert (wins, compared) == (2, 4) and worst is rows[2]
-    assert evaluate.against_baseline([rows[1]]) == (0, 0, None)
-
-
-def test_paired_standard_error_is_the_formula():
-    a = np.array([1, 1, 0, 1, 0, 1, 1, 0], bool)
-    b = np.array([1, 0, 0, 1, 1, 1, 0, 0], bool)
-    d = [0, 1, 0, 0, -1, 0, 1, 0]                    # a − b per image
-    mean = sum(d) / 8
-    var = sum((x - mean) ** 2 for x in d) / 7
-    assert evaluate.paired_se(a, b) == pytest.approx(math.sqrt(var / 8))
-    assert evaluate.paired_se(a, a) == 0.0
-
-
-@pytest.mark.parametrize("max_loss", [0.0, 0.01, 0.03])
-@pytest.mark.parametrize("kinds", [(("threshold", "max_prob"),), evaluate.CANDIDATES])
-def test_operating_point_is_the_cheapest_within_the_loss_and_its_margin(max_loss, kinds):
-    fit = synthetic_outputs(n=800, seed=9)
-    reference = fit.correct[:, -1]                    # the last stage alone
-    # every kind's sweep, and of all their policies those no other beats on cost and accuracy
-    swept = [point for family, feature in kinds
-             for point in learn.sweep(fit, 60, family, feature, lam_range=(1e-4, 30.0))]
-    front = [p for p in swept if not any(q.cost_fraction <= p.cost_fraction and
-                                         q.accuracy > p.accuracy for q in swept)]
-    chosen = {}
-    for margin in (0.0, 1.0):
-        pol = evaluate.choose_operating_point(fit, reference, max_loss, margin_se=margin,
-                                              kinds=kinds)
-        chosen[margin] = P.simulate(pol, fit)
-        # by hand over the same sweep: every policy whose loss (plus margin) fits the budget
-        fits = []
-        for point in front:
-            right = P.simulate(point.policy, fit).correct
-            d = reference.astype(float) - right
-            se = d.std(ddof=1) / math.sqrt(len(d))
-            if d.mean() + margin * se <= max_loss + 1e-12:
-                fits.append(point.cost_fraction)
-        assert fits, "the sweep's most accurate policy loses nothing to the last stage"
-        assert chosen[margin].cost.mean() / fit.reference_cost == pytest.approx(min(fits))
-    assert chosen[1.0].cost.mean() >= chosen[0.0].cost.mean()
-    assert chosen[1.0].correct.mean() >= reference.mean() - max_loss
-
-
-def test_policy_kinds_are_every_candidate_or_the_one_named():
-    assert evaluate.candidates() == evaluate.CANDIDATES
-    assert evaluate.candidates("linear", "margin") == (("linear", "margin"),)
-    with pytest.raises(ValueError, match="unknown policy"):
-        evaluate.candidates("threshold", "entropy")
 
 
 @pytest.mark.parametrize("family", P.FAMILIES)
