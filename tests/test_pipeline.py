@@ -10,7 +10,7 @@ import torch
 
 import models
 from dynviz import data, evaluate, inspect, operating_points, policy as P, policy_report, zoo
-from dynviz.__main__ import main
+from dynviz.cli import main
 from tests.conftest import make_imagefolder, write_random_checkpoints
 
 CHECKPOINTS = {"resnet8": "resnet8", "resnet20": "resnet20", "resnet56": "resnet56",
