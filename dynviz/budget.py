@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dynviz import policy as P
+from dynviz import learn, policy as P
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def latency_costs(out: P.StageOutputs, per_stage: list[float], dense: float) -> 
 
 def solve(fit: P.StageOutputs, check: P.StageOutputs, query: BudgetQuery) -> BudgetResult:
     started = time.perf_counter()
-    pol = P.target_budget(fit, query.budget, query.family, query.feature, query.topology)
+    pol = learn.target_budget(fit, query.budget, query.family, query.feature, query.topology)
     refit_ms = (time.perf_counter() - started) * 1e3
     k = fit.n_stages
     return BudgetResult(pol, P.simulate(pol, fit).summary(fit.reference_cost, k),
@@ -67,8 +67,8 @@ def curves(fit: P.StageOutputs, check: P.StageOutputs, query: BudgetQuery,
         return float(outcome.cost.mean() / check.reference_cost), float(outcome.correct.mean())
 
     learned = [point(P.simulate(p.policy, check))
-               for p in P.sweep(fit, n_points, query.family, query.feature, query.topology,
-                                lam_range=(1e-4, 30.0))]
+               for p in learn.sweep(fit, n_points, query.family, query.feature, query.topology,
+                                    lam_range=(1e-4, 30.0))]
     thresholds = np.quantile(fit.features[:, :-1, P.FEATURES.index(query.feature)],
                              np.linspace(0, 1, n_points))
     baseline = [point(P.simulate(P.global_threshold(check, t, query.feature), check))

@@ -12,7 +12,6 @@ import io
 import logging
 import os
 import pickle
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dynviz import settings
+from dynviz import files, settings
 
 log = logging.getLogger(__name__)
 
@@ -257,14 +256,8 @@ def load_images(dataset: Dataset, size: int = IMAGE_SIZE) -> np.ndarray:
     if not path.exists():
         images = _decode_all(dataset, size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, images)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with files.atomic_write(path) as f:
+            np.save(f, images)
         log.info("cached %d decoded images at %s", len(images), path)
     return np.load(path, mmap_mode="r")
 

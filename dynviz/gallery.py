@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynviz import cache, data, evaluate, policy as P, zoo
+from dynviz import cache, data, learn, operating_points, policy as P, zoo
 
 
 def per_image_cost(name: str, cached: cache.CachedOutputs) -> tuple[np.ndarray, np.ndarray,
@@ -16,9 +16,9 @@ def per_image_cost(name: str, cached: cache.CachedOutputs) -> tuple[np.ndarray, 
     as they ran."""
     out = cached.stage_outputs()
     if zoo.spec(name).kind in ("exits", "cascade"):
-        pol = evaluate.load_policy(name, evaluate.LOSSES[0])
+        pol = operating_points.load_policy(name, operating_points.LOSSES[0])
         if pol is None:
-            pol = P.target_budget(cached.half("fit"), 0.5, topology=zoo.spec(name).topology)
+            pol = learn.target_budget(cached.half("fit"), 0.5, topology=zoo.spec(name).topology)
         sim = P.simulate(pol, out)
         return sim.cost, sim.predictions, out.reference_cost
     return out.stage_costs[:, 0], out.predictions[:, 0], float(out.stage_costs[:, 0].max())

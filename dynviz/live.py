@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dynviz import data, evaluate, runtime, settings, zoo
+from dynviz import data, operating_points, runtime, settings, zoo
 from dynviz.adaptive import AdaptiveClassifier, AdaptiveTrace
 from dynviz.policy import Policy
 from models.lcnet import GateTrace
@@ -43,7 +43,7 @@ def build(name: str, policy: Policy | None = None, model: nn.Module | None = Non
     if calibrate:
         runtime.calibrate_all(system, (1,))
     if system.n_stages > 1:
-        policy = policy or evaluate.load_policy(name, evaluate.LOSSES[0])
+        policy = policy or operating_points.load_policy(name, operating_points.LOSSES[0])
         if policy is None:
             raise FileNotFoundError(f"no shipped policy for {name}; run "
                                     f"`python -m dynviz policies` or pass one")

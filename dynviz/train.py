@@ -1,5 +1,6 @@
-"""Training recipes and the loop: one-cycle SGD, label smoothing, channels_last, a checkpoint
-every epoch, ``resume``, and data-parallel runs under ``torchrun`` (gloo on CPU, NCCL on GPU).
+"""The training loop of a recipe (``dynviz.recipes``): one-cycle SGD, label smoothing,
+channels_last, a checkpoint every epoch, ``resume``, and data-parallel runs under ``torchrun``
+(gloo on CPU, NCCL on GPU).
 
 Gated models add LC-Net's sparsity penalty ``α·mean|S_L| + β·mean|S_C|`` and train their gates
 at their own learning rate.
@@ -7,7 +8,6 @@ at their own learning rate.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -23,151 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from dynviz import data, settings
+from dynviz import data, files, settings
+from dynviz.recipes import Recipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    model: str                       # registry name
-    epochs: int
-    batch_size: int = 128            # per process
-    peak_lr: float = 0.1             # one-cycle peak, SGD with Nesterov momentum
-    momentum: float = 0.9
-    weight_decay: float = 5e-4       # not applied to BN and bias parameters
-    label_smoothing: float = 0.1
-    warmup: float = 0.15             # fraction of steps rising to the peak
-    seed: int = 0
-    bf16: bool = True                # autocast convs/matmuls to bfloat16 (1.7x on AMX CPUs)
-    init_from: str | None = None     # checkpoint whose weights start the model (non-strict)
-    gate_lr: float | None = None     # peak LR of gate parameters (None: same as backbone)
-    l1_block: float = 0.0            # α, weight of mean |S_L|
-    l1_channel: float = 0.0          # β, weight of mean |S_C|
-    mac_budget: float = 0.0          # > 0: the L1 terms apply only to batches above these MACs
-    model_args: tuple[tuple[str, object], ...] = ()  # overrides for models.create
-    init_into: str = ""              # module path the init_from weights load into
-    trainable: str = ""              # train only parameters under this prefix ("": all)
-    distill: float = 0.0             # weight of the teacher: the final exit (staged models)
-    distill_temperature: float = 3.0
-    teacher: str | None = None       # else this frozen checkpoint (by name) teaches
-    cycles: int = 1                  # the one-cycle schedule, repeated (warm restarts)
-
-    def __post_init__(self):
-        if self.cycles < 1 or self.epochs % self.cycles:
-            raise ValueError(f"{self.epochs} epochs do not split into {self.cycles} cycles")
-        if self.teacher and not 0 < self.distill <= 1:
-            raise ValueError(f"a teacher needs a distill weight in (0, 1]; got {self.distill}")
-
-    @property
-    def cycle_epochs(self) -> int:
-        return self.epochs // self.cycles
-
-    def build(self) -> nn.Module:
-        return models.create(self.model, **dict(self.model_args))
-
-
-# Early-exit heads on the frozen resnet56 (the default layout and trials of others).
-_EXITS = Recipe("exits_resnet56", epochs=16, peak_lr=0.05, init_from="resnet56",
-                init_into="backbone", trainable="heads.", distill=0.5)
-
-# LC-Net gates on the trained resnet56, pulled to skip blocks rather than channels.
-_LCNET_BLOCKS = Recipe("lcnet_resnet56", epochs=8, peak_lr=0.02, gate_lr=0.1,
-                       init_from="resnet56", l1_block=1.0, l1_channel=0.3)
-# The same, learning from the frozen resnet56 too (distillation, weight 0.7).
-_LCNET_KD = dataclasses.replace(_LCNET_BLOCKS, teacher="resnet56", distill=0.7)
-
-RECIPES: dict[str, Recipe] = {
-    "resnet8": Recipe("resnet8", epochs=30),
-    # 40 epochs gave 86.80% on the check half (87.42% on all of val), under the 87.5% floor;
-    # 60 give 88.44%.
-    "resnet20": Recipe("resnet20", epochs=60),
-    # One-cycle schedules of 40 epochs with warm restarts, each continuing the last: one
-    # cycle gave 88.16% on the check half, two 89.16% (fit 90.00%), three 89.48% (fit
-    # 89.60%; 7.9 h in all), one image under the 89.5% floor, four 89.72% (fit 90.44%;
-    # 10.1 h in all).
-    "resnet56": Recipe("resnet56", epochs=160, cycles=4),
-    # From scratch; α and β scaled from lcnet_resnet56's to give each gate the same pull
-    # (ResNet-20 has 9 blocks and 336 gated channels against 27 and 1008).
-    "lcnet_resnet20": Recipe("lcnet_resnet20", epochs=30, gate_lr=0.1,
-                             l1_block=0.033, l1_channel=0.33),
-    # The L1 terms are means over every score, so one channel's share of the gradient is
-    # β/Σ C_mid (≈ β/1000 on ResNet-56) against α/27 for a block: with gate_lr 0.02 and
-    # α = β = 0.1 one epoch moved no gate off (val MACs stayed at 125.8 M, 86.4%). Gates get
-    # their own larger LR and channels a 10× larger weight: 2.1× fewer MACs after 3 epochs.
-    # 12 epochs: check 86.00% at 54.4 M MACs (2.31× fewer), but only 1.03× faster at batch 1:
-    # per MAC saved, a channel here is pulled 4–17× harder than a block (β·C/1008 against
-    # α/27), so the gates turned ~half the channels off per image (which dense kernels at
-    # 16–64 channels cannot exploit) and only 5 of 27 blocks.
-    "lcnet_resnet56": Recipe("lcnet_resnet56", epochs=12, peak_lr=0.02, gate_lr=0.1,
-                             init_from="resnet56", l1_block=0.1, l1_channel=1.0),
-    # Reversed pull (and 8 epochs): per MAC, blocks 2× (stage 3) to 8× (stage 1) harder
-    # than channels, so that the saving is in skipped blocks, which turn into time. From the
-    # one-cycle resnet56 (88.16%): check 87.36% at 78.3 M MACs (1.61× fewer); from the
-    # two-cycle one (89.16%): 87.68% at 68.9 M (1.82× fewer); from the three-cycle one
-    # (89.48%): 86.96% at 59.4 M (2.12× fewer), 1.59× faster at batch 1 and 1.80× at 256.
-    "lcnet_resnet56_blocks": _LCNET_BLOCKS,
-    # The same, learning from the frozen resnet56 too (distillation, weight 0.7): from the
-    # three-cycle resnet56, check 88.16% at 63.9 M MACs (1.97× fewer), against 86.96% at
-    # 59.4 M without; from the four-cycle one (89.72%), 87.64% at 64.3 M (1.96×; fit 88.44%
-    # at 64.7 M).
-    "lcnet_resnet56_kd": _LCNET_KD,
-    # With distillation, twice the pull on blocks (α = 2), from the three-cycle resnet56:
-    # check 87.44% at 58.2 M (2.16×), better on both counts than lcnet_resnet56_blocks; not
-    # the default, which kept 0.7 points more accuracy for 10% more MACs.
-    "lcnet_resnet56_kd_a2": dataclasses.replace(_LCNET_KD, l1_block=2.0),
-    # The distilled recipe fine-tuned twice as long (16 epochs, ~65 min here), from the
-    # four-cycle resnet56: fit 88.72% at 56.3 M MACs (8 epochs: 88.44% at 64.7 M), check
-    # 87.60% at 55.9 M (2.25× fewer). The default systems lcnet_resnet56_seq/_par load it.
-    "lcnet_resnet56_kd16": dataclasses.replace(_LCNET_KD, epochs=16),
-    # Trial: 32 epochs; adopted if on fit it beats lcnet_resnet56_kd16 on accuracy or MACs
-    # without losing on the other (rule set before it ran). Run on 2026-12-02 (~2.4 min an epoch):
-    # fit 88.20% at 51.6 M, 8% fewer MACs than kd16 but 0.52 points less accuracy, so not
-    # adopted (on check, not the criterion: 87.28% at 51.4 M, 2.45× fewer than resnet56).
-    "lcnet_resnet56_kd32": dataclasses.replace(_LCNET_KD, epochs=32),
-    # Trial: lcnet_resnet56_kd16 trained 16 epochs more (a fresh one-cycle schedule from its
-    # weights, 69 min here).
-    # Same adoption rule as kd32, set before it ran: adopted if on fit it beats
-    # lcnet_resnet56_kd16 (88.72% at 56.3 M) on accuracy or MACs without losing on the other.
-    # It gave fit 88.24% at 54.4 M: fewer MACs, 0.48 points less accuracy, so not adopted
-    # (on check, not the criterion: 87.96% at 54.1 M).
-    "lcnet_resnet56_kd16_more": dataclasses.replace(_LCNET_KD, epochs=16,
-                                                    init_from="lcnet_resnet56_kd16"),
-    # Trial (2026-12-02): a MAC budget rather than a constant pull. In kd16 the MACs fell to
-    # 52–54 M by epoch 9–11 and rose again to 56 M as the LR annealed, the L1 pull and the
-    # loss settling between them; here the L1 terms (α = 2, to reach the budget early) pull
-    # only while a batch spends more than 48 M MACs (under the 50.3 M of #5's 2.5× target),
-    # and the rest of each step trains for accuracy at that budget. 16 epochs, as kd16 (whose
-    # recipe it is but for α and the budget). Adopted by the kd32 rule, set before it ran:
-    # on fit, beat kd16 (88.72% at 56.3 M) on accuracy or MACs without losing on the other.
-    # Run on 2026-12-02 (89 min, ~5.3 min an epoch that day): the MACs reached 46 M by epoch
-    # 3 and stayed at 44–50 M, but validation accuracy never passed 80% (kd16: 84–88% from
-    # epoch 2 on) and did not rise as the LR annealed; fit 78.64% at 48.1 M, so not adopted
-    # (check 77.16% at 48.0 M). Near the budget the pull switches fully on or off from one
-    # batch to the next; our reading, not measured further, is that the backbone never
-    # settled under it.
-    "lcnet_resnet56_budget": dataclasses.replace(_LCNET_KD, epochs=16, l1_block=2.0,
-                                                 mac_budget=48e6),
-    # Heads on the frozen backbone; each learns from the final head too (distillation).
-    # 16 epochs (~20 min here): on fit, the first four exits reach 83.7/83.6/82.2/86.4%
-    # against 81.7/81.8/81.0/86.1% after 8 (exits_resnet56_e8), and the ≤0.5% point saves
-    # 1.37× MACs there against 1.30×.
-    "exits_resnet56": _EXITS,
-    "exits_resnet56_e8": dataclasses.replace(_EXITS, epochs=8),
-    # Trial: 32 epochs (~45 min here). The heads still gain (fit, first four exits:
-    # 84.7/85.5/83.4/87.0%), but the ≤0.5% point chosen on fit does not: 1.363× there against
-    # the default's 1.368× (≤1%: 1.427× against 1.411×). Not adopted: trials are judged on fit.
-    "exits_resnet56_e32": dataclasses.replace(_EXITS, epochs=32),
-    # Earlier layouts, 8 epochs, kept to compare against (three-cycle resnet56; thresholds on
-    # the maximum probability chosen on fit, judged on check). One-conv heads after blocks 8,
-    # 13, 17, 19, 21, 23: ≤0.5% point 1.18× MACs at −0.52 points, ≤1% 1.23× at −1.44.
-    # Two-conv stage-2 heads: ≤0.5% 1.26× at −0.72 (over its budget), ≤1% 1.30× at −1.12.
-    # The default (three-conv): ≤0.5% 1.24× at −0.24, ≤1% 1.38× at −1.04.
-    "exits_resnet56_shallow": dataclasses.replace(
-        _EXITS, epochs=8, model_args=(("exits", (8, 13, 17, 19, 21, 23)), ("head_convs", 1))),
-    "exits_resnet56_stage2x2": dataclasses.replace(
-        _EXITS, epochs=8, model_args=(("head_convs", (2, 2, 1, 1, 1)),)),
-}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -271,14 +130,6 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     ) if g["params"]]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=settings.PROJECT_ROOT,
@@ -377,7 +228,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
         target = model.get_submodule(recipe.init_into) if recipe.init_into else model
         init_path = settings.checkpoint_dir() / f"{recipe.init_from}.pt"
         load_weights(target, init_path, strict=bool(recipe.init_into))
-        init_sha = file_sha256(init_path)
+        init_sha = files.sha256_file(init_path)
     if recipe.trainable:
         for pname, p in model.named_parameters():
             p.requires_grad_(pname.startswith(recipe.trainable))
@@ -490,7 +341,7 @@ def _teacher(recipe: Recipe, device: torch.device) -> tuple[nn.Module, str] | No
                           else recipe.teacher)
     load_weights(model, path)
     model.requires_grad_(False)
-    return model.to(device, memory_format=torch.channels_last).eval(), file_sha256(path)
+    return model.to(device, memory_format=torch.channels_last).eval(), files.sha256_file(path)
 
 
 @torch.no_grad()
@@ -509,9 +360,8 @@ def _rounded(accuracy: float | list[float]) -> float | list[float]:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with files.atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _finish(name, recipe, model, state, dataset, out_dir, device) -> dict:
@@ -528,7 +378,7 @@ def _finish(name, recipe, model, state, dataset, out_dir, device) -> dict:
         "name": name, "model": recipe.model, "recipe": dataclasses.asdict(recipe),
         "metrics": metrics, "history": state.history,
         "macs_dense": model.macs(),
-        "data_fingerprint": dataset.fingerprint, "sha256": file_sha256(weights),
+        "data_fingerprint": dataset.fingerprint, "sha256": files.sha256_file(weights),
         "git_commit": git_commit(), "wall_seconds": round(state.wall_seconds),
         "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from dynviz import cache, data, evaluate, settings, zoo  # noqa: E402
+from dynviz import cache, data, learn, operating_points, settings, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def hindsight_reduction(check: P.StageOutputs, accuracy: float, n_points: int = 
     """MAC reduction of the cheapest policy, fit on ``check`` itself, reaching ``accuracy``."""
     best = None
     for lam in np.geomspace(1e-4, 30.0, n_points):
-        outcome = P.simulate(P.fit(check, float(lam)), check)
+        outcome = P.simulate(learn.fit(check, float(lam)), check)
         if outcome.correct.mean() >= accuracy - 1e-12:
             cost = float(outcome.cost.mean())
             best = cost if best is None else min(best, cost)
@@ -61,8 +61,8 @@ def report(name: str, cached: cache.CachedOutputs, ref_fit: np.ndarray,
     print(f"{name}: stages {', '.join(check.stage_names)}; per-stage check accuracy "
           + "/".join(f"{a:.1%}" for a in check.correct.mean(0)))
     print("  per-stage fit accuracy " + "/".join(f"{a:.1%}" for a in fit.correct.mean(0)))
-    for loss in evaluate.LOSSES:
-        pol = evaluate.choose_operating_point(fit, ref_fit, loss)
+    for loss in operating_points.LOSSES:
+        pol = operating_points.choose(fit, ref_fit, loss)
         on_fit, outcome = P.simulate(pol, fit), P.simulate(pol, check)
         print(f"  ≤{loss:.1%} point: fit {on_fit.correct.mean():.2%}, "
               f"{fit.reference_cost / on_fit.cost.mean():.3f}× fewer MACs (where it was "

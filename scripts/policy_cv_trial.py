@@ -4,13 +4,13 @@ global threshold at more budgets than choosing on fit itself (what `policies` do
     .venv/bin/python scripts/policy_cv_trial.py                  # every shipped staged system
     .venv/bin/python scripts/policy_cv_trial.py --system exits_resnet56 --folds 5
 
-For every candidate kind (`evaluate.CANDIDATES`) and every λ of the sweep, the policy is fit
-on k − 1 folds of *fit* and run on the held-out fold, so every image of fit gets an
+For every candidate kind (`operating_points.CANDIDATES`) and every λ of the sweep, the policy
+is fit on k − 1 folds of *fit* and run on the held-out fold, so every image of fit gets an
 out-of-fold outcome. The Pareto frontier of these out-of-fold (cost, accuracy) estimates picks
 the (kind, λ) pairs; each is then refit on all of fit and judged on *check* against the
 global maximum-probability threshold exactly as `python -m dynviz policies` judges the
-in-sample frontier (`evaluate.baseline_comparison`). The ≤0.5% / ≤1% points are chosen with
-the shipped rule (loss plus one paired standard error within budget) on the out-of-fold
+in-sample frontier (`policy_report.baseline_comparison`). The ≤0.5% / ≤1% points are chosen
+with the shipped rule (loss plus one paired standard error within budget) on the out-of-fold
 outcomes. Both reports are printed, the in-sample one first.
 """
 from __future__ import annotations
@@ -24,34 +24,34 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import data, evaluate, zoo  # noqa: E402
+from dynviz import data, learn, operating_points, policy_report, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 
 def out_of_fold_frontier(fit: P.StageOutputs, topology: str, folds: int, n_points: int,
-                         seed: int = 0) -> tuple[list[P.SweepPoint], dict[int, np.ndarray]]:
+                         seed: int = 0) -> tuple[list[learn.SweepPoint], dict[int, np.ndarray]]:
     """Frontier of the out-of-fold estimates (each point's policy refit on all of ``fit``)
     and, per point (by ``id``), the out-of-fold correctness of its images."""
     fold = np.random.default_rng(seed).permutation(len(fit)) % folds
     parts = [(fit.subset(np.flatnonzero(fold != f)), fit.subset(np.flatnonzero(fold == f)),
               np.flatnonzero(fold == f)) for f in range(folds)]
     points, correct_of = [], {}
-    for family, feature in evaluate.CANDIDATES:
+    for family, feature in operating_points.CANDIDATES:
         for lam in np.geomspace(1e-4, 30.0, n_points):
             correct, cost = np.zeros(len(fit), bool), np.zeros(len(fit))
             for train, held, index in parts:
-                outcome = P.simulate(P.fit(train, float(lam), family, feature, topology), held)
+                outcome = P.simulate(learn.fit(train, float(lam), family, feature, topology), held)
                 correct[index], cost[index] = outcome.correct, outcome.cost
-            point = P.SweepPoint(float(lam), float(correct.mean()),
-                                 float(cost.mean() / fit.reference_cost),
-                                 P.fit(fit, float(lam), family, feature, topology))
+            point = learn.SweepPoint(float(lam), float(correct.mean()),
+                                     float(cost.mean() / fit.reference_cost),
+                                     learn.fit(fit, float(lam), family, feature, topology))
             points.append(point)
             correct_of[id(point)] = correct
-    return P.pareto(points), correct_of
+    return learn.pareto(points), correct_of
 
 
 def summarise(title: str, rows: list[dict]) -> None:
-    wins, compared, worst = evaluate.against_baseline(rows)
+    wins, compared, worst = policy_report.against_baseline(rows)
     if worst is None:
         print(f"  {title}: no budget where a global threshold is affordable")
         return
@@ -84,16 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         fit, check = cached.half("fit"), cached.half("check")
         topology = zoo.spec(name).topology
         print(f"{name} (check half, resnet56 at {ref_check * 100:.2f}%)")
-        summarise("in-sample frontier (shipped rule)", evaluate.baseline_comparison(
+        summarise("in-sample frontier (shipped rule)", policy_report.baseline_comparison(
             fit, check, topology=topology, n_points=args.points))
         front, correct_of = out_of_fold_frontier(fit, topology, args.folds, args.points)
-        summarise(f"{args.folds}-fold frontier", evaluate.baseline_comparison(
+        summarise(f"{args.folds}-fold frontier", policy_report.baseline_comparison(
             fit, check, topology=topology, frontier=front))
-        for loss in evaluate.LOSSES:
+        for loss in operating_points.LOSSES:
             good = [p for p in front
-                    if ref_fit.mean() - p.accuracy
-                    + evaluate.MARGIN_SE * evaluate.paired_se(ref_fit, correct_of[id(p)])
-                    <= loss + 1e-12]
+                    if ref_fit.mean() - p.accuracy + operating_points.MARGIN_SE
+                    * operating_points.paired_se(ref_fit, correct_of[id(p)]) <= loss + 1e-12]
             point = (min(good, key=lambda p: p.cost_fraction) if good
                      else max(front, key=lambda p: p.accuracy))
             outcome = P.simulate(point.policy, check)

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import data, evaluate, zoo  # noqa: E402
+from dynviz import data, learn, policy_report, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 EXTRA = ("agree", "prev_prob", "mean_prob")
@@ -61,7 +61,7 @@ def with_features(out: P.StageOutputs, extra: tuple[str, ...]) -> P.StageOutputs
 
 
 def summary(rows: list[dict]) -> str:
-    wins, compared, worst = evaluate.against_baseline(rows)
+    wins, compared, worst = policy_report.against_baseline(rows)
     gap = worst["learned"] - worst["baseline"]
     return f"{wins}/{compared}  {gap * 100:+.2f} ± {worst['gap_se'] * 100:.2f} pt"
 
@@ -83,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         fit, check = cached.half("fit"), cached.half("check")
         topology = zoo.spec(name).topology
         print(f"{name} (check half; learned >= baseline, worst gap ± paired SE)")
-        rows = evaluate.baseline_comparison(fit, check, topology=topology,
-                                            n_points=args.points)
+        rows = policy_report.baseline_comparison(fit, check, topology=topology,
+                                                 n_points=args.points)
         print(f"  {'shipped kinds':40s} {summary(rows)}")
         for extra in TRIALS:
-            front = P.sweep(with_features(fit, extra), args.points, "linear", "max_prob",
-                            topology, lam_range=(1e-4, 30.0))
-            rows = evaluate.baseline_comparison(fit, check, frontier=front,
-                                                learned_on=with_features(check, extra))
+            front = learn.sweep(with_features(fit, extra), args.points, "linear", "max_prob",
+                                topology, lam_range=(1e-4, 30.0))
+            rows = policy_report.baseline_comparison(fit, check, frontier=front,
+                                                     learned_on=with_features(check, extra))
             print(f"  {'linear + ' + ', '.join(extra):40s} {summary(rows)}")
     return 0
 

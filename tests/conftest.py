@@ -63,7 +63,7 @@ def app_root(tmp_path_factory):
     """A synthetic CIFAR-10 (502 images per class), random-weight checkpoints of the default
     systems, their cached outputs and shipped policies, under one temporary directory
     (``app_variables`` names it to dynviz)."""
-    from dynviz import cache, evaluate, zoo
+    from dynviz import cache, operating_points, zoo
 
     root = tmp_path_factory.mktemp("appzoo")
     with pytest.MonkeyPatch.context() as mp:
@@ -80,7 +80,7 @@ def app_root(tmp_path_factory):
                 sha = zoo.checkpoint_sha(name)
                 cache.store(cache.directory_for(name, val, sha), name, model, val, sha,
                             fake_outputs(model, val.labels, seed=len(name)))
-        evaluate.ship_operating_points(val=val)
+        operating_points.ship(val=val)
     return root
 
 
@@ -90,5 +90,3 @@ def app_env(app_root, monkeypatch):
     for var, value in app_variables(app_root).items():
         monkeypatch.setenv(var, value)
     return data.get_split("val")
-
-

@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 
 from dynviz import train
+from dynviz.recipes import RECIPES
 
 
 def main(out: Path) -> None:
     train.init_distributed()
-    recipe = dataclasses.replace(train.RECIPES["resnet8"], epochs=1, batch_size=16, bf16=False)
+    recipe = dataclasses.replace(RECIPES["resnet8"], epochs=1, batch_size=16, bf16=False)
     run = train.fit("ddp-test", recipe, limit_batches=3, progress=False)
     torch.save(run.model.state_dict(), out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()

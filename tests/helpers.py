@@ -9,6 +9,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from dynviz import data
+from dynviz.policy import StageOutputs
 
 
 def model_input(model: nn.Module, batch: int, size: int | None = None, seed: int = 0):
@@ -111,3 +112,19 @@ def fake_outputs(model, labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
+def synthetic_outputs(n: int = 600, k: int = 3, classes: int = 10, seed: int = 0,
+                      jump: bool = False) -> StageOutputs:
+    """Cached outputs of a K-stage system: stages of growing accuracy and cost, confidence
+    tracking correctness, as in real nets."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    difficulty = rng.random(n)
+    logits = rng.normal(0, 1, (n, k, classes))
+    for stage in range(k):
+        skill = 0.45 + 0.5 * (stage + 1) / k                      # later stages see more
+        knows = difficulty < skill
+        logits[np.arange(n), stage, labels] += np.where(knows, 3.0 + 2 * rng.random(n), 0.0)
+    costs = np.tile(np.array([1.0, 2.0, 4.0, 8.0][:k]), (n, 1))
+    costs *= rng.uniform(0.9, 1.1, (n, k))                        # per-image variation
+    jump_costs = costs[:, -1] * 1.2 if jump else None
+    return StageOutputs(logits.astype(np.float32), labels, costs, jump_costs)

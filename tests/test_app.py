@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dynviz import budget, data, evaluate, gallery, settings, zoo
+from dynviz import budget, data, evaluate, gallery, operating_points, settings, zoo
 from dynviz import policy as P
 
 PAGES = str(settings.PROJECT_ROOT / "dynviz" / "ui" / "{}_page.py")
@@ -120,8 +120,8 @@ def test_inspect_cascade_shows_the_stage_path(app_env):
         answers = P.StageOutputs(out.stage_logits.numpy(), check.labels[index:index + 1],
                                  out.stage_macs.numpy().astype(float),
                                  out.stage_macs[:, -1].numpy().astype(float))
-    outcome = P.simulate(evaluate.load_policy("cascade_r8_r20_r56", evaluate.LOSSES[0]),
-                         answers)
+    shipped = operating_points.load_policy("cascade_r8_r20_r56", operating_points.LOSSES[0])
+    outcome = P.simulate(shipped, answers)
     shown = {m.label: m.value for m in at.metric}
     assert shown["Prediction"] == data.CLASSES[int(outcome.predictions[0])]
     assert shown["MACs"] == f"{outcome.cost[0] / 1e6:.1f} M"
@@ -135,7 +135,7 @@ def test_inspect_cascade_shows_the_stage_path(app_env):
     assert abs(sum(spent) - outcome.cost[0] / 1e6) < 0.1
     # the stage path plots what each early exit decided on: φ·w of the shipped policy at the
     # stages the image reached, beside θ; it left where φ·w >= θ, not before
-    policy = evaluate.load_policy("cascade_r8_r20_r56", evaluate.LOSSES[0])
+    policy = operating_points.load_policy("cascade_r8_r20_r56", operating_points.LOSSES[0])
     bars, marks = json.loads(at.get("plotly_chart")[1].proto.spec)["data"]
     reached = outcome.exit_stage[0] if not outcome.jumped[0] else 0
     for k, decision in enumerate(policy.exits):
@@ -184,7 +184,7 @@ def test_budget_slider_starts_at_each_systems_shipped_point(app_env):
     for name in ("exits_resnet56", "cascade_r8_r20_r56"):
         at.selectbox(key="budget_system").set_value(name).run()
         _no_exception(at)
-        shipped = P.Policy.from_json(evaluate.policy_path(name, 0.005).read_text())
+        shipped = P.Policy.from_json(operating_points.policy_path(name, 0.005).read_text())
         fit = zoo.outputs(name, app_env, progress=False).half("fit")
         cost = P.simulate(shipped, fit).cost.mean() / fit.reference_cost   # a fraction
         starts[name] = at.slider(key="budget_slider").value

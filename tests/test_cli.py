@@ -7,15 +7,57 @@ import sys
 import pytest
 from PIL import Image
 
-from dynviz.__main__ import build_parser, main
 from dynviz import settings
+from dynviz.cli import build_parser, main
+
+
+COMMANDS = ("data", "native", "train", "bench", "cache", "policies", "ship", "evaluate",
+            "predict")
 
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "dynviz", "--help"], capture_output=True,
                          text=True, cwd=settings.PROJECT_ROOT, check=True).stdout
-    for command in ("data", "train"):
-        assert command in out
+    listed = [line.split()[0] for line in out.split("COMMAND\n", 1)[1].splitlines()
+              if line.startswith("    ")]
+    assert tuple(listed) == COMMANDS
+
+
+@pytest.mark.parametrize("command", [[c] for c in COMMANDS] + [
+    ["bench", b] for b in ("gated", "policy", "stages", "staged")])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m dynviz {' '.join(command)}")
+
+
+def test_ship_caches_then_ships_policies_then_writes_results(small_cifar, tmp_path,
+                                                              monkeypatch, capsys):
+    """``ship`` runs the three steps with its own arguments: policies of the kind asked for,
+    the results table of the check half into assets/results.json."""
+    from dynviz import cache, zoo
+    from dynviz.cli import ship
+
+    monkeypatch.setenv("DYNVIZ_DATA", str(small_cifar))
+    monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path / "assets"))
+    calls = []
+    monkeypatch.setattr(zoo, "available", lambda: ["resnet8"])
+    monkeypatch.setattr(zoo, "load_system", lambda name: f"model {name}")
+    monkeypatch.setattr(zoo, "checkpoint_sha", lambda name: "0" * 64)
+    monkeypatch.setattr(cache, "ensure", lambda name, model, split, sha, root: calls.append(
+        ("cache", name, model, split.name, root)) or cache.CachedOutputs(root / name, {}, {}))
+    monkeypatch.setattr(ship, "report_policies",
+                        lambda family, feature: calls.append(("policies", family, feature)))
+    monkeypatch.setattr(ship, "write_results", lambda split, out, *, time_it, repeats:
+                        calls.append(("results", split.name, out, time_it, repeats)))
+    assert main(["ship", "--family", "linear", "--feature", "margin", "--no-timing",
+                 "--repeats", "3"]) == 0
+    assets = tmp_path / "assets"
+    assert calls == [("cache", "resnet8", "model resnet8", "val", assets / "outputs"),
+                     ("policies", "linear", "margin"),
+                     ("results", "check", assets / "results.json", False, 3)]
 
 
 def test_data_command_reports_the_splits(small_cifar, cache_env, capsys):
@@ -37,7 +79,6 @@ def test_unknown_recipe_is_refused(capsys):
 
 
 def test_parser_requires_a_command():
-    import pytest
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
 
@@ -78,3 +119,22 @@ def test_predict_prints_what_inspect_computes_for_each_image(app_env, tmp_path, 
         assert [c for c, _ in line["top5"]] == [c for c, _ in want["top5"]]
         assert [p for _, p in line["top5"]] == pytest.approx([p for _, p in want["top5"]],
                                                              abs=1e-4)
+
+
+def test_policies_writes_the_operating_points_and_prints_the_comparison(app_env, tmp_path,
+                                                                        monkeypatch, capsys):
+    from dynviz import operating_points, policy_report, zoo
+
+    monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path))
+    assert main(["policies", "--family", "threshold", "--feature", "margin"]) == 0
+    out = capsys.readouterr().out
+    staged = zoo.staged(zoo.available())
+    for name in staged:
+        for loss in operating_points.LOSSES:
+            path = operating_points.policy_path(name, loss)
+            assert f"wrote {path}\n" in out and path.parent == tmp_path / "policies"
+            policy = operating_points.load_policy(name, loss)
+            assert (policy.family, policy.feature) == ("threshold", "margin")
+    table = policy_report.markdown([policy_report.report(name, app_env, "threshold", "margin")
+                                    for name in staged])
+    assert out.endswith(table + "\n")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dynviz import budget, data, evaluate, settings, zoo
+from dynviz import budget, data, operating_points, settings, zoo
 from dynviz import policy as P
 from tests.helpers import app_variables
 
@@ -151,7 +151,7 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
     name = "cascade_r8_r20_r56"
     cached = zoo.outputs(name, data.get_split("val"), progress=False)
     # the slider starts at the shipped ≤0.5% point's cost on fit, rounded up
-    shipped = P.Policy.from_json(evaluate.policy_path(name, 0.005).read_text())
+    shipped = P.Policy.from_json(operating_points.policy_path(name, 0.005).read_text())
     start = max(5, math.ceil(100 * P.simulate(shipped, cached.half("fit")).cost.mean()
                              / cached.half("fit").reference_cost))
     page.goto(f"{server}/budget")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import models
-from dynviz import data, evaluate, live, policy as P, zoo
-from dynviz.__main__ import main
+from dynviz import data, evaluate, live, operating_points, policy as P, policy_report, zoo
+from dynviz.cli import main
 from tests.helpers import make_imagefolder, write_random_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def test_cascade_loads_its_members(fake_zoo):
 
 def test_policies_evaluate_and_inspect(fake_zoo, capsys):
     val = fake_zoo
-    written = evaluate.ship_operating_points(val=val)
+    written = operating_points.ship(val=val)
     assert {p.name for p in written} >= {"exits_resnet56-loss0.5pct.json",
                                          "cascade_r8_r20_r56-loss1pct.json"}
     rows = evaluate.evaluate(val, time_it=False, progress=False)
@@ -74,9 +74,9 @@ def test_policies_evaluate_and_inspect(fake_zoo, capsys):
 
     # against the oracle at the same accuracy, a policy can save no more MACs than it does
     for name in ("exits_resnet56", "cascade_r8_r20_r56"):
-        report = evaluate.policy_report(name, val)
+        report = policy_report.report(name, val)
         check = zoo.outputs(name, val, progress=False).half("check")
-        shipped = P.simulate(evaluate.load_policy(name, evaluate.LOSSES[0]), check)
+        shipped = P.simulate(operating_points.load_policy(name, operating_points.LOSSES[0]), check)
         assert report.operating_point["accuracy"] == pytest.approx(shipped.correct.mean())
         assert report.oracle_share <= 1 + 1e-9
         assert report.beats_baseline <= report.compared <= len(report.budgets)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dynviz import cache, evaluate, policy as P, settings, zoo
+from dynviz import cache, evaluate, operating_points, policy as P, settings, zoo
 
 RESULTS = settings.PROJECT_ROOT / "assets" / "results.json"
 OUTPUTS = settings.PROJECT_ROOT / "assets" / "outputs"
@@ -49,7 +49,7 @@ def test_results_are_what_the_shipped_caches_and_policies_give(rows):
         assert row["macs_reduction"] == pytest.approx(ref_macs / cost.mean(), abs=5e-4)
     staged = {r["system"] for r in rows if r["kind"] in ("exits", "cascade")}
     for system in staged:              # the policies in the rows are the shipped ones
-        shipped = [evaluate.load_policy(system, loss) for loss in evaluate.LOSSES]
+        shipped = [operating_points.load_policy(system, loss) for loss in operating_points.LOSSES]
         in_rows = [P.Policy.from_json(json.dumps(r["policy"])) for r in rows
                    if r["system"] == system]
         assert in_rows == shipped

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models
-from dynviz import cache, data, policy as P
+from dynviz import cache, data, learn, policy as P
 from dynviz.adaptive import EXIT, JUMP, NOT_REACHED, AdaptiveClassifier
 from tests.helpers import flops_macs, make_imagefolder, randomize
 
@@ -91,7 +91,7 @@ def test_live_classifier_equals_the_simulation(name, kw, topology, family):
     outputs = _stage_outputs(system, x)
     pol = None
     for lam in (0.03, 0.1, 0.3, 1.0, 3.0, 10.0):                  # a λ with mixed exits
-        candidate = P.fit(outputs, lam, family, topology=topology)
+        candidate = learn.fit(outputs, lam, family, topology=topology)
         sim = P.simulate(candidate, outputs)
         if len(np.unique(sim.exit_stage)) > 1:
             pol = candidate

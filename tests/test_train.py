@@ -3,6 +3,7 @@ step, the manifest describes what was written, LC-Net's penalty is its formula."
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -16,8 +17,9 @@ import torch
 
 import models
 from dynviz import settings, train
+from dynviz.recipes import RECIPES, Recipe
 
-TINY = dataclasses.replace(train.RECIPES["resnet8"], epochs=2, batch_size=16, bf16=False)
+TINY = dataclasses.replace(RECIPES["resnet8"], epochs=2, batch_size=16, bf16=False)
 
 
 @pytest.fixture
@@ -140,11 +142,6 @@ def test_resume_refuses_a_run_whose_starting_checkpoint_was_retrained(train_env)
         train.fit("child", child, epochs=1, resume=True, limit_batches=1, progress=False)
 
 
-def test_epochs_must_split_into_cycles():
-    with pytest.raises(ValueError, match="cycles"):
-        dataclasses.replace(TINY, epochs=5, cycles=2)
-
-
 def test_checkpoints_older_than_a_new_recipe_field_still_resume():
     saved = dataclasses.asdict(TINY)
     del saved["trainable"]              # written before the field existed
@@ -157,7 +154,7 @@ def test_train_writes_weights_and_a_manifest_that_match(train_env):
     weights = settings.checkpoint_dir() / "tiny.pt"
     on_disk = json.loads((settings.checkpoint_dir() / "tiny.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
-    assert manifest["sha256"] == train.file_sha256(weights)
+    assert manifest["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert manifest["macs_dense"] == models.create("resnet8").macs()
     model = models.create("resnet8")
     model.load_state_dict(torch.load(weights, weights_only=True))  # weights only, strict
@@ -251,11 +248,6 @@ def test_distillation_from_a_teacher_is_its_formula_image_by_image():
     assert teacher.grad is None and logits.grad is not None
 
 
-def test_a_recipe_with_a_teacher_needs_a_distill_weight():
-    with pytest.raises(ValueError, match="distill weight"):
-        dataclasses.replace(TINY, teacher="resnet8")
-
-
 def test_the_teacher_is_the_frozen_checkpoint_in_eval_mode(train_env, monkeypatch):
     train.train("base", dataclasses.replace(TINY, epochs=1), limit_batches=2, progress=False)
     seen_x, seen_teacher = [], []
@@ -326,16 +318,8 @@ def test_data_parallel_ranks_hold_identical_weights(train_env):
 
 @pytest.mark.slow
 def test_an_early_exit_network_trains_and_reports_every_exit(train_env):
-    recipe = train.Recipe("exits_resnet20", epochs=1, batch_size=16, bf16=False)
+    recipe = Recipe("exits_resnet20", epochs=1, batch_size=16, bf16=False)
     manifest = train.train("exits-tiny", recipe, limit_batches=1, progress=False)
     n_exits = models.create("exits_resnet20").n_stages
     assert len(manifest["history"][0]["val_accuracy"]) == n_exits
     assert len(manifest["metrics"]["check"]["accuracy"]) == n_exits
-
-
-def test_every_recipe_builds_its_model():
-    for name, recipe in train.RECIPES.items():
-        model = recipe.build()
-        assert sum(p.numel() for p in model.parameters()) > 0, name
-        if recipe.trainable:
-            assert any(n.startswith(recipe.trainable) for n, _ in model.named_parameters()), name

@@ -34,18 +34,18 @@ def _synthetic_outputs(n: int, k: int, seed: int = 0):
 def bench_policy(n: int = 2500, k: int = 3, repeats: int = 20,
                  outputs=None) -> list[PolicyBenchRow]:
     """Refit and sweep times of the policy learner (features precomputed, as in the app)."""
-    from dynviz import policy as P
+    from dynviz import learn
 
     out = outputs if outputs is not None else _synthetic_outputs(n, k)
     _ = out.features, out.correct, out.cumulative_costs      # cached once, like the app
     tasks = {
-        "fit threshold": lambda: P.fit(out, 0.3, "threshold"),
-        "fit linear": lambda: P.fit(out, 0.3, "linear"),
-        "fit threshold, jump topology": lambda: P.fit(out, 0.3, "threshold",
-                                                      topology="jump"),
-        "target_budget threshold (bisection)": lambda: P.target_budget(out, 0.25),
-        "sweep 50 points threshold": lambda: P.sweep(out, 50),
-        "sweep 50 points linear": lambda: P.sweep(out, 50, "linear"),
+        "fit threshold": lambda: learn.fit(out, 0.3, "threshold"),
+        "fit linear": lambda: learn.fit(out, 0.3, "linear"),
+        "fit threshold, jump topology": lambda: learn.fit(out, 0.3, "threshold",
+                                                          topology="jump"),
+        "target_budget threshold (bisection)": lambda: learn.target_budget(out, 0.25),
+        "sweep 50 points threshold": lambda: learn.sweep(out, 50),
+        "sweep 50 points linear": lambda: learn.sweep(out, 50, "linear"),
     }
     return [PolicyBenchRow(name, len(out), out.n_stages,
                            round(runtime.median_time(fn, repeats=repeats) * 1e3, 2))

@@ -47,12 +47,12 @@ def bench_staged(name: str = "exits_resnet56", *, loss: float = 0.005, n_images:
     ``speedup`` medians of the per-round difference and ratio (``runtime.paired_ratio``), and
     the ``all`` row does the same with each round's totals over the groups.
     """
-    from dynviz import evaluate, live
+    from dynviz import live, operating_points
 
     staged = zoo.staged(list(zoo.SYSTEMS))
     if name not in staged:
         raise ValueError(f"{name} is not a staged system; choose from {', '.join(staged)}")
-    policy = evaluate.load_policy(name, loss)
+    policy = operating_points.load_policy(name, loss)
     if policy is None:
         raise FileNotFoundError(f"no shipped ≤{loss * 100:g}% policy for {name}; run "
                                 "`python -m dynviz policies`")

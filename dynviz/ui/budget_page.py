@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dynviz import budget, data, evaluate, plots, policy as P, zoo
+from dynviz import budget, data, operating_points, plots, policy as P, zoo
 from dynviz.ui import state
 
 METRICS = {"MACs": "macs", "measured latency (batch 1)": "latency"}
@@ -21,7 +21,7 @@ def render() -> None:
     name = c1.selectbox("System", staged, key="budget_system")
     if st.session_state.get("budget_kind_for") != name:
         # a system just chosen: start with the kind of policy it ships
-        shipped = evaluate.load_policy(name, evaluate.LOSSES[0])
+        shipped = operating_points.load_policy(name, operating_points.LOSSES[0])
         st.session_state["budget_family"] = shipped.family if shipped else "threshold"
         st.session_state["budget_feature"] = shipped.feature if shipped else "max_prob"
         st.session_state["budget_kind_for"] = name

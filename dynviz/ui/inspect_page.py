@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from dynviz import data, evaluate, plots, zoo
+from dynviz import data, operating_points, plots, zoo
 from dynviz.ui import state
 
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
@@ -23,8 +23,8 @@ class InspectInputs:
 def choose_policy(name: str) -> str | None:
     if zoo.spec(name).kind not in ("exits", "cascade"):
         return None
-    options = {f"≤{loss * 100:g}% accuracy loss": evaluate.load_policy(name, loss)
-               for loss in evaluate.LOSSES}
+    options = {f"≤{loss * 100:g}% accuracy loss": operating_points.load_policy(name, loss)
+               for loss in operating_points.LOSSES}
     from_budget = st.session_state.get("budget_policy", {}).get(name)
     if from_budget:
         options["from the Budget page"] = from_budget

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dynviz import budget, cache, data, evaluate, gallery, live, policy as P, runtime, zoo
+from dynviz import (budget, cache, data, gallery, live, operating_points, policy as P,
+                    runtime, zoo)
 
 runtime.keep_freed_memory()   # steadier latencies: freed memory is reused, not faulted back in
 
@@ -80,7 +81,7 @@ def reference_accuracy(half: str) -> float | None:
 def shipped_percent(name: str, metric: str) -> int | None:
     """The budget (whole % of the dense cost, in ``metric``) of the system's shipped
     ≤0.5%-loss operating point, or None when none is shipped."""
-    policy = evaluate.load_policy(name, evaluate.LOSSES[0])
+    policy = operating_points.load_policy(name, operating_points.LOSSES[0])
     return None if policy is None else budget.start_percent(policy, halves(name, metric)[0])
 
 

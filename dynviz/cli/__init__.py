@@ -1,0 +1,37 @@
+"""Command line: ``python -m dynviz --help``.
+
+One module per group of commands, each adding its subcommands with ``add_parser(sub)``; a
+command imports the library only when it runs, so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dynviz.cli import bench, data, predict, ship, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dynviz",
+        description="Dynamic inference for image classifiers: data, training, caches, "
+                    "policies, evaluation and benchmarks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (data, train, bench, ship, predict):
+        group.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dynviz import runtime
+    runtime.keep_freed_memory()      # steadier timings (see there); before any model runs
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError) as err:  # incl. missing data/checkpoints
+        print(f"error: {err}", file=sys.stderr)
+        return 1

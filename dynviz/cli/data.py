@@ -1,0 +1,58 @@
+"""``data`` and ``native``: the dataset and the native block runner this machine has."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("data", help="find CIFAR-10, show the splits, decode the image cache",
+                       description="Locate CIFAR-10 ($DYNVIZ_DATA, ./data, "
+                                   "../shared/datasets/cifar10-jpeg), print the splits and "
+                                   "their fingerprints.")
+    p.add_argument("--root", help="dataset root (default: search the usual places)")
+    p.add_argument("--download", action="store_true",
+                   help="download CIFAR-10 with torchvision first (needs internet)")
+    p.add_argument("--dest", help="download destination (default: $DYNVIZ_DATA or ./data)")
+    p.add_argument("--decode", action="store_true", help="build the decoded uint8 cache now")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("native", help="build the native (C++) block runner",
+                       description="Compiles models/csrc/blocks.cpp into the cache (once, about "
+                                   "a minute) and says where it is; exit status 1 when it "
+                                   "cannot be built here (Python blocks then run).")
+    p.set_defaults(func=_cmd_native)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from dynviz import data
+
+    if args.download:
+        dest = data.download_cifar10(args.dest)
+        print(f"CIFAR-10 is in {dest}")
+    dataset = data.open_cifar10(args.root)
+    splits = {name: data.get_split(name, dataset) for name in data.SPLITS}
+    print(f"dataset: {dataset.root} ({dataset.kind}, {len(dataset)} images, "
+          f"fingerprint {dataset.fingerprint})")
+    for name, split in splits.items():
+        print(f"  {name:6s} {len(split):6d} images  fingerprint {split.fingerprint}")
+    if args.decode:
+        images = data.load_images(dataset)
+        print(f"decoded cache: {images.shape} {images.dtype}")
+    return 0
+
+
+def _cmd_native(args: argparse.Namespace) -> int:
+    from dynviz import settings
+    from dynviz.runtime import native
+
+    if not settings.native_enabled():
+        print("the native block runner is turned off (DYNVIZ_NATIVE=0)")
+        return 0
+    module = native.module()
+    if module is None:
+        print("the native block runner is not available here; Python blocks run (see above)",
+              file=sys.stderr)
+        return 1
+    print(f"native block runner: {module.__file__}")
+    return 0

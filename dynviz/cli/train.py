@@ -1,0 +1,37 @@
+"""``train``: run a named recipe."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a named recipe",
+                       description="Train a recipe; writes models/checkpoints/NAME.pt and "
+                                   "NAME.json. Checkpoints every epoch; --resume continues. "
+                                   "Data-parallel: torchrun --nproc_per_node N -m dynviz train R")
+    p.add_argument("recipe", help="recipe name (see dynviz/recipes.py RECIPES)")
+    p.add_argument("--name", help="output name (default: the recipe name)")
+    p.add_argument("--resume", action="store_true", help="continue the last run of NAME")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--limit-batches", type=int, help="batches per epoch (smoke runs)")
+    p.add_argument("--out-dir", help="where NAME.pt/.json go (default models/checkpoints)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dynviz import train
+    from dynviz.recipes import RECIPES
+
+    if args.recipe not in RECIPES:
+        print(f"unknown recipe {args.recipe!r}; choose from {', '.join(RECIPES)}",
+              file=sys.stderr)
+        return 2
+    train.init_distributed()
+    manifest = train.train(args.name or args.recipe, RECIPES[args.recipe],
+                           resume=args.resume, epochs=args.epochs,
+                           limit_batches=args.limit_batches, out_dir=args.out_dir)
+    if manifest:
+        print(json.dumps(manifest["metrics"], indent=2))
+    return 0
