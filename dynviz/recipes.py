@@ -1,6 +1,5 @@
 """Training recipes: every hyper-parameter of a run in one frozen dataclass, and the named
-recipes ``python -m dynviz train RECIPE`` runs. What each gave is in README.md and
-docs/history.md."""
+recipes ``python -m dynviz train RECIPE`` runs. What each gave is in docs/results.md."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +21,7 @@ class Recipe:
     label_smoothing: float = 0.1
     warmup: float = 0.15             # fraction of steps rising to the peak
     seed: int = 0
-    bf16: bool = True                # autocast convs/matmuls to bfloat16 (1.7x on AMX CPUs)
+    bf16: bool = True                # autocast convs/matmuls to bfloat16 (docs/benchmarks.md)
     init_from: str | None = None     # checkpoint whose weights start the model (non-strict)
     gate_lr: float | None = None     # peak LR of gate parameters (None: same as backbone)
     l1_block: float = 0.0            # α, weight of mean |S_L|

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import models
-from dynviz import cache, data, settings
+from dynviz import cache, data, files, settings
 
 KINDS = ("static", "gated", "exits", "cascade")
 
@@ -57,7 +57,7 @@ SYSTEMS: dict[str, SystemSpec] = {s.name: s for s in (
     _static("resnet56"),
     SystemSpec("lcnet_resnet20", "gated", "lcnet_resnet20", (("", "lcnet_resnet20"),)),
     # lcnet_resnet56_kd16: savings in skipped blocks, learning from resnet56, 16 epochs (see
-    # dynviz/train.py)
+    # dynviz/recipes.py)
     SystemSpec("lcnet_resnet56_seq", "gated", "lcnet_resnet56",
                (("", "lcnet_resnet56_kd16"),), (("placement", "sequential"),)),
     SystemSpec("lcnet_resnet56_par", "gated", "lcnet_resnet56",
@@ -113,7 +113,7 @@ def _sha256(path: Path) -> str:
 @functools.lru_cache(maxsize=256)
 def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
     """Digest of a file, remembered while its modification time and size stay the same."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return files.sha256_file(path)
 
 
 def checkpoint_sha(name: str) -> str:

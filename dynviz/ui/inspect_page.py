@@ -77,7 +77,7 @@ def render_result(result) -> None:
                   f"{result.macs / result.macs_dense - 1:+.0%} vs dense", delta_color="inverse")
         timing = ("Measured on this server: the median of a few interleaved runs of the "
                   "dynamic and the dense path, after a warm-up. One image takes milliseconds, "
-                  "so other load on the machine moves it; the README's benchmarks time many.")
+                  "so other load on the machine moves it; docs/benchmarks.md times many.")
         c2.metric("Dynamic run", f"{result.ms_dynamic:.2f} ms", help=timing)
         c3.metric("Dense run", f"{result.ms_dense:.2f} ms",
                   f"{result.ms_dense / result.ms_dynamic:.2f}× speedup", delta_color="off",
