@@ -42,22 +42,6 @@ def real_cifar():
 TRAINED = ("resnet8", "resnet20", "resnet56", "lcnet_resnet20", "exits_resnet56")
 
 
-def write_random_checkpoints(directory, checkpoints: dict[str, str]) -> None:
-    """``checkpoints``: name -> architecture. Random BN statistics and gates, and classifier
-    heads confident enough that policies have something to choose between."""
-    import models
-    from tests.helpers import randomize
-
-    directory.mkdir(parents=True)
-    for i, (name, arch) in enumerate(checkpoints.items()):
-        torch.manual_seed(i)
-        model = randomize(models.create(arch).eval(), seed=i)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and m.out_features == 10:
-                torch.nn.init.normal_(m.weight, std=2 / m.in_features**0.5)
-        torch.save(model.state_dict(), directory / f"{name}.pt")
-
-
 @pytest.fixture(scope="session")
 def app_root(tmp_path_factory):
     """A synthetic CIFAR-10 (502 images per class), random-weight checkpoints of the default
