@@ -162,6 +162,7 @@ class AdaptiveClassifier(nn.Module):
 
 
 def _output(logits: torch.Tensor, trace: AdaptiveTrace) -> Output:
-    stage_macs = torch.from_numpy(trace.stage_macs).to(logits.device)
-    return Output(logits, stage_macs.sum(1), torch.from_numpy(trace.stage_logits).to(logits.device),
-                  stage_macs, trace)
+    """The answer, with the trace's per-stage arrays as tensors when read."""
+    return Output.staged(
+        lambda: torch.from_numpy(trace.stage_logits).to(logits.device),
+        lambda: torch.from_numpy(trace.stage_macs).to(logits.device), logits, trace)

@@ -242,7 +242,7 @@ class GatedResNet(ResNet):
         hw = tuple(x.shape[-2:])
         cost = self.cost if hw == (self.cfg.input_size,) * 2 else self.cost_model(hw)
         trace = GateTrace(scores, cost)
-        return Output.single(logits, trace.macs, trace)
+        return Output.single(logits, lambda: trace.macs, trace)
 
     def dense_config(self) -> ResNetConfig:
         """The configuration of the plain ResNet these gates sit on."""

@@ -81,8 +81,8 @@ class StagedMixin:
             logits.append(stage_logits)
             macs.append(stage_macs)
         stage_logits, stage_macs = torch.stack(logits, 1), torch.stack(macs, 1)
-        return Output(stage_logits[:, -1], stage_macs.sum(1), stage_logits, stage_macs,
-                      self.all_stages_trace(stage_macs))
+        return Output.staged(stage_logits, stage_macs, stage_logits[:, -1],
+                             self.all_stages_trace(stage_macs))
 
     def all_stages_trace(self, stage_macs: torch.Tensor):
         """The trace of running every stage (``forward``); None: nothing beyond the MACs."""

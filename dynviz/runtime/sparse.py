@@ -358,7 +358,7 @@ class FoldedGatedResNet(nn.Module):
         plan = plan if plan is not None else self.plan_for(x.shape[0])
         features, scores = self.forward_blocks(self.forward_stem(x), 0, len(self.blocks), plan)
         trace = GateTrace(scores, self.cost)
-        return Output.single(self.forward_head(features), trace.macs, trace)
+        return Output.single(self.forward_head(features), lambda: trace.macs, trace)
 
     def macs(self) -> int:
         """MACs of one image with every gate open."""
