@@ -405,3 +405,46 @@ def test_native_store_serves_concurrent_callers(runner_module):
     assert 0 < len(native.native.slices()) < 8
     for got, ref in zip(results, expected):
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_threads_of_one_process_build_the_runner_once(monkeypatch, tmp_path):
+    """Two first requests at once: one build, one extension for both."""
+    import time
+
+    calls = []
+
+    def slow_build(directory):
+        calls.append(directory)
+        time.sleep(0.2)                   # long enough for the other thread to arrive
+        return object()
+    monkeypatch.setattr(native_bridge, "_build", slow_build)
+    got = [None, None]
+
+    def work(i):
+        got[i] = native_bridge.load(tmp_path)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got[0] is got[1] is not None
+
+
+@pytest.mark.slow
+def test_a_build_killed_halfway_does_not_hang_the_next_start(runner_module, tmp_path):
+    """A build killed halfway leaves the build directory's lock file behind; the next
+    process must not wait on it (torch's lock is the kernel's, released with its holder)."""
+    import subprocess
+    import sys
+
+    built = native_bridge.build_dir_for(settings.native_dir())
+    copy_root = tmp_path / "native"
+    shutil.copytree(built, native_bridge.build_dir_for(copy_root))   # keeps the timestamps
+    stale = native_bridge.build_dir_for(copy_root) / "lock"
+    stale.touch()
+    run = subprocess.run(
+        [sys.executable, "-c", "from dynviz.runtime import native; m = native.module(); "
+                               "print('loaded' if m is not None else 'none')"],
+        capture_output=True, text=True, timeout=240, cwd=settings.PROJECT_ROOT,
+        env={**__import__("os").environ, "DYNVIZ_NATIVE_DIR": str(copy_root)})
+    assert run.stdout.strip() == "loaded", run.stderr[-2000:]

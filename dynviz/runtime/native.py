@@ -17,9 +17,10 @@ import logging
 import os
 import shutil
 import sys
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable
 
 import torch
 
@@ -29,7 +30,8 @@ from dynviz import settings
 log = logging.getLogger(__name__)
 
 SOURCE = Path(models.__file__).resolve().parent / "csrc" / "blocks.cpp"
-_loaded: dict[Path, ModuleType | None] = {}
+_loaded: dict[Path, ModuleType | None] = {}   # one extension per build directory and process
+_loading = threading.Lock()
 
 
 def module() -> ModuleType | None:
@@ -49,10 +51,11 @@ def build_dir_for(root: Path) -> Path:
 def load(root: Path) -> ModuleType | None:
     """The compiled extension from ``build_dir_for(root)``, compiling it first when it is
     missing or older than its source. ``None``, with the reason logged once per process,
-    when there is no compiler or the build fails."""
+    when there is no compiler or the build fails. Threads of one process build it once."""
     directory = build_dir_for(root)
-    if directory not in _loaded:
-        _loaded[directory] = _build(directory)
+    with _loading:
+        if directory not in _loaded:
+            _loaded[directory] = _build(directory)
     return _loaded[directory]
 
 
@@ -70,24 +73,31 @@ def _build(directory: Path) -> ModuleType | None:
         finally:
             quiet.setLevel(level)
         directory.mkdir(parents=True, exist_ok=True)
+        _put_ninja_on_path()
         if not built:
             log.warning("compiling the native block runner into %s (about a minute, once)",
                         directory)
-        # the ninja that requirements.txt installs beside this interpreter, whether or not its
-        # bin directory is on PATH: another ninja version rewrites the log and rebuilds it all
-        path = os.environ.get("PATH", "")
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
-        try:
-            return cpp_extension.load("dynviz_blocks", [str(SOURCE)],
-                                      build_directory=str(directory),
-                                      extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
-        finally:
-            os.environ["PATH"] = path
+        # processes take turns through torch's lock on the build directory: the kernel's,
+        # released when its holder dies, so a build killed halfway blocks no later start
+        return cpp_extension.load("dynviz_blocks", [str(SOURCE)],
+                                  build_directory=str(directory),
+                                  extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
     except Exception as err:   # compiler or ninja missing or failing: Python blocks run
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
         log.warning("the native block runner could not be built (%s); Python blocks run",
                     reason)
         return None
+
+
+def _put_ninja_on_path() -> None:
+    """The ninja that requirements.txt installs beside this interpreter comes first on PATH,
+    whether or not its bin directory was there (another ninja version rewrites the build
+    log and rebuilds it all). Set once for the process, never undone: a value that changed
+    back and forth would race with other threads reading PATH."""
+    here = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[:1] != [here]:
+        os.environ["PATH"] = os.pathsep.join([here, path]) if path else here
 
 
 def _conv_fields(conv) -> tuple[list[torch.Tensor], list[int]]:
