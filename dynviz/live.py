@@ -17,6 +17,9 @@ from dynviz.policy import Policy
 from models.lcnet import GateTrace
 
 
+SLICE_STORE_BYTES = 64 << 20   # weight slices a live system keeps for recurring channel sets
+
+
 @dataclass(frozen=True)
 class LiveSystem:
     """A system ready to run live: folded for inference, its sparse path calibrated, staged
@@ -41,7 +44,7 @@ def build(name: str, policy: Policy | None = None, model: nn.Module | None = Non
     model = model if model is not None else zoo.load_system(name, device)
     system = runtime.fold(model)
     if calibrate:
-        runtime.calibrate_all(system, (1,))
+        runtime.calibrate_all(system, (1,), cache_bytes=SLICE_STORE_BYTES)
     if system.n_stages > 1:
         policy = policy or operating_points.load_policy(name, operating_points.LOSSES[0])
         if policy is None:

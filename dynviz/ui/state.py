@@ -1,7 +1,9 @@
 """Process-wide cached resources for the pages (the library stays Streamlit-free).
 
-Models, runners and cached outputs are shared by every session (``st.cache_resource``);
-small derived results keyed by scalars use ``st.cache_data``.
+Models, live systems and cached outputs are shared by every session (``st.cache_resource``);
+small derived results keyed by scalars use ``st.cache_data``. The caches that grow with what
+sessions ask for are bounded: live systems (one per system and operating point, each with a
+store of weight slices of at most ``live.SLICE_STORE_BYTES``) and stage timings.
 """
 from __future__ import annotations
 
@@ -10,7 +12,13 @@ import streamlit as st
 from dynviz import (budget, cache, data, gallery, live, operating_points, policy as P,
                     runtime, zoo)
 
-runtime.keep_freed_memory()   # steadier latencies: freed memory is reused, not faulted back in
+
+
+@st.cache_resource(show_spinner=False)
+def _allocator_tuned() -> bool:
+    """Once per process, before the first live timing: freed memory is reused rather than
+    faulted back in, which steadies batch-1 latencies (``runtime.keep_freed_memory``)."""
+    return runtime.keep_freed_memory()
 
 
 @st.cache_resource(show_spinner="Reading the validation split…")
@@ -49,13 +57,18 @@ def outputs(name: str) -> cache.CachedOutputs | None:
             bar.empty()
 
 
-@st.cache_resource(show_spinner="Preparing the live model (calibrating the sparse path)…")
+LIVE_SYSTEMS = 8   # at most this many live systems are kept; the least recently used goes
+
+
+@st.cache_resource(show_spinner="Preparing the live model (calibrating the sparse path)…",
+                   max_entries=LIVE_SYSTEMS)
 def live_system(name: str, policy_json: str | None) -> live.LiveSystem:
+    _allocator_tuned()
     pol = P.Policy.from_json(policy_json) if policy_json else None
     return live.build(name, pol, model=system(name))
 
 
-@st.cache_resource(show_spinner="Timing every stage…")
+@st.cache_resource(show_spinner="Timing every stage…", max_entries=LIVE_SYSTEMS)
 def stage_latency(name: str) -> tuple[list[float], float]:
     return runtime.stage_seconds(runtime.fold(system(name)), batch_size=1)
 
