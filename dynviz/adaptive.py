@@ -68,10 +68,6 @@ class AdaptiveClassifier(nn.Module):
     def dense_counterpart(self) -> nn.Module:
         return self.system.dense_counterpart()
 
-    def macs(self) -> int:
-        """MACs of the dense counterpart: what a budget is a share of."""
-        return self.dense_counterpart().macs()
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> Output:
         """Each image's answer from the stage it left at; the trace is an ``AdaptiveTrace``."""

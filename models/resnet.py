@@ -155,7 +155,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(inplanes, cfg.num_classes)
         self.num_features = inplanes
         self._init_weights(cfg.zero_init_residual)
-        self.dense_macs = sum(self.cost_table().values())   # per image at cfg.input_size
+        self._macs = sum(self.cost_table().values())   # per image at cfg.input_size
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
@@ -204,7 +204,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Output:
         """(B, 3, H, W) normalised images -> ``Output`` (every image costs ``macs()``)."""
-        return Output.static(self.forward_head(self.forward_features(x)), self.dense_macs)
+        return Output.static(self.forward_head(self.forward_features(x)), self._macs)
 
     n_stages = 1
 
@@ -250,7 +250,7 @@ class ResNet(nn.Module):
 
     def macs(self) -> int:
         """MACs of one image at ``cfg.input_size`` through every layer."""
-        return self.dense_macs
+        return self._macs
 
 
 # ---------------------------------------------------------------------------- presets

@@ -194,13 +194,13 @@ def test_staged_bench_groups_images_where_the_batched_system_sends_them(app_env,
 
     rows = staged_bench.bench_staged(system, n_images=24, repeats=1)
     # reference: the same 24 images as one batch (the batched routing, not the batch-1 one)
-    runner = live.build(system)                     # the shipped ≤0.5% policy, as the bench
+    live_system = live.build(system)                     # the shipped ≤0.5% policy, as the bench
     x = data.to_tensor(np.ascontiguousarray(data.get_split("check").images()[:24]))
     with torch.no_grad():
-        trace = runner.system(x).trace
+        trace = live_system.system(x).trace
     labels = np.array([trace.stage_names[e] + ("+jump" if j else "")
                        for e, j in zip(trace.exit_stage, trace.jumped)])
-    dense = runner.dense.macs()
+    dense = live_system.dense.macs()
     assert {r.leaves_at: r.images for r in rows[:-1]} == Counter(labels.tolist())
     for r in rows[:-1]:
         assert r.mac_ratio == pytest.approx(trace.macs[labels == r.leaves_at].mean() / dense,
@@ -229,13 +229,13 @@ def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, system,
               "to the end": P.Policy("constant", "max_prob", "chain", 0.0, (P.NEVER,) * (k - 1)),
               "jump": P.Policy("constant", "max_prob", "jump", 0.0, (P.NEVER,) * (k - 1),
                                (P.ALWAYS,) + (P.NEVER,) * (k - 2))}[route]
-    runner = live.build(system, policy)
-    model = runner.system.system         # the folded stages under the policy
+    live_system = live.build(system, policy)
+    model = live_system.system.system         # the folded stages under the policy
     images = data.get_split("check").images()[:12]
     for i in range(len(images)):
         x = data.to_tensor(np.ascontiguousarray(images[i:i + 1]))
         with torch.no_grad():
-            trace = runner.system(x).trace
+            trace = live_system.system(x).trace
         ran, run_stage = [], model.run_stage
         model.run_stage = lambda k, state: ran.append(k) or run_stage(k, state)
         try:

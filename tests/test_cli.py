@@ -108,9 +108,9 @@ def test_predict_prints_what_inspect_computes_for_each_image(app_env, tmp_path, 
         Image.new("RGB", (48, 40), colour).save(paths[-1])
     assert main(["predict", "lcnet_resnet20", *map(str, paths)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    runner = live.build("lcnet_resnet20")
+    live_system = live.build("lcnet_resnet20")
     assert [line["image"] for line in lines] == list(map(str, paths))
-    wanted = [live.inspect_image(runner, data.preprocess_upload(p.read_bytes())).summary()
+    wanted = [live.inspect_image(live_system, data.preprocess_upload(p.read_bytes())).summary()
               for p in paths]
     assert wanted[0]["top5"] != wanted[1]["top5"]      # so that a mix-up of files shows
     for line, want in zip(lines, wanted):

@@ -46,7 +46,8 @@ def test_forward_backward_reaches_every_parameter(name):
     model = models.create(name, zero_init_residual=False).train()
     x = model_input(model, 2)
     out = model(x)
-    assert out.stage_logits.shape == (2, model.n_stages, out.logits.shape[1])
+    classes = model.dense_counterpart().cfg.num_classes
+    assert out.stage_logits.shape == (2, model.n_stages, classes)
     assert torch.equal(out.logits, out.stage_logits[:, -1])
     assert torch.isfinite(out.stage_logits).all()
     assert out.macs.shape == (2,) and out.stage_macs.shape == (2, model.n_stages)

@@ -258,3 +258,38 @@ def test_inference_convs_with_large_weights_run_on_onednn(monkeypatch):
     assert len(calls) == 1 and w.numel() >= F.ONEDNN_MIN_WEIGHT
     F.conv2d(x.requires_grad_(True), w, b, (1, 1), (1, 1), (1, 1), 1).sum().backward()
     assert len(calls) == 1 and x.grad is not None
+
+
+def test_a_folded_model_is_not_moved_or_cast_and_copies_with_its_plans():
+    """Its blocks are raw tensors, not parameters: ``.to()`` would move the classifier alone,
+    so it refuses. A copy (deepcopy or pickle) of a calibrated one keeps its plans, with an
+    empty store of slices of its own, and computes the same answers."""
+    import copy
+    import pickle
+
+    model = randomize(models.create("lcnet_resnet8").eval(), seed=14)
+    folded = sparse(model)
+    folded.plans[1] = SparsePlan(0.5, 1.0, SliceCache(1 << 20))
+    x = model_input(model, 1)
+    with torch.no_grad():
+        folded(x)                                  # the store now holds the sets seen
+    for cast in (lambda m: m.to(torch.float64), lambda m: m.double(), lambda m: m.cpu()):
+        with pytest.raises(TypeError, match="fold the model on the device"):
+            cast(folded)
+    for twin in (copy.deepcopy(folded), pickle.loads(pickle.dumps(folded))):
+        assert (twin.plans[1].slice_below, twin.plans[1].slice_below_cached) == (0.5, 1.0)
+        assert len(twin.plans[1].cache) == 0 and twin.plans[1].cache is not folded.plans[1].cache
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x).logits, folded(x).logits)
+
+
+def test_a_plan_gives_each_block_its_own_limits():
+    plan = SparsePlan((0.25, 0.5), (0.75, 1.0), None, (True, False))
+    assert [plan.block(i).slice_below for i in (0, 1)] == [0.25, 0.5]
+    assert [plan.block(i).slice_below_cached for i in (0, 1)] == [0.75, 1.0]
+    assert [plan.block(i).pool_by_matmul for i in (0, 1)] == [True, False]
+    assert plan.native_limits(2) == ([0.25, 0.5], [0.75, 1.0], 0)
+    same = SparsePlan(0.5, cache=SliceCache(123))
+    assert same.native_limits(3) == ([0.5] * 3, [0.5] * 3, 123)
+    with pytest.raises(ValueError, match="different lengths"):
+        SparsePlan((0.5,), (0.5, 0.5))

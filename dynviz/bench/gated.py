@@ -44,9 +44,9 @@ def set_gate_pattern(model: GatedResNet, x: torch.Tensor, blocks_off: float,
             w = torch.randn(fc.weight.shape, generator=g).to(fc.weight)
             u = pooled @ w.T                                      # (B, out)
             scale = u.std(0).clamp_min(1e-12)
-            cut = _cut(u, p_off)                                  # (out,)
+            threshold = _threshold(u, p_off)                      # (out,)
             fc.weight.copy_(k * w / scale[:, None])
-            fc.bias.copy_(-k * cut / scale)
+            fc.bias.copy_(-k * threshold / scale)
         if same_channels:
             fc = block.channel_gate.fc
             n_off = round(channels_off * fc.out_features)
@@ -56,7 +56,7 @@ def set_gate_pattern(model: GatedResNet, x: torch.Tensor, blocks_off: float,
         h, _ = block(h)
 
 
-def _cut(u: torch.Tensor, p_off: float) -> torch.Tensor:
+def _threshold(u: torch.Tensor, p_off: float) -> torch.Tensor:
     """Per column of ``u`` (B, out), a value with round(p_off·B) entries below it and the
     rest above: the midpoint of the two order statistics around it; none or all below:
     one standard deviation beyond the extreme (a margin no rounding difference crosses)."""
@@ -215,9 +215,9 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
             log.warning("no CIFAR-10 validation images: timing trained gates on noise")
         pool = _inputs(gated, n_images, seed)
     pool = pool.to(device).contiguous(memory_format=torch.channels_last)
+    gated = gated.to(device, memory_format=torch.channels_last)
     if not checkpoint:
         set_gate_pattern(gated, pool[:256], blocks_off, channels_off, seed, same_channels)
-    gated = gated.to(device, memory_format=torch.channels_last)
     masked = runtime.fuse_batchnorm(gated)
     sparse = runtime.fold(gated, use_native=use_native)
     plain = runtime.fold(plain.to(device, memory_format=torch.channels_last),

@@ -56,12 +56,12 @@ def bench_staged(name: str = "exits_resnet56", *, loss: float = 0.005, n_images:
     if policy is None:
         raise FileNotFoundError(f"no shipped ≤{loss * 100:g}% policy for {name}; run "
                                 "`python -m dynviz policies`")
-    runner = live.build(name, policy)
-    system = runner.system.system        # the folded stages, without the policy
+    live_system = live.build(name, policy)
+    system = live_system.system.system   # the folded stages, without the policy
     images = data.get_split("check").images()[:n_images]
-    xs = [data.to_tensor(np.ascontiguousarray(images[i:i + 1]), runner.device)
+    xs = [data.to_tensor(np.ascontiguousarray(images[i:i + 1]), live_system.device)
           for i in range(len(images))]
-    traces = [runner.system(x).trace for x in xs]
+    traces = [live_system.system(x).trace for x in xs]
     groups: dict[str, list[int]] = {}
     for i, t in enumerate(traces):
         label = t.stage_names[t.exit_stage[0]] + ("+jump" if t.jumped[0] else "")
@@ -70,12 +70,12 @@ def bench_staged(name: str = "exits_resnet56", *, loss: float = 0.005, n_images:
     fns = {}
     for label in order:
         members = groups[label]
-        fns[label, "dense"] = lambda m=members: [runner.dense(xs[i]) for i in m]
+        fns[label, "dense"] = lambda m=members: [live_system.dense(xs[i]) for i in m]
         fns[label, "stages"] = lambda m=members: [
             _replay(system, xs[i], traces[i].decisions[0], bool(traces[i].jumped[0])) for i in m]
-        fns[label, "dynamic"] = lambda m=members: [runner.system(xs[i]) for i in m]
-    times = runtime.round_robin_times(fns, repeats=repeats, device=runner.device)
-    dense_macs = runner.dense.macs()
+        fns[label, "dynamic"] = lambda m=members: [live_system.system(xs[i]) for i in m]
+    times = runtime.round_robin_times(fns, repeats=repeats, device=live_system.device)
+    dense_macs = live_system.dense.macs()
     rows = []
     for label, labels in [(g, [g]) for g in order] + [("all", order)]:
         members = [i for g in labels for i in groups[g]]

@@ -50,7 +50,7 @@ def calibrate(model: FoldedGatedResNet, batch_size: int, *, repeats: int = 5,
     whose convs outweigh the per-op overhead that sets the two apart.
     """
     device = next(model.parameters()).device
-    ext = model.ext if batch_size == 1 else None
+    ext = model.ext if batch_size == 1 else None        # (None off the CPU: FoldedNet)
     threshold = _slice_threshold if ext is None else partial(_native_slice_threshold, ext)
     measured: dict[tuple, tuple[float, float]] = {}
     by_matmul: dict[tuple, bool] = {}

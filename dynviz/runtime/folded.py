@@ -32,7 +32,7 @@ def _slice(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> torch.Tens
 
 
 # Convs whose weight has at least this many elements run on oneDNN whatever the input: for a
-# small CPU input torch otherwise picks its im2col convolution, under which a cut wide conv
+# small CPU input torch otherwise picks its im2col convolution, under which a sliced wide conv
 # ran slower than the whole one; for CIFAR's small convs torch's choice is the faster
 # (docs/benchmarks.md). The native runner (models/csrc/blocks.cpp) applies the same rule.
 ONEDNN_MIN_WEIGHT = 1 << 16
@@ -89,7 +89,7 @@ class FoldedConv(NamedTuple):
 
     def restrict(self, out_ch: torch.Tensor | None = None, in_ch: torch.Tensor | None = None,
                  scale: torch.Tensor | float = 1.0) -> FoldedConv:
-        """This conv cut for good to output channels ``out_ch`` and input channels ``in_ch``
+        """This conv sliced for good to output channels ``out_ch`` and input channels ``in_ch``
         (the weight slices gathered now). ``scale`` folds a factor into the weights: a number
         multiplies the output; a (C_in',) tensor multiplies each kept input channel."""
         weight, bias = self.weight, self.bias
@@ -129,8 +129,10 @@ class FoldedBlock(NamedTuple):
         return out.add_(identity).relu_()
 
 
-class FoldedResNet(nn.Module):
-    """A plain ResNet folded for inference (see the module docstring).
+class FoldedNet(nn.Module):
+    """What folded networks share: a stem, blocks of raw tensors (run from Python, or from
+    C++ by the native runner when ``ext`` is given), a classifier, and the MACs of the
+    source network. It holds nothing to train and lives on the device it was folded on.
 
     Args:
         stem: the stem conv with its BN folded in; ``maxpool`` after it (ImageNet stems).
@@ -142,25 +144,55 @@ class FoldedResNet(nn.Module):
     """
     n_stages = 1
 
-    def __init__(self, stem: FoldedConv, maxpool: nn.Module, blocks: list[FoldedBlock],
-                 fc: nn.Linear, macs: int, block_names: list[str], ext=None):
+    def __init__(self, stem: FoldedConv, maxpool: nn.Module, blocks: list, fc: nn.Linear,
+                 macs: int, block_names: list[str], ext=None):
         super().__init__()
         self.stem, self.maxpool, self.fc = stem, maxpool, fc
         self.blocks = list(blocks)
-        self.dense_macs = macs
+        self.source_macs = macs
         self.names = list(block_names)
-        self.ext = ext
+        self.ext = ext if stem.weight.device.type == "cpu" else None   # the runner is CPU-only
         self.native = self.native_runner()
 
+    def native_spec(self, block) -> tuple[list[torch.Tensor], list[int]]:
+        """One block in the native runner's layout (``native.block_spec``)."""
+        raise NotImplementedError
+
     def native_runner(self):
-        """A new native runner over the blocks (None without the extension)."""
+        """A new native runner over the blocks, its store of slices empty (None without the
+        extension)."""
         if self.ext is None:
             return None
-        return native.blocks(self.ext, [native.block_spec(*block) for block in self.blocks])
+        return native.blocks(self.ext, [self.native_spec(block) for block in self.blocks])
 
     def __getstate__(self):
         """A copy or a pickle runs Python blocks: the extension stays with this process."""
         return super().__getstate__() | {"ext": None, "native": None}
+
+    def _apply(self, fn, recurse=True):
+        # the blocks' tensors are not parameters: moving only the classifier would leave a
+        # model split between devices or dtypes
+        raise TypeError(f"a {type(self).__name__} is not moved or cast: fold the model on "
+                        f"the device and in the dtype it will run in")
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.stem(x).relu_())
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def macs(self) -> int:
+        return self.source_macs
+
+    def stage_macs(self) -> list[int]:
+        return [self.source_macs]
+
+    def block_names(self) -> list[str]:
+        return list(self.names)
+
+
+class FoldedResNet(FoldedNet):
+    """A plain ResNet folded for inference (see the module docstring)."""
 
     @classmethod
     def fold(cls, model: nn.Module, ext=None) -> FoldedResNet:
@@ -170,8 +202,8 @@ class FoldedResNet(nn.Module):
                    blocks, copy.deepcopy(model.fc).requires_grad_(False), model.macs(),
                    model.block_names(), ext)
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.maxpool(self.stem(x).relu_())
+    def native_spec(self, block: FoldedBlock):
+        return native.block_spec(*block)
 
     def forward_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Blocks ``start`` .. ``stop - 1``, from C++ when the native runner takes ``x``."""
@@ -180,9 +212,6 @@ class FoldedResNet(nn.Module):
         for block in self.blocks[start:stop]:
             x = block(x)
         return x
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
     def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
         """Outputs of blocks ``indices`` (ascending)."""
@@ -195,16 +224,7 @@ class FoldedResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Output:
         x = self.forward_blocks(self.forward_stem(x), 0, len(self.blocks))
-        return Output.static(self.forward_head(x), self.dense_macs)
-
-    def macs(self) -> int:
-        return self.dense_macs
-
-    def stage_macs(self) -> list[int]:
-        return [self.dense_macs]
-
-    def block_names(self) -> list[str]:
-        return list(self.names)
+        return Output.static(self.forward_head(x), self.source_macs)
 
     def dense_counterpart(self) -> FoldedResNet:
         return self

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -21,21 +21,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynviz.runtime import native
-from dynviz.runtime.folded import FoldedBlock, FoldedConv, FoldedResNet, fold_block
+from dynviz.runtime.folded import FoldedBlock, FoldedConv, FoldedNet, FoldedResNet, fold_block
 from models.lcnet import CostModel, GateTrace
 from models.output import Output
 
 
 class SliceCache:
-    """A thread-safe LRU of convs cut to a channel set (``FoldedConv.restrict``), keyed by
-    the conv's weight, the dimension cut and the set.
+    """A thread-safe LRU of convs sliced to a channel set (``FoldedConv.restrict``), keyed by
+    the conv's weight, the dimension sliced and the set.
 
     Gathering a slice of a wide conv weight costs a good share of the conv itself at batch 1
     (docs/benchmarks.md); trained C-Nets reuse a few channel sets over and over, so keeping
-    the cut convs pays. Entries are
-    immutable; the cache evicts least-recently-used ones beyond ``max_bytes``. The native
-    runner keeps its cuts in a store of its own (``SliceStore`` in ``models/csrc/blocks.cpp``)
-    with the same rules, within this ``max_bytes``.
+    the sliced convs pays. Entries are immutable; the cache evicts least-recently-used ones
+    beyond ``max_bytes``. The native runner keeps its slices in a store of its own
+    (``SliceStore`` in ``models/csrc/blocks.cpp``) with the same rules, within this
+    ``max_bytes``.
     """
 
     def __init__(self, max_bytes: int = 256 << 20, max_seen: int = 4096):
@@ -45,6 +45,13 @@ class SliceCache:
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """A copy starts empty, with a lock of its own."""
+        return {"max_bytes": self.max_bytes, "max_seen": self.max_seen}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     @staticmethod
     def channel_key(channels: torch.Tensor) -> bytes:
@@ -75,18 +82,18 @@ class SliceCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-        cut = conv.restrict(out_ch=channels) if dim == 0 else conv.restrict(in_ch=channels)
-        size = cut.nbytes
+        sliced = conv.restrict(out_ch=channels) if dim == 0 else conv.restrict(in_ch=channels)
+        size = sliced.nbytes
         if size > self.max_bytes:
-            return cut
+            return sliced
         with self._lock:
             if key not in self._entries:
-                self._entries[key] = cut
+                self._entries[key] = sliced
                 self._bytes += size
                 while self._bytes > self.max_bytes:
                     _, old = self._entries.popitem(last=False)
                     self._bytes -= old.nbytes
-        return cut
+        return sliced
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,36 +117,41 @@ class SparsePlan:
     multiplies the dense output by the mask otherwise. 1.0 always slices, 0.0 never does.
     ``pool_by_matmul[i]`` chooses how block ``i`` pools its input for the gates
     (``pooled_sum``). ``dynviz.runtime.calibrate`` measures all of these on the current device.
-    The native runner follows the same limits and keeps the cuts of recurring sets in its
+    The native runner follows the same limits and keeps the slices of recurring sets in its
     own store, up to ``cache.max_bytes`` (no ``cache``: nothing kept).
     """
     slice_below: tuple[float, ...] | float = 1.0
     slice_below_cached: tuple[float, ...] | float | None = None  # None: as slice_below
     cache: SliceCache | None = None
     pool_by_matmul: tuple[bool, ...] | bool = False
+    # per block, derived from the above once (one plan for every block when none is a tuple)
+    blocks: tuple[BlockPlan, ...] | BlockPlan = field(init=False, repr=False, compare=False)
 
-    def _at(self, values, index: int) -> float:
-        return float(values) if isinstance(values, float | int) else values[index]
+    def __post_init__(self):
+        cached = self.slice_below if self.slice_below_cached is None else self.slice_below_cached
+        fields = (self.slice_below, cached, self.pool_by_matmul)
+        lengths = {len(v) for v in fields if isinstance(v, tuple)}
+        if len(lengths) > 1:
+            raise ValueError(f"per-block limits of different lengths: {sorted(lengths)}")
+
+        def at(values, i):
+            return values[i] if isinstance(values, tuple) else values
+        plans = tuple(BlockPlan(float(at(self.slice_below, i)), float(at(cached, i)),
+                                self.cache, bool(at(self.pool_by_matmul, i)))
+                      for i in range(lengths.pop() if lengths else 1))
+        object.__setattr__(self, "blocks", plans if isinstance(self.slice_below, tuple) or
+                           isinstance(cached, tuple) or isinstance(self.pool_by_matmul, tuple)
+                           else plans[0])
+
+    def block(self, index: int) -> BlockPlan:
+        return self.blocks if isinstance(self.blocks, BlockPlan) else self.blocks[index]
 
     def native_limits(self, n_blocks: int) -> tuple[list[float], list[float], int]:
         """The native runner's arguments: per block the fresh and the cached limit, and the
-        bytes its store of cuts may hold."""
-        memo = self.__dict__.setdefault("_native", {})   # the plan is immutable: build once
-        if n_blocks not in memo:
-            blocks = [self.block(i) for i in range(n_blocks)]
-            memo[n_blocks] = ([b.slice_below for b in blocks],
-                              [b.slice_below_cached for b in blocks],
-                              0 if self.cache is None else self.cache.max_bytes)
-        return memo[n_blocks]
-
-    def block(self, index: int) -> BlockPlan:
-        memo = self.__dict__.setdefault("_blocks", {})   # the plan is immutable: build once
-        if index not in memo:
-            cached = self.slice_below if self.slice_below_cached is None \
-                else self.slice_below_cached
-            memo[index] = BlockPlan(self._at(self.slice_below, index), self._at(cached, index),
-                                    self.cache, bool(self._at(self.pool_by_matmul, index)))
-        return memo[index]
+        bytes its store of slices may hold."""
+        blocks = [self.block(i) for i in range(n_blocks)]
+        return ([b.slice_below for b in blocks], [b.slice_below_cached for b in blocks],
+                0 if self.cache is None else self.cache.max_bytes)
 
 
 def pooled_sum(x: torch.Tensor, by_matmul: bool = False) -> torch.Tensor:
@@ -283,72 +295,51 @@ class FoldedGatedBlock(NamedTuple):
 DEFAULT_PLAN = SparsePlan()   # slice whenever a channel is off; keep no slices
 
 
-class FoldedGatedResNet(nn.Module):
+class FoldedGatedResNet(FoldedNet):
     """A gated ResNet folded for inference; its forward runs the sparse path and answers an
     ``Output`` whose trace is a ``GateTrace``, as the masked model does.
 
     ``plans`` maps a batch size to the ``SparsePlan`` calibrated for it (``calibrate``);
     a batch runs under the plan of the nearest batch size, or ``DEFAULT_PLAN``.
     """
-    n_stages = 1
 
     def __init__(self, model: nn.Module, ext=None):
         """``model``: a ``models.lcnet.GatedResNet`` in eval mode; ``ext``: the native
         runner's extension (``native.module()``), or None: Python blocks."""
-        super().__init__()
-        self.stem = FoldedConv.fold(model.conv1, model.bn1)
-        self.maxpool = copy.deepcopy(model.maxpool)
-        self.fc = copy.deepcopy(model.fc).requires_grad_(False)
-        self.blocks = [FoldedGatedBlock.fold(block) for block in model.blocks]
+        super().__init__(FoldedConv.fold(model.conv1, model.bn1), copy.deepcopy(model.maxpool),
+                         [FoldedGatedBlock.fold(block) for block in model.blocks],
+                         copy.deepcopy(model.fc).requires_grad_(False), model.macs(),
+                         model.block_names(), ext)
         self.input_hw = (model.cfg.input_size, model.cfg.input_size)
         self.cost: CostModel = model.cost
-        self.gated_macs = model.macs()
-        self.names = model.block_names()
         self.block_shapes = _block_input_shapes(model)
         self.plans: dict[int, SparsePlan] = {}
-        self.ext = ext
-        self.native = self.native_runner()
         self.dense = FoldedResNet(self.stem, self.maxpool, [b.plain for b in self.blocks],
-                                  self.fc, model.plain_macs(), self.names, ext)
+                                  self.fc, model.plain_macs(), self.names, self.ext)
 
-    def native_runner(self):
-        """A new native runner over the blocks, its store of cuts empty (None without the
-        extension)."""
-        if self.ext is None:
-            return None
-        return native.blocks(self.ext, [
-            native.block_spec(b.conv1, b.conv2, b.conv3, b.downsample,
-                              gate_weight=b.gate_weight, gate_bias=b.gate_bias,
-                              mid_channels=b.mid_channels, sequential=b.sequential)
-            for b in self.blocks])
-
-    def __getstate__(self):
-        """A copy or a pickle runs Python blocks: the extension stays with this process."""
-        return super().__getstate__() | {"ext": None, "native": None}
+    def native_spec(self, block: FoldedGatedBlock):
+        return native.block_spec(block.conv1, block.conv2, block.conv3, block.downsample,
+                                 gate_weight=block.gate_weight, gate_bias=block.gate_bias,
+                                 mid_channels=block.mid_channels, sequential=block.sequential)
 
     def plan_for(self, batch: int) -> SparsePlan:
         if not self.plans:
             return DEFAULT_PLAN
         return self.plans[min(self.plans, key=lambda b: abs(b - batch))]
 
-    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.maxpool(self.stem(x).relu_())
-
     def forward_blocks(self, x: torch.Tensor, start: int, stop: int, plan: SparsePlan):
         """Blocks ``start`` .. ``stop - 1`` on the sparse path; returns the features and each
         block's (B, 1 + C_mid) scores. The native runner, when it takes ``x``, runs the gates,
-        decisions, slicing (keeping recurring cuts in its own store) and merges in C++."""
+        decisions, slicing (keeping the slices of recurring sets in its own store) and merges
+        in C++."""
         if self.native is not None and native.accepts(x):
-            fresh, cached, cache_bytes = plan.native_limits(len(self.blocks))
-            return self.native.gated(x, start, stop, fresh, cached, cache_bytes)
+            fresh, cached, store_bytes = plan.native_limits(len(self.blocks))
+            return self.native.gated(x, start, stop, fresh, cached, store_bytes)
         scores = []
         for i in range(start, stop):
             x, block_scores = self.blocks[i].run(x, plan.block(i))
             scores.append(block_scores)
         return x, scores
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
     def forward(self, x: torch.Tensor, plan: SparsePlan | None = None) -> Output:
         """``plan``: the ``SparsePlan`` to run under (default: ``plan_for`` the batch)."""
@@ -359,16 +350,6 @@ class FoldedGatedResNet(nn.Module):
         features, scores = self.forward_blocks(self.forward_stem(x), 0, len(self.blocks), plan)
         trace = GateTrace(scores, self.cost)
         return Output.single(self.forward_head(features), lambda: trace.macs, trace)
-
-    def macs(self) -> int:
-        """MACs of one image with every gate open."""
-        return self.gated_macs
-
-    def stage_macs(self) -> list[int]:
-        return [self.gated_macs]
-
-    def block_names(self) -> list[str]:
-        return list(self.names)
 
     def dense_counterpart(self) -> FoldedResNet:
         """The plain network with the same folded weights (gates removed)."""
