@@ -1,5 +1,5 @@
 """The native block runner (models/csrc/blocks.cpp) against the Python paths it replaces:
-frozen plain blocks, the gated sparse path at batch 1 and in batches (with its slicing and
+folded plain blocks, the gated sparse path at batch 1 and in batches (with its slicing and
 its store of recurring cuts), and static cuts."""
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _no_python_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("name,size", [("resnet20", 32), ("resnet18", 64), ("resnet50", 64)])
-def test_native_plain_blocks_compute_the_frozen_python_blocks(runner_module, name, size,
+def test_native_plain_blocks_compute_the_folded_python_blocks(runner_module, name, size,
                                                              monkeypatch):
     model = randomize(models.create(name).eval(), seed=20)
     python, native = _fold_both(model)

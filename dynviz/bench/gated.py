@@ -150,7 +150,7 @@ class GatedBenchRow:
     blocks_off: float         # measured on the timed images: blocks with S_L = 0
     channels_off: float       # channels with S_C = 0, over the blocks that ran
     same_channels: bool
-    runner: str               # native: frozen blocks run from C++ (both networks); python
+    runner: str               # native: folded blocks run from C++ (both networks); python
     macs_dense: int
     macs_sparse: float        # mean traced MACs per image
     mac_reduction: float      # 1 - sparse / dense
@@ -195,7 +195,7 @@ def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
     one batch; both as medians of ``repeats`` after warm-up. ``checkpoint`` loads trained
     weights and keeps their gates (``blocks_off``/``channels_off`` are then ignored); the
     images are then CIFAR-10 validation images, as trained gates decide on real inputs.
-    ``use_native``: both networks' frozen blocks, and the sparse path, run from C++
+    ``use_native``: both networks folded blocks, and the sparse path, run from C++
     (``runtime.fold``; None: when the runner can be built).
     """
     device = settings.device()

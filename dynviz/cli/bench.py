@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-calibrate", action="store_true",
                    help="always slice channels instead of calibrating per block")
     p.add_argument("--runner", choices=["auto", "native", "python"], default="auto",
-                   help="run the frozen blocks of both networks from C++ (native) or Python; "
+                   help="run the folded blocks of both networks from C++ (native) or Python; "
                         "auto: native when it can be built")
     p.set_defaults(func=_cmd_bench_gated)
 

@@ -1,4 +1,4 @@
-// The blocks of a frozen (BN-folded) ResNet, run from C++: no Python between the ops.
+// The blocks of a folded (BN-folded) ResNet, run from C++: no Python between the ops.
 //
 // At batch 1 a CIFAR block's two convs take ~150 us and every op called from Python costs
 // 3-10 us of argument parsing and dispatch; the gated path adds gates (pool, matrix-vector
