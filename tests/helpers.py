@@ -128,3 +128,36 @@ def synthetic_outputs(n: int = 600, k: int = 3, classes: int = 10, seed: int = 0
     costs *= rng.uniform(0.9, 1.1, (n, k))                        # per-image variation
     jump_costs = costs[:, -1] * 1.2 if jump else None
     return StageOutputs(logits.astype(np.float32), labels, costs, jump_costs)
+
+
+def colour_images(n: int, seed: int = 0) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 noise, each image with a colour cast of its own."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 1, 1, 3))                     # per-image colour cast
+    noise = rng.integers(-60, 60, (n, 32, 32, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def confident_system(name: str, **kw):
+    """A registry model with random BN statistics and confident, varied classifier heads."""
+    import models
+
+    torch.manual_seed(0)                                          # the builders' init
+    system = models.create(name, **kw).eval()
+    for i, module in enumerate(system.modules()):
+        if isinstance(module, torch.nn.Linear):                  # confident, varied heads
+            torch.nn.init.normal_(module.weight, std=1.5 / module.in_features**0.5,
+                                  generator=torch.Generator().manual_seed(i))
+    return randomize(system, seed=11)
+
+
+def stage_outputs_of(system, x) -> StageOutputs:
+    """Every stage of ``system`` on ``x`` as cached outputs; the last stage is mostly right."""
+    with torch.no_grad():
+        out = system(x)
+    logits, macs = out.stage_logits, out.stage_macs
+    # a cascade's trace: what its last network costs on its own (a jump's cost)
+    jump = out.trace.jump_macs.numpy().astype(float) if system.can_jump else None
+    labels = logits[:, -1].argmax(1).numpy()                     # the last stage is "right"
+    labels[::7] = (labels[::7] + 1) % 10                          # ... mostly
+    return StageOutputs(logits.numpy(), labels, macs.numpy().astype(float), jump)

@@ -123,25 +123,6 @@ def test_static_cut_keeps_a_block_whose_channels_are_all_off():
     torch.testing.assert_close(logits, masked, rtol=1e-5, atol=1e-5)
 
 
-def test_round_robin_runs_each_function_once_per_round():
-    calls = []
-    times = runtime.round_robin_times({"a": lambda: calls.append("a"),
-                                      "b": lambda: calls.append("b")}, repeats=3, warmup=2)
-    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
-    assert [len(t) for t in times.values()] == [3, 3]
-
-
-def test_paired_ratio_is_the_median_of_per_round_ratios():
-    # a load burst slows the sparse run of rounds 2-4 and the dense run of rounds 4-5: the
-    # ratio of medians (2/3) follows the burst, the median of round ratios does not
-    dense, sparse = [2.0, 2.0, 2.0, 6.0, 6.0], [1.0, 3.0, 3.0, 3.0, 1.0]
-    assert runtime.paired_ratio(dense, sparse) == 2.0
-    ratios = sorted(d / s for d, s in zip(dense, sparse))
-    assert runtime.paired_ratio(dense, sparse) == ratios[2]
-    with pytest.raises(ValueError):
-        runtime.paired_ratio([1.0], [1.0, 2.0])
-
-
 @pytest.mark.parametrize("name", ["resnet20", "resnet50"])
 def test_network_parts_partition_the_forward_and_its_macs(name):
     """bench stages' parts, run in turn, are the network, and their MACs add up to what
@@ -245,13 +226,3 @@ def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, system,
             del model.run_stage
         # reference: the stages the trace charged MACs to, in order
         assert ran == np.flatnonzero(trace.stage_macs[0] > 0).tolist()
-
-
-def test_glibc_accepts_the_allocator_settings():
-    """Both mallopt calls succeed where glibc is the C library (this project's machines):
-    without them the batch-1 timings swing with page faults (see runtime.keep_freed_memory)."""
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("not glibc")
-    assert runtime.keep_freed_memory() is True

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from dynviz import data, live
+from dynviz import live
 
 TIMINGS = ("ms_dynamic", "ms_dense")
 

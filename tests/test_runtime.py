@@ -293,3 +293,32 @@ def test_a_plan_gives_each_block_its_own_limits():
     assert same.native_limits(3) == ([0.5] * 3, [0.5] * 3, 123)
     with pytest.raises(ValueError, match="different lengths"):
         SparsePlan((0.5,), (0.5, 0.5))
+
+
+def test_round_robin_runs_each_function_once_per_round():
+    calls = []
+    times = runtime.round_robin_times({"a": lambda: calls.append("a"),
+                                      "b": lambda: calls.append("b")}, repeats=3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert [len(t) for t in times.values()] == [3, 3]
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # a load burst slows the sparse run of rounds 2-4 and the dense run of rounds 4-5: the
+    # ratio of medians (2/3) follows the burst, the median of round ratios does not
+    dense, sparse = [2.0, 2.0, 2.0, 6.0, 6.0], [1.0, 3.0, 3.0, 3.0, 1.0]
+    assert runtime.paired_ratio(dense, sparse) == 2.0
+    ratios = sorted(d / s for d, s in zip(dense, sparse))
+    assert runtime.paired_ratio(dense, sparse) == ratios[2]
+    with pytest.raises(ValueError):
+        runtime.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_glibc_accepts_the_allocator_settings():
+    """Both mallopt calls succeed where glibc is the C library (this project's machines):
+    without them the batch-1 timings swing with page faults (see runtime.keep_freed_memory)."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert runtime.keep_freed_memory() is True

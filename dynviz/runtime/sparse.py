@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dynviz.runtime import native
 from dynviz.runtime.folded import FoldedBlock, FoldedConv, FoldedNet, FoldedResNet, fold_block
