@@ -7,9 +7,10 @@
 // path moves memory the dense network does not (a block's sub-batch gathered, its outputs
 // merged back, every image pooled for the next gates); one loop per image merges an output
 // back and pools it. Where computing only a block's active channels pays, the runner runs
-// its convs cut to them, keeping the cuts of recurring channel sets. `models/native.py`
-// builds and loads this file; the Python paths in `models/resnet.py` and `models/lcnet.py`
-// are the reference it is tested against, and what runs when it cannot be built.
+// its convs sliced to them, keeping the slices of recurring channel sets.
+// `dynviz/runtime/native.py` builds and loads this file; the Python paths of the folded
+// blocks (`dynviz/runtime/folded.py`, `dynviz/runtime/sparse.py`) are the reference it is
+// tested against, and what runs when it cannot be built.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -28,9 +29,9 @@ namespace {
 
 using torch::Tensor;
 
-// Large weights run on oneDNN whatever the input size (models/resnet.py ONEDNN_MIN_WEIGHT:
-// torch's heuristic sends one small image to its im2col convolution, 2x slower here for
-// ResNet-50's cut last-stage convs).
+// Large weights run on oneDNN whatever the input size (dynviz/runtime/folded.py
+// ONEDNN_MIN_WEIGHT: torch's heuristic sends one small image to its im2col convolution,
+// slower for ResNet-50's sliced last-stage convs: docs/benchmarks.md).
 constexpr int64_t kOneDnnMinWeight = 1 << 16;
 
 struct Conv {
