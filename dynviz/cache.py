@@ -3,8 +3,10 @@ system on one split, as flat ``.npy`` arrays plus ``manifest.json``.
 
 One directory per (system, checkpoint sha256, split fingerprint); written atomically (a
 temporary directory renamed into place), read memory-mapped, rebuilt when the checkpoint or
-the data changes (the old directory of that system and split is removed). Policies, the
-Budget page and the evaluation read only these arrays.
+the data changes (the old directory of that system and split is then removed). A local
+cache that cannot be read whole (a damaged disk, a hand edit) is set aside as
+``<dir>.corrupt-<time>`` and rebuilt; a shipped one (assets/) is never moved: the error says
+how to restore it. Policies, the Budget page and the evaluation read only these arrays.
 """
 from __future__ import annotations
 
@@ -23,12 +25,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dynviz import __version__, data, settings
+from dynviz import __version__, data, files, settings
 from dynviz.policy import StageOutputs
 
 log = logging.getLogger(__name__)
 
-ARRAYS = ("labels", "logits", "stage_macs", "jump_macs", "block_scores", "channel_scores")
+RESTORE_SHIPPED = "git checkout -- assets/"
+
+
+class CorruptCacheError(ValueError):
+    """A cache directory whose manifest or arrays cannot be read, or disagree."""
+
+    def __init__(self, directory: Path, reason: str, hint: str = ""):
+        super().__init__(f"cached outputs {directory} are corrupt: {reason}{hint}")
+        self.directory, self.reason = directory, reason
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,11 +116,13 @@ def compute_outputs(model: nn.Module, images: np.ndarray, *, device: torch.devic
 
 def _write(directory: Path, arrays: dict[str, np.ndarray], manifest: dict) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
+    files.remove_leftovers(directory.parent, ".tmp-*")
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tmp-"))
     try:
         for name, value in arrays.items():
-            np.save(tmp / f"{name}.npy", value)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            with files.atomic_write(tmp / f"{name}.npy") as f:
+                np.save(f, value)
+        files.atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -120,10 +132,47 @@ def _write(directory: Path, arrays: dict[str, np.ndarray], manifest: dict) -> No
 
 
 def load(directory: Path) -> CachedOutputs:
-    manifest = json.loads((directory / "manifest.json").read_text())
-    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r")
-              for name in ARRAYS if (directory / f"{name}.npy").exists()}
+    """The cache in ``directory``, its arrays memory-mapped.
+
+    Raises:
+        CorruptCacheError: the manifest is missing or not JSON, or an array it lists is
+            missing, unreadable (truncated) or of another shape than it says.
+    """
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise CorruptCacheError(directory, "manifest.json is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptCacheError(directory, f"manifest.json is unreadable ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shapes"), dict) \
+            or "labels" not in manifest["shapes"] or not isinstance(manifest.get("ids"), list):
+        raise CorruptCacheError(directory, "manifest.json lacks the arrays' shapes or ids")
+    arrays = {}
+    for name, shape in manifest["shapes"].items():
+        try:
+            arrays[name] = np.load(directory / f"{name}.npy", mmap_mode="r")
+        except FileNotFoundError:
+            raise CorruptCacheError(directory, f"{name}.npy is missing") from None
+        except (OSError, ValueError, EOFError) as err:
+            raise CorruptCacheError(directory, f"{name}.npy is unreadable, truncated? "
+                                               f"({err})") from None
+        got = list(arrays[name].shape)
+        if got != shape or got[:1] != [len(manifest["ids"])]:
+            raise CorruptCacheError(directory, f"{name}.npy holds {got}, the manifest says "
+                                               f"{shape} for {len(manifest['ids'])} images")
     return CachedOutputs(directory, manifest, arrays)
+
+
+def _load_or_set_aside(directory: Path) -> CachedOutputs | None:
+    """The cache in ``directory``; None when there is none, or when it was corrupt (it is
+    then set aside, with a warning, to be rebuilt)."""
+    if not directory.exists():
+        return None
+    try:
+        return load(directory)
+    except CorruptCacheError as err:
+        files.set_aside(directory, err.reason)
+        return None
 
 
 def directory_for(system: str, split: data.Split, checkpoint_sha: str,
@@ -136,16 +185,25 @@ def find(system: str, split: data.Split | str, checkpoint_sha: str) -> CachedOut
     """A fresh cache of ``system`` on ``split``: the shipped one in assets/ or the local one.
 
     ``split`` may be just a split's name, when its images are absent: any cache of that
-    split and checkpoint is then taken, as its data fingerprint cannot be checked.
+    split and checkpoint is then taken, as its data fingerprint cannot be checked. A corrupt
+    local cache is set aside (and None returned, so that it is rebuilt); a corrupt shipped
+    one raises ``CorruptCacheError`` saying how to restore it, and stays where it is.
     """
     if isinstance(split, str):
         pattern = f"{system}-{split}-*-{checkpoint_sha[:12]}"
     else:
         pattern = directory_for(system, split, checkpoint_sha).name
-    for root in (settings.assets_dir() / "outputs", settings.cache_dir() / "outputs"):
-        for directory in sorted(root.glob(pattern)):
-            if (directory / "manifest.json").exists():
-                return load(directory)
+    for directory in sorted((settings.assets_dir() / "outputs").glob(pattern)):
+        try:
+            return load(directory)
+        except CorruptCacheError as err:
+            raise CorruptCacheError(directory, err.reason,
+                                    f"; restore the shipped caches with `{RESTORE_SHIPPED}`"
+                                    ) from None
+    for directory in sorted((settings.cache_dir() / "outputs").glob(pattern)):
+        found = _load_or_set_aside(directory)
+        if found is not None:
+            return found
     return None
 
 
@@ -153,33 +211,40 @@ def ensure(system: str, model: nn.Module | Callable[[], nn.Module], split: data.
            checkpoint_sha: str, *, device: torch.device | None = None,
            root: Path | None = None, progress: bool = True,
            on_progress: Callable[[float], None] | None = None) -> CachedOutputs:
-    """The cache of ``system`` on ``split``, built (and stale ones removed) if missing.
+    """The cache of ``system`` on ``split``, built if missing or corrupt; once it is written,
+    the other (stale) caches of that system and split beside it are removed.
 
     ``model`` may be a function returning it, called only when outputs must be computed.
+    ``root``: write there instead of the local cache (``ship`` names assets/outputs); caches
+    are only ever removed or set aside in the directory written to.
     """
     if root is None:
         found = find(system, split, checkpoint_sha)
         if found is not None:
             return found
     directory = directory_for(system, split, checkpoint_sha, root)
-    if (directory / "manifest.json").exists():
-        return load(directory)
-    for stale in directory.parent.glob(f"{system}-{split.name}-*"):
-        log.info("removing stale cache %s", stale.name)
-        shutil.rmtree(stale, ignore_errors=True)
+    found = _load_or_set_aside(directory)
+    if found is not None:
+        return found
     found = find(system, split, checkpoint_sha) if root is not None else None
     if found is not None:                        # computed elsewhere already: copy it
         _write(directory, {name: np.asarray(a) for name, a in found.arrays.items()},
                found.manifest)
-        return load(directory)
-    device = device or settings.device()
-    if not isinstance(model, nn.Module):
-        model = model()
-    started = time.perf_counter()
-    arrays = compute_outputs(model, split.images(), device=device, progress=progress,
-                             on_progress=on_progress)
-    return store(directory, system, model, split, checkpoint_sha, arrays,
-                 seconds=time.perf_counter() - started)
+        cached = load(directory)
+    else:
+        device = device or settings.device()
+        if not isinstance(model, nn.Module):
+            model = model()
+        started = time.perf_counter()
+        arrays = compute_outputs(model, split.images(), device=device, progress=progress,
+                                 on_progress=on_progress)
+        cached = store(directory, system, model, split, checkpoint_sha, arrays,
+                       seconds=time.perf_counter() - started)
+    for stale in directory.parent.glob(f"{system}-{split.name}-*"):
+        if stale != directory and ".corrupt-" not in stale.name:
+            log.info("removing stale cache %s", stale.name)
+            shutil.rmtree(stale, ignore_errors=True)
+    return cached
 
 
 def store(directory: Path, system: str, model: nn.Module, split: data.Split,

@@ -23,6 +23,13 @@ def cache_env(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
+@pytest.fixture
+def tiny_split(tmp_path):
+    """30 random images (3 per class) as a ``test`` split."""
+    root = make_imagefolder(tmp_path / "tiny", per_class=3)
+    return data.test_split(root)
+
+
 @pytest.fixture(scope="session")
 def small_cifar(tmp_path_factory):
     """A synthetic CIFAR-10 root with 510 images per class (the split needs > 500)."""

@@ -1,9 +1,14 @@
 """The cache of validation outputs: what it keeps round-trips, it is rebuilt when the
 checkpoint changes, a shipped one is copied rather than recomputed, gated models keep their
-gate scores."""
+gate scores. It heals: a corrupt local cache is set aside, logged and rebuilt the same as a
+fresh one; what killed writes leave is cleaned; a shipped cache is reported, never moved."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import time
 
 import numpy as np
 import pytest
@@ -11,13 +16,7 @@ import torch
 
 import models
 from dynviz import cache, data
-from tests.helpers import confident_system, make_imagefolder, randomize
-
-
-@pytest.fixture
-def tiny_split(tmp_path):
-    root = make_imagefolder(tmp_path / "tiny", per_class=3)
-    return data.test_split(root)
+from tests.helpers import confident_system, randomize
 
 
 def test_cache_round_trip_and_staleness(tiny_split, cache_env):
@@ -92,3 +91,95 @@ def test_halves_need_the_val_split(tiny_split, cache_env):
                           progress=False)
     with pytest.raises(ValueError, match="val"):
         cached.half("fit")
+
+
+# ---------------------------------------------------------------------------- healing
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _single_quoted(path) -> None:
+    path.write_text(path.read_text().replace('"', "'"))
+
+
+# how a cache directory gets damaged -> what the warning must say about it
+CORRUPTIONS = {
+    "truncated manifest": (lambda d: _truncate(d / "manifest.json"),
+                           "manifest.json is unreadable"),
+    "invalid JSON manifest": (lambda d: _single_quoted(d / "manifest.json"),
+                              "manifest.json is unreadable"),
+    "truncated array": (lambda d: _truncate(d / "logits.npy"), "logits.npy is unreadable"),
+    "missing array": (lambda d: (d / "stage_macs.npy").unlink(), "stage_macs.npy is missing"),
+    "array of another shape": (lambda d: np.save(d / "logits.npy", np.zeros((3, 1, 10))),
+                               "logits.npy holds [3, 1, 10]"),
+}
+
+
+def _contents(cached: cache.CachedOutputs) -> tuple[dict, dict]:
+    """Manifest (less when it was written) and arrays, copied out of the memory maps."""
+    manifest = {k: v for k, v in cached.manifest.items() if k not in ("created", "seconds")}
+    return manifest, {name: np.array(a) for name, a in cached.arrays.items()}
+
+
+@pytest.mark.parametrize("damage", CORRUPTIONS)
+def test_a_corrupt_cache_is_set_aside_logged_and_rebuilt(damage, tiny_split, cache_env, caplog):
+    model = models.create("resnet8").eval()
+    fresh = cache.ensure("resnet8", model, tiny_split, "a" * 64, progress=False)
+    directory, (manifest, arrays) = fresh.directory, _contents(fresh)
+    del fresh                      # its maps must not be read once the files are damaged
+    corrupt, says = CORRUPTIONS[damage]
+    corrupt(directory)
+    with caplog.at_level(logging.WARNING):
+        rebuilt = cache.ensure("resnet8", model, tiny_split, "a" * 64, progress=False)
+    aside = [p.name for p in directory.parent.iterdir() if p != directory]
+    assert len(aside) == 1 and re.fullmatch(re.escape(directory.name) + r"\.corrupt-\d{8}T\d{6}Z",
+                                            aside[0])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(directory) in warnings[0] and says in warnings[0]
+    assert rebuilt.directory == directory
+    got_manifest, got_arrays = _contents(rebuilt)
+    assert got_manifest == manifest and got_arrays.keys() == arrays.keys()
+    for name, array in arrays.items():
+        assert np.array_equal(got_arrays[name], array), name
+    assert cache.ensure("resnet8", _must_not_run, tiny_split, "a" * 64).directory == directory
+
+
+def _must_not_run():
+    raise AssertionError("a whole cache was rebuilt")
+
+
+def test_leftovers_of_killed_writes_are_cleaned_when_a_cache_is_next_written(tiny_split,
+                                                                             cache_env):
+    outputs = cache_env / "outputs"
+    killed = outputs / ".tmp-killed"              # a write killed two hours ago
+    killed.mkdir(parents=True)
+    (killed / "logits.npy").write_bytes(b"\x93NUMPY half an array")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(killed, (two_hours_ago, two_hours_ago))
+    running = outputs / ".tmp-running"             # another process writing right now
+    running.mkdir()
+    cache.ensure("resnet8", models.create("resnet8").eval(), tiny_split, "a" * 64,
+                 progress=False)
+    assert not killed.exists() and running.exists()
+
+
+def test_a_corrupt_shipped_cache_is_reported_and_never_moved(tiny_split, cache_env, tmp_path,
+                                                              monkeypatch):
+    assets = tmp_path / "assets"
+    monkeypatch.setenv("DYNVIZ_ASSETS", str(assets))
+    model = models.create("resnet8").eval()
+    shipped = cache.ensure("resnet8", model, tiny_split, "a" * 64, progress=False,
+                           root=assets / "outputs").directory
+    _truncate(shipped / "logits.npy")
+    before = {p: p.read_bytes() for p in assets.rglob("*") if p.is_file()}
+    for call in (lambda: cache.ensure("resnet8", model, tiny_split, "a" * 64, progress=False),
+                 lambda: cache.find("resnet8", "test", "a" * 64)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(shipped) in str(err.value) and "`git checkout -- assets/`" in str(err.value)
+        assert isinstance(err.value, cache.CorruptCacheError)
+    # another checkpoint of the same system and split: rebuilt locally, the shipped one stays
+    other = cache.ensure("resnet8", model, tiny_split, "b" * 64, progress=False)
+    assert other.directory.parent == cache_env / "outputs"
+    assert {p: p.read_bytes() for p in assets.rglob("*") if p.is_file()} == before
