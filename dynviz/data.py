@@ -163,12 +163,43 @@ def open_imagefolder(directory: str | Path) -> Dataset:
                    np.asarray(sizes, dtype=np.int64))
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads torchvision's CIFAR-10 batches (Python 2 pickles of a dict of a uint8 array,
+    lists, bytes and str) and refuses every other global: a pickle can call any function it
+    names, ``os.system`` included."""
+
+    # global a batch names -> where it lives now: the array's reconstructor (numpy.core
+    # before NumPy 2, where the batches were written; numpy._core since), its type, its dtype
+    _RECONSTRUCT = ("numpy._core.multiarray", "_reconstruct")
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+               _RECONSTRUCT: _RECONSTRUCT,
+               ("numpy", "ndarray"): ("numpy", "ndarray"),
+               ("numpy", "dtype"): ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return super().find_class(*self.ALLOWED[module, name])
+
+
+def _read_batch(path: Path) -> dict:
+    """One ``data_batch_*`` of torchvision's CIFAR-10, through ``_CifarUnpickler``."""
+    with open(path, "rb") as f:
+        try:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
+                KeyError) as err:          # what a damaged or foreign pickle raises
+            raise ValueError(f"{path} is not a CIFAR-10 batch: {err}") from None
+    if not isinstance(batch, dict) or not {"data", "labels"} <= batch.keys():
+        raise ValueError(f"{path} is not a CIFAR-10 batch: it holds no data and labels")
+    return batch
+
+
 def _open_torchvision(root: Path) -> Dataset:
     batches = sorted((root / _TORCHVISION_DIR).glob("data_batch_*"))
     ids, labels, sizes = [], [], []
     for batch in batches:
-        with open(batch, "rb") as f:
-            batch_labels = pickle.load(f, encoding="latin1")["labels"]
+        batch_labels = _read_batch(batch)["labels"]
         ids += [f"{batch.name}:{i}" for i in range(len(batch_labels))]
         labels += batch_labels
         sizes += [batch.stat().st_size] * len(batch_labels)
@@ -230,8 +261,7 @@ def _decode_all(dataset: Dataset, size: int) -> np.ndarray:
     if dataset.kind == "torchvision":
         by_batch = {}
         for batch in sorted((dataset.root / _TORCHVISION_DIR).glob("data_batch_*")):
-            with open(batch, "rb") as f:
-                by_batch[batch.name] = pickle.load(f, encoding="latin1")["data"]
+            by_batch[batch.name] = _read_batch(batch)["data"]
         out = np.empty((len(dataset), 32, 32, 3), dtype=np.uint8)
         for i, image_id in enumerate(dataset.ids):
             batch, index = image_id.split(":")
@@ -250,16 +280,35 @@ def load_images(dataset: Dataset, size: int = IMAGE_SIZE) -> np.ndarray:
     """(N, size, size, 3) uint8 of the whole dataset, memory-mapped from a disk cache.
 
     The first call decodes every file once and writes ``<cache>/images/<fingerprint>-<size>.npy``
-    atomically; later calls (and other processes) map that file read-only.
+    atomically; later calls (and other processes) map that file read-only. A cache file that
+    cannot be read or holds another shape (a damaged disk) is set aside and decoded again.
     """
     path = settings.cache_dir() / "images" / f"{dataset.fingerprint}-{size}.npy"
-    if not path.exists():
-        images = _decode_all(dataset, size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with files.atomic_write(path) as f:
-            np.save(f, images)
-        log.info("cached %d decoded images at %s", len(images), path)
+    images = _map_cached(path, (len(dataset), size, size, 3))
+    if images is not None:
+        return images
+    images = _decode_all(dataset, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.remove_leftovers(path.parent, ".*.tmp")       # what atomic_write leaves when killed
+    with files.atomic_write(path) as f:
+        np.save(f, images)
+    log.info("cached %d decoded images at %s", len(images), path)
     return np.load(path, mmap_mode="r")
+
+
+def _map_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The decoded images at ``path``, memory-mapped; None when absent or corrupt (set aside)."""
+    if not path.exists():
+        return None
+    try:
+        images = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as err:
+        files.set_aside(path, f"unreadable, truncated? ({err})")
+        return None
+    if images.shape != shape or images.dtype != np.uint8:
+        files.set_aside(path, f"holds {images.dtype} {images.shape}, not uint8 {shape}")
+        return None
+    return images
 
 
 # ---------------------------------------------------------------------------- tensors

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
 import pickle
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -135,6 +138,73 @@ def test_torchvision_format_is_read_in_class_order(tmp_path, cache_env):
     assert dataset.labels[position] == 3
     assert np.array_equal(images[position], pixels[first_cat].reshape(3, 32, 32).transpose(1, 2, 0))
     assert len(data.get_split("fit", dataset)) == 2500
+
+
+def test_a_truncated_image_cache_is_set_aside_and_decoded_again(tiny_split, cache_env, caplog):
+    dataset = tiny_split.dataset
+    fresh = np.array(data.load_images(dataset))
+    (path,) = (cache_env / "images").glob("*.npy")
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    killed = path.with_name(f".{path.name}.4242-0123456789ab.tmp")     # an atomic_write's
+    killed.write_bytes(b"\x93NUMPY half")                           # temporary, long dead
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(killed, (two_hours_ago, two_hours_ago))
+    with caplog.at_level(logging.WARNING):
+        again = data.load_images(dataset)
+    assert np.array_equal(again, fresh)
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert len(names) == 2 and names[0] == path.name and \
+        names[1].startswith(f"{path.name}.corrupt-")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "unreadable" in warnings[0]
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes as Python 2's cPickle wrote CIFAR-10's batches: protocol 2, bytes as str
+    (BINSTRING), NumPy's array reconstructor under its NumPy 1 module, numpy.core."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+    def save_global(self, obj, name=None):
+        module = obj.__module__.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
+class _RunsACommand:
+    """Unpickling calls os.system(command)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_torchvision_batches_are_read_without_running_code(tmp_path, cache_env):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    labels = np.repeat(np.arange(10), 501).tolist()
+    pixels = np.random.default_rng(0).integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+    with open(folder / "data_batch_1", "wb") as f:       # as the real batches were written
+        _Python2Pickler(f, protocol=2).dump({"batch_label": "training batch 1 of 1",
+                                             "labels": labels, "data": pixels,
+                                             "filenames": [f"{i}.png" for i in labels]})
+    dataset = data.open_cifar10(tmp_path)
+    images = data.load_images(dataset)
+    assert np.array_equal(images[-1], pixels[-1].reshape(3, 32, 32).transpose(1, 2, 0))
+    marker = tmp_path / "the-pickle-ran-a-command"
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({"labels": [0], "data": _RunsACommand(f"touch {marker}")}, f)
+    with pytest.raises(ValueError, match=r"data_batch_2 is not a CIFAR-10 batch: "
+                                         r"posix\.system is not allowed"):
+        data.open_cifar10(tmp_path)
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------- tensors
