@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_CHECKPOINTS = PROJECT_ROOT / "models" / "checkpoints"   # the shipped zoo's weights
 
 
 def _env_path(name: str, default: Path) -> Path:
@@ -56,7 +57,7 @@ def native_enabled() -> bool:
 
 
 def checkpoint_dir() -> Path:
-    return _env_path("DYNVIZ_CHECKPOINTS", PROJECT_ROOT / "models" / "checkpoints")
+    return _env_path("DYNVIZ_CHECKPOINTS", BUILTIN_CHECKPOINTS)
 
 
 def assets_dir() -> Path:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from dynviz import data, files, settings
+from dynviz import data, files, settings, zoo
 from dynviz.recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -138,16 +138,6 @@ def git_commit() -> str | None:
         return None
 
 
-def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    result = model.load_state_dict(state, strict=strict)
-    if not strict and result.unexpected_keys:
-        raise ValueError(f"{path} has weights the model does not: {result.unexpected_keys[:5]}")
-    if not strict and result.missing_keys:
-        log.info("%s: %d parameters start fresh (e.g. %s)", path.name,
-                 len(result.missing_keys), result.missing_keys[0])
-
-
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray,
                       device: torch.device, batch_size: int = 500):
@@ -227,7 +217,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
     if recipe.init_from:
         target = model.get_submodule(recipe.init_into) if recipe.init_into else model
         init_path = settings.checkpoint_dir() / f"{recipe.init_from}.pt"
-        load_weights(target, init_path, strict=bool(recipe.init_into))
+        zoo.load_weights(target, init_path, strict=bool(recipe.init_into))
         init_sha = files.sha256_file(init_path)
     if recipe.trainable:
         for pname, p in model.named_parameters():
@@ -252,7 +242,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
     generator = torch.Generator().manual_seed(recipe.seed)
     state = TrainState()
     if resume and last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        ckpt = _read_resume_state(last)
         if not _resumable(_saved_recipe(ckpt["recipe"]), ckpt["epoch"], recipe):
             raise ValueError(f"{last} was written by another recipe; delete it or drop --resume")
         if init_sha and "init_sha256" not in ckpt:
@@ -318,6 +308,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
         log.info("%s epoch %d: %s", name, epoch + 1, state.history[-1])
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
+            # tensors and plain data only: --resume reads it back with weights_only=True
             _atomic_save({"recipe": dataclasses.asdict(recipe), "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(),
@@ -326,6 +317,21 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
                           "history": state.history, "wall_seconds": state.wall_seconds}, last)
 
     return FitResult(model, recipe, state, dataset, device)
+
+
+RESUME_KEYS = ("recipe", "model", "optimizer", "scheduler", "generator", "epoch", "history",
+               "wall_seconds")
+
+
+def _read_resume_state(last: Path) -> dict:
+    """The resume state at ``last``: tensors and plain data only (``weights_only``)."""
+    fix = "delete it to start the run over, or drop --resume"
+    ckpt = zoo.read_checkpoint(last, fix)
+    absent = [key for key in RESUME_KEYS if key not in ckpt]
+    if absent:
+        raise zoo.CheckpointError(f"{last} is not a resume state (no {', '.join(absent)}); "
+                                  f"{fix}")
+    return ckpt
 
 
 def _teacher(recipe: Recipe, device: torch.device) -> tuple[nn.Module, str] | None:
@@ -339,7 +345,7 @@ def _teacher(recipe: Recipe, device: torch.device) -> tuple[nn.Module, str] | No
     manifest = path.with_suffix(".json")
     model = models.create(json.loads(manifest.read_text())["model"] if manifest.exists()
                           else recipe.teacher)
-    load_weights(model, path)
+    zoo.load_weights(model, path)
     model.requires_grad_(False)
     return model.to(device, memory_format=torch.channels_last).eval(), files.sha256_file(path)
 

@@ -6,9 +6,11 @@ import base64
 import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
+import streamlit as st
 import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -318,3 +320,31 @@ def test_budget_in_measured_latency(app_env):
     assert ratio == f"{1 / at.session_state['budget_last']['check']['cost_fraction']:.2f}×"
     budget_set = at.slider(key="budget_slider").value / 100
     assert 0 < at.session_state["budget_last"]["check"]["cost_fraction"] <= budget_set + 0.05
+
+
+@pytest.mark.parametrize("page, checkpoint", [("inspect", "lcnet_resnet20"),
+                                              ("budget", "exits_resnet56"),
+                                              ("galleries", "lcnet_resnet20")])
+def test_a_truncated_checkpoint_shows_how_to_restore_it(page, checkpoint, app_env, app_root,
+                                                        tmp_path, monkeypatch):
+    """Each page's first system, its weights cut short: one error line, no traceback."""
+    checkpoints = tmp_path / "ckpt"
+    shutil.copytree(app_root / "ckpt", checkpoints)
+    for path in checkpoints.glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:4096])
+    shutil.copytree(app_root / "cache" / "images", tmp_path / "cache" / "images")
+    monkeypatch.setenv("DYNVIZ_CHECKPOINTS", str(checkpoints))
+    monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "cache"))
+    st.cache_resource.clear()       # the models and outputs of the intact zoo
+    st.cache_data.clear()
+    try:
+        at = _run(page)
+    finally:
+        st.cache_resource.clear()
+        st.cache_data.clear()
+    _no_exception(at)
+    (error,) = at.error
+    assert error.value.startswith(f"cannot read {checkpoints / checkpoint}.pt: truncated or "
+                                  "corrupt (")
+    assert error.value.endswith(f"; restore it with `python -m dynviz train {checkpoint} "
+                                f"--out-dir {checkpoints} --replace`")

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
-from dynviz import settings
+from dynviz import settings, zoo
 from dynviz.cli import build_parser, main
+from tests.helpers import write_random_checkpoints
 
 
 COMMANDS = ("data", "native", "train", "bench", "cache", "policies", "ship", "evaluate",
@@ -138,3 +141,46 @@ def test_policies_writes_the_operating_points_and_prints_the_comparison(app_env,
     table = policy_report.markdown([policy_report.report(name, app_env, "threshold", "margin")
                                     for name in staged])
     assert out.endswith(table + "\n")
+
+
+@pytest.mark.parametrize("command", [["predict", "resnet8", "IMAGE"],
+                                     ["cache", "--model", "resnet8", "--split", "fit"]])
+def test_a_truncated_checkpoint_says_in_one_line_how_to_restore_it(command, small_cifar,
+                                                                   tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    write_random_checkpoints(checkpoints, {"resnet8": "resnet8"})
+    path = checkpoints / "resnet8.pt"
+    path.write_bytes(path.read_bytes()[:4096])            # a copy cut short
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    env = dict(os.environ, DYNVIZ_DATA=str(small_cifar), DYNVIZ_CHECKPOINTS=str(checkpoints),
+               DYNVIZ_CACHE=str(tmp_path / "cache"), DYNVIZ_ASSETS=str(tmp_path / "assets"),
+               DYNVIZ_DEVICE="cpu", DYNVIZ_NATIVE="0")
+    run = subprocess.run([sys.executable, "-m", "dynviz",
+                          *[str(image) if a == "IMAGE" else a for a in command]],
+                         env=env, cwd=settings.PROJECT_ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    (line,) = run.stderr.splitlines()
+    assert line.startswith(f"error: cannot read {path}: truncated or corrupt (")
+    assert line.endswith(f"; restore it with `python -m dynviz train resnet8 --out-dir "
+                         f"{checkpoints} --replace`")
+
+
+def test_a_shipped_checkpoint_that_cannot_be_read_is_restored_from_git(monkeypatch):
+    shipped = settings.PROJECT_ROOT / "models" / "checkpoints" / "resnet8.pt"
+    if not shipped.exists():
+        pytest.skip("no shipped checkpoints")
+    monkeypatch.delenv("DYNVIZ_CHECKPOINTS", raising=False)
+
+    def truncated(*args, **kwargs):           # what torch says of a file cut short
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding "
+                           "central directory")
+
+    monkeypatch.setattr(torch, "load", truncated)
+    with pytest.raises(ValueError) as err:      # the CLI's main reports it in one line
+        zoo.load_system("resnet8")
+    assert isinstance(err.value, zoo.CheckpointError) and str(err.value) == (
+        f"cannot read {shipped}: truncated or corrupt (PytorchStreamReader failed reading zip "
+        "archive: failed finding central directory); restore it with "
+        "`git checkout -- models/checkpoints/resnet8.pt`")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import models
-from dynviz import settings, train
+from dynviz import settings, train, zoo
 from dynviz.recipes import RECIPES, Recipe
 
 TINY = dataclasses.replace(RECIPES["resnet8"], epochs=2, batch_size=16, bf16=False)
@@ -161,6 +161,35 @@ def test_train_writes_weights_and_a_manifest_that_match(train_env):
     for half in ("fit", "check"):
         assert 0.0 <= manifest["metrics"][half]["accuracy"] <= 1.0
     assert len(manifest["history"]) == 1
+
+
+class _RunsACommand:
+    """Unpickling calls os.system(command)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_the_resume_state_is_tensors_and_plain_data_read_weights_only(train_env):
+    one = dataclasses.replace(TINY, epochs=1)
+    train.fit("run", one, limit_batches=1, progress=False)
+    last = settings.cache_dir() / "runs" / "run" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["recipe"] == dataclasses.asdict(one) and state["epoch"] == 1
+    marker = train_env / "the-resume-state-ran-a-command"
+    torch.save(dict(state, history=_RunsACommand(f"touch {marker}")), last)  # a foreign file
+    with pytest.raises(ValueError) as err:
+        train.fit("run", one, resume=True, limit_batches=1, progress=False)
+    assert not marker.exists() and isinstance(err.value, zoo.CheckpointError)
+    assert str(err.value) == (f"cannot read {last}: it holds more than tensors and plain "
+                              "data (posix.system); delete it to start the run over, or drop "
+                              "--resume")
+    last.write_bytes(last.read_bytes()[:4096])
+    with pytest.raises(zoo.CheckpointError, match="truncated or corrupt"):
+        train.fit("run", one, resume=True, limit_batches=1, progress=False)
 
 
 def test_sparsity_penalty_is_lcnets_l1_formula():
@@ -312,7 +341,7 @@ def test_data_parallel_ranks_hold_identical_weights(train_env):
     torch.manual_seed(TINY.seed)        # the initial weights both ranks started from
     initial = models.create("resnet8").state_dict()
     assert not torch.equal(rank0["fc.weight"], initial["fc.weight"])
-    last = torch.load(settings.cache_dir() / "runs" / "ddp-test" / "last.pt", weights_only=False)
+    last = torch.load(settings.cache_dir() / "runs" / "ddp-test" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and _same_weights(last["model"], rank0)   # rank 0 wrote it
 
 

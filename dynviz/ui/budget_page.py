@@ -10,6 +10,7 @@ from dynviz.ui import state
 METRICS = {"MACs": "macs", "measured latency (batch 1)": "latency"}
 
 
+@state.broken_files_shown()
 def render() -> None:
     st.title("Budget")
     staged = zoo.staged(zoo.available())
@@ -37,6 +38,7 @@ def render() -> None:
 
 
 @st.fragment
+@state.broken_files_shown()
 def panel(name: str, family: str, feature: str, topology: str, metric: str) -> None:
     shipped = state.shipped_percent(name, metric)
     if st.session_state.get("budget_slider_for") != (name, metric):

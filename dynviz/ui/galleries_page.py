@@ -21,6 +21,7 @@ def gallery(title: str, order: np.ndarray, cost, pred, labels, images) -> None:
                           f"{cost[i] / 1e6:.1f}M")
 
 
+@state.broken_files_shown()
 def render() -> None:
     st.title("Galleries")
     names = zoo.dynamic(zoo.available())

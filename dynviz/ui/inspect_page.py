@@ -90,6 +90,7 @@ def render_result(result) -> None:
                 st.caption(result.path.caption())
 
 
+@state.broken_files_shown()
 def render() -> None:
     from dynviz import live
 

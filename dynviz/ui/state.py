@@ -7,6 +7,8 @@ store of weight slices of at most ``live.SLICE_STORE_BYTES``) and stage timings.
 """
 from __future__ import annotations
 
+import contextlib
+
 import streamlit as st
 
 from dynviz import (budget, cache, data, gallery, live, operating_points, policy as P,
@@ -19,6 +21,16 @@ def _allocator_tuned() -> bool:
     """Once per process, before the first live timing: freed memory is reused rather than
     faulted back in, which steadies batch-1 latencies (``runtime.keep_freed_memory``)."""
     return runtime.keep_freed_memory()
+
+
+@contextlib.contextmanager
+def broken_files_shown():
+    """Shows a checkpoint or cache that cannot be read as one error line that names it and
+    says how to restore it, in place of a traceback (decorates a page's render)."""
+    try:
+        yield
+    except (zoo.CheckpointError, cache.CorruptCacheError) as err:
+        st.error(str(err))
 
 
 @st.cache_resource(show_spinner="Reading the validation split…")
