@@ -162,24 +162,37 @@ class TrainState:
     wall_seconds: float = 0.0
 
 
+def run_dir(name: str) -> Path:
+    """Where a run of ``name`` keeps its resume state, and by default its final files."""
+    return settings.cache_dir() / "runs" / name
+
+
 def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None = None,
           limit_batches: int | None = None, out_dir: Path | None = None,
-          progress: bool = True) -> dict:
+          replace: bool = False, progress: bool = True) -> dict:
     """Train ``recipe`` and write ``<out_dir>/<name>.pt`` (weights) and ``<name>.json``.
 
     Args:
         resume: continue from ``<cache>/runs/<name>/last.pt`` if it exists.
         epochs: override ``recipe.epochs`` (the LR schedule follows it).
         limit_batches: stop every epoch after this many batches (smoke runs and tests).
-        out_dir: where the final files go (default ``settings.checkpoint_dir()``).
+        out_dir: where the final files go (default ``run_dir(name)``).
+        replace: allow writing over a checkpoint the app loads (in
+            ``settings.checkpoint_dir()`` or the built-in models/checkpoints); without it
+            such a run fails before it trains.
 
     Returns the manifest on rank 0, ``{}`` on the other ranks of a data-parallel run.
     """
+    out_dir = Path(out_dir) if out_dir is not None else run_dir(name)
+    weights = out_dir / f"{name}.pt"
+    zoo_dirs = {settings.checkpoint_dir().resolve(), settings.BUILTIN_CHECKPOINTS.resolve()}
+    if weights.exists() and out_dir.resolve() in zoo_dirs and not replace:
+        raise ValueError(f"{weights} exists and the app loads it: add --replace to overwrite "
+                         f"it, or leave out --out-dir to train into {run_dir(name)}")
     run = fit(name, recipe, resume=resume, epochs=epochs, limit_batches=limit_batches,
               progress=progress)
     if _rank_world()[0] != 0:
         return {}
-    out_dir = Path(out_dir) if out_dir is not None else settings.checkpoint_dir()
     return _finish(name, run.recipe, run.model, run.state, run.dataset, out_dir, run.device)
 
 
@@ -205,8 +218,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(recipe.seed)
-    run_dir = settings.cache_dir() / "runs" / name
-    last = run_dir / "last.pt"
+    last = run_dir(name) / "last.pt"
 
     dataset = data.open_cifar10()
     train_split, val_split = data.get_split("train", dataset), data.get_split("val", dataset)
@@ -307,7 +319,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
                               "seconds": round(time.perf_counter() - started, 1)})
         log.info("%s epoch %d: %s", name, epoch + 1, state.history[-1])
         if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            last.parent.mkdir(parents=True, exist_ok=True)
             # tensors and plain data only: --resume reads it back with weights_only=True
             _atomic_save({"recipe": dataclasses.asdict(recipe), "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(),
@@ -388,7 +400,7 @@ def _finish(name, recipe, model, state, dataset, out_dir, device) -> dict:
         "git_commit": git_commit(), "wall_seconds": round(state.wall_seconds),
         "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    files.atomic_write_text(out_dir / f"{name}.json", json.dumps(manifest, indent=2) + "\n")
     log.info("wrote %s: check accuracy %s", weights, metrics["check"]["accuracy"])
     return manifest
 

@@ -17,9 +17,16 @@ import torch
 
 import models
 from dynviz import settings, train, zoo
+from dynviz.cli import main
 from dynviz.recipes import RECIPES, Recipe
 
 TINY = dataclasses.replace(RECIPES["resnet8"], epochs=2, batch_size=16, bf16=False)
+
+
+def _into_zoo(name: str, recipe: Recipe, **kwargs) -> dict:
+    """Train ``name`` into the checkpoint directory, over an earlier one."""
+    return train.train(name, recipe, out_dir=settings.checkpoint_dir(), replace=True,
+                       progress=False, **kwargs)
 
 
 @pytest.fixture
@@ -133,11 +140,11 @@ def test_an_unfinished_run_cannot_take_more_cycles(train_env, monkeypatch):
 
 def test_resume_refuses_a_run_whose_starting_checkpoint_was_retrained(train_env):
     base = dataclasses.replace(TINY, epochs=1)
-    train.train("base", base, limit_batches=1, progress=False)
+    _into_zoo("base", base, limit_batches=1)
     child = dataclasses.replace(TINY, epochs=2, init_from="base")
     train.fit("child", child, epochs=1, limit_batches=1, progress=False)  # interrupted
     train.fit("child", child, epochs=1, resume=True, limit_batches=1, progress=False)
-    train.train("base", dataclasses.replace(base, seed=1), limit_batches=1, progress=False)
+    _into_zoo("base", dataclasses.replace(base, seed=1), limit_batches=1)
     with pytest.raises(ValueError, match="started from another base.pt"):
         train.fit("child", child, epochs=1, resume=True, limit_batches=1, progress=False)
 
@@ -151,8 +158,10 @@ def test_checkpoints_older_than_a_new_recipe_field_still_resume():
 def test_train_writes_weights_and_a_manifest_that_match(train_env):
     manifest = train.train("tiny", dataclasses.replace(TINY, epochs=1), limit_batches=1,
                            progress=False)
-    weights = settings.checkpoint_dir() / "tiny.pt"
-    on_disk = json.loads((settings.checkpoint_dir() / "tiny.json").read_text())
+    run = settings.cache_dir() / "runs" / "tiny"        # by default: not where the app loads
+    assert not settings.checkpoint_dir().exists()
+    weights = run / "tiny.pt"
+    on_disk = json.loads((run / "tiny.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
     assert manifest["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert manifest["macs_dense"] == models.create("resnet8").macs()
@@ -161,6 +170,24 @@ def test_train_writes_weights_and_a_manifest_that_match(train_env):
     for half in ("fit", "check"):
         assert 0.0 <= manifest["metrics"][half]["accuracy"] <= 1.0
     assert len(manifest["history"]) == 1
+
+
+def test_training_over_a_checkpoint_the_app_loads_needs_replace(train_env, monkeypatch,
+                                                                capsys):
+    shipped = settings.checkpoint_dir()
+    shipped.mkdir()
+    (shipped / "tiny.pt").write_bytes(b"the shipped weights")
+
+    def training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "fit", training)
+    assert main(["train", "resnet8", "--name", "tiny", "--out-dir", str(shipped)]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {shipped / 'tiny.pt'} exists") and "--replace" in line
+    assert (shipped / "tiny.pt").read_bytes() == b"the shipped weights"
+    with pytest.raises(AssertionError, match="training started"):
+        main(["train", "resnet8", "--name", "tiny", "--out-dir", str(shipped), "--replace"])
 
 
 class _RunsACommand:
@@ -278,7 +305,7 @@ def test_distillation_from_a_teacher_is_its_formula_image_by_image():
 
 
 def test_the_teacher_is_the_frozen_checkpoint_in_eval_mode(train_env, monkeypatch):
-    train.train("base", dataclasses.replace(TINY, epochs=1), limit_batches=2, progress=False)
+    _into_zoo("base", dataclasses.replace(TINY, epochs=1), limit_batches=2)
     seen_x, seen_teacher = [], []
     real_batches, real_loss = train.data.batches, train.classification_loss
 
@@ -311,11 +338,11 @@ def test_the_teacher_is_the_frozen_checkpoint_in_eval_mode(train_env, monkeypatc
 
 def test_resume_refuses_a_run_whose_teacher_was_retrained(train_env):
     base = dataclasses.replace(TINY, epochs=1)
-    train.train("base", base, limit_batches=1, progress=False)
+    _into_zoo("base", base, limit_batches=1)
     student = dataclasses.replace(TINY, epochs=2, teacher="base", distill=0.5)
     train.fit("student", student, epochs=1, limit_batches=1, progress=False)  # interrupted
     train.fit("student", student, epochs=1, resume=True, limit_batches=1, progress=False)
-    train.train("base", dataclasses.replace(base, seed=1), limit_batches=1, progress=False)
+    _into_zoo("base", dataclasses.replace(base, seed=1), limit_batches=1)
     with pytest.raises(ValueError, match="learned from another base.pt"):
         train.fit("student", student, epochs=1, resume=True, limit_batches=1, progress=False)
 

@@ -8,15 +8,20 @@ import sys
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a named recipe",
-                       description="Train a recipe; writes models/checkpoints/NAME.pt and "
-                                   "NAME.json. Checkpoints every epoch; --resume continues. "
+                       description="Train a recipe; writes NAME.pt and NAME.json into "
+                                   ".cache/runs/NAME/ (or --out-dir). Over a checkpoint the "
+                                   "app loads (models/checkpoints) only with --replace. "
+                                   "Checkpoints every epoch; --resume continues. "
                                    "Data-parallel: torchrun --nproc_per_node N -m dynviz train R")
     p.add_argument("recipe", help="recipe name (see dynviz/recipes.py RECIPES)")
     p.add_argument("--name", help="output name (default: the recipe name)")
     p.add_argument("--resume", action="store_true", help="continue the last run of NAME")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--limit-batches", type=int, help="batches per epoch (smoke runs)")
-    p.add_argument("--out-dir", help="where NAME.pt/.json go (default models/checkpoints)")
+    p.add_argument("--out-dir", help="where NAME.pt/.json go (default .cache/runs/NAME; "
+                                     "models/checkpoints for the app)")
+    p.add_argument("--replace", action="store_true",
+                   help="overwrite NAME.pt/.json in the checkpoint directory the app loads")
     p.set_defaults(func=_cmd_train)
 
 
@@ -31,7 +36,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train.init_distributed()
     manifest = train.train(args.name or args.recipe, RECIPES[args.recipe],
                            resume=args.resume, epochs=args.epochs,
-                           limit_batches=args.limit_batches, out_dir=args.out_dir)
+                           limit_batches=args.limit_batches, out_dir=args.out_dir,
+                           replace=args.replace)
     if manifest:
         print(json.dumps(manifest["metrics"], indent=2))
     return 0
