@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynviz import data, operating_points, policy as P, runtime, settings, zoo
+from dynviz import data, files, operating_points, policy as P, runtime, settings, zoo
 from dynviz.adaptive import AdaptiveClassifier
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
 
 
 def write(rows: list[Row], path: Path) -> None:
-    path.write_text(json.dumps([asdict(r) for r in rows], indent=1, ensure_ascii=False) + "\n")
+    files.atomic_write_text(path, json.dumps([asdict(r) for r in rows], indent=1,
+                                             ensure_ascii=False) + "\n")
 
 
 def markdown(rows: list[Row]) -> str:

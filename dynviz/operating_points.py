@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynviz import data, learn, policy as P, settings, zoo
+from dynviz import data, files, learn, policy as P, settings, zoo
 
 LOSSES = (0.005, 0.01)  # accuracy loss against the reference, for shipped operating points
 # The policy kinds a shipped operating point is chosen among, as (family, feature): each is
@@ -98,6 +98,6 @@ def ship(family: str = AUTO, feature: str = "max_prob",
             pol = choose(fit, ref_correct, loss, kinds=kinds, topology=s.topology)
             path = policy_path(name, loss)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(pol.to_json() + "\n")
+            files.atomic_write_text(path, pol.to_json() + "\n")
             written.append(path)
     return written
