@@ -32,7 +32,11 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 VAL_PER_CLASS = 500
 IMAGE_SIZE = 32
 SPLITS = ("train", "val", "fit", "check")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# The formats dynviz reads (PIL's names) and their file suffixes: the ImageFolder file filter,
+# the upload page's `type=` and the upload decoder's `formats=` all come from here.
+IMAGE_FORMATS = {"JPEG": ("jpg", "jpeg"), "PNG": ("png",), "WEBP": ("webp",), "BMP": ("bmp",),
+                 "GIF": ("gif",), "TIFF": ("tif", "tiff")}
+IMAGE_SUFFIXES = tuple(f".{s}" for suffixes in IMAGE_FORMATS.values() for s in suffixes)
 MAX_UPLOAD_PIXELS = 40_000_000  # refuse to decode larger images (decompression bombs)
 _TORCHVISION_DIR = "cifar-10-batches-py"
 
@@ -361,7 +365,7 @@ def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndar
     try:
         with warnings.catch_warnings():  # our own pixel limit below replaces PIL's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
+            img = Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS))
         with img:
             width, height = img.size
             if width * height > MAX_UPLOAD_PIXELS:
@@ -377,7 +381,7 @@ def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndar
         raise
     except UnidentifiedImageError:
         raise InvalidImageError("this is not an image format we can read "
-                                "(JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+                                f"({', '.join(IMAGE_FORMATS)})") from None
     except Image.DecompressionBombError as err:
         raise InvalidImageError(f"the image is too large to decode safely: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
