@@ -4,7 +4,9 @@ computed here from the full-size image. The classification of ordinary odd files
 formats, refusals) is in test_data.py."""
 from __future__ import annotations
 
+import importlib.util
 import io
+import sys
 import tomllib
 from pathlib import Path
 
@@ -15,6 +17,18 @@ from PIL import Image, ImageOps
 from dynviz import data
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("upload_memory",
+                                                  ROOT / "scripts" / "upload_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclass looks its module up while being made
+    spec.loader.exec_module(module)
+    return module
+
+
+upload_memory = _load_script()
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -178,3 +192,35 @@ def test_every_exif_orientation_after_shrinking(orientation):
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(raw)))   # PIL's reading of it
     diff = np.abs(data.preprocess_upload(raw).astype(int) - _reference(upright))
     assert diff.mean() < 1.0 and diff.max() <= 6, (diff.mean(), diff.max())
+
+
+# ---------------------------------------------------------------------------- memory
+# Inputs and the measurement are scripts/upload_memory.py's: a fresh process per decode, peak
+# RSS over the RSS before it. Every accepted input costs at most one decoded copy at its own
+# bit depth plus SLACK_MB (bands of rows, PIL's block rounding); WebP holds four (see
+# data.MAX_WEBP_PIXELS); a refused one, SLACK_MB. The inputs a server has met stay under
+# 128 MB.
+SLACK_MB = 24
+UNDER_128_MB = {"16-bit PNG 6300×6300", "float TIFF 4500×4500",
+                "ICO (says 16×16) holding a 6000×6000 PNG",
+                "PNG declaring 64×64, data for 6000×6000", "TIFF 64×64, second page 6000×6000",
+                "GIF 64×64, second frame 6000×6000", "JPEG 7800×5000", "JPEG 8000×6000"}
+REFUSED = {"ICO (says 16×16) holding a 6000×6000 PNG": "not an image format",
+           "WebP 6000×6000": "limit for WebP"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(upload_memory.INPUTS))
+def test_decoding_peak_memory(kind, tmp_path):
+    path = upload_memory.write_inputs(tmp_path, [kind])[kind]
+    result = upload_memory.measure(path)
+    assert Path(result["module"]).resolve() == (ROOT / "dynviz" / "data.py").resolve()
+    if kind in REFUSED:
+        assert result["outcome"].startswith("refused") and REFUSED[kind] in result["outcome"]
+    else:
+        assert result["outcome"] == "accepted (32, 32, 3)", result["outcome"]
+    copies = 0 if kind in REFUSED else 4 if kind.startswith("WebP") else 1
+    bound = copies * upload_memory.INPUTS[kind].decoded_mb + SLACK_MB
+    if kind in UNDER_128_MB:
+        bound = min(bound, 128)
+    assert result["peak_mb"] <= bound, result
