@@ -1,5 +1,6 @@
 """CIFAR-10 on disk: finding it, the fixed train/validation split, a decoded uint8 cache,
-tensor augmentation, and the one preprocessing function for uploaded images.
+tensor augmentation, and the one preprocessing function for uploaded images (the image
+arithmetic behind it is ``dynviz.decode``).
 
 Image order is fixed everywhere: class-major (in ``CLASSES`` order), then sorted file name.
 The validation split is the last ``VAL_PER_CLASS`` files of every class; its even positions
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import math
 import os
 import pickle
 import warnings
@@ -20,9 +20,9 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from dynviz import files, settings
+from dynviz import decode, files, settings
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,10 @@ IMAGE_FORMATS = {"JPEG": ("jpg", "jpeg"), "PNG": ("png",), "WEBP": ("webp",), "B
                  "GIF": ("gif",), "TIFF": ("tif", "tiff")}
 IMAGE_SUFFIXES = tuple(f".{s}" for suffixes in IMAGE_FORMATS.values() for s in suffixes)
 MAX_UPLOAD_PIXELS = 40_000_000  # refuse to decode larger images (decompression bombs)
-# PIL's WebP decoder holds four canvases of 4 bytes a pixel (libwebp's two, the frame's bytes,
-# the image), and the first two from the moment the file is opened: a quarter of the limit
-# keeps a WebP to what a full-size RGB image of another format costs.
+# PIL's WebP decoder holds four canvases of 4 bytes a pixel (libwebp's two, allocated when the
+# file is opened, the frame's bytes and the image): a quarter of the limit keeps a WebP to
+# what a full-size RGB image of another format costs.
 MAX_WEBP_PIXELS = MAX_UPLOAD_PIXELS // 4
-REDUCING_GAP = 2    # shrink by whole factors while an image stays ≥ 2× the output side
-_BAND_PIXELS = 2**20  # rows converted at a time while shrinking: ≤ 4 MB in mode I, F or RGBA
 _TORCHVISION_DIR = "cifar-10-batches-py"
 
 
@@ -232,7 +230,7 @@ def test_split(directory: str | Path) -> Split:
 # ---------------------------------------------------------------------------- decoding
 def _decode_file(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as img:
-        return to_rgb_array(img, size)
+        return decode.to_rgb_array(img, size)
 
 
 def _decode_all(dataset: Dataset, size: int) -> np.ndarray:
@@ -248,7 +246,7 @@ def _decode_all(dataset: Dataset, size: int) -> np.ndarray:
             batch, index = image_id.split(":")
             out[i] = by_batch[batch][int(index)].reshape(3, 32, 32).transpose(1, 2, 0)
         if size != 32:
-            out = np.stack([to_rgb_array(Image.fromarray(im), size) for im in out])
+            out = np.stack([decode.to_rgb_array(Image.fromarray(im), size) for im in out])
         return out
     out = np.empty((len(dataset), size, size, 3), dtype=np.uint8)
     for i, image_id in enumerate(tqdm(dataset.ids, desc=f"decoding {dataset.root.name}",
@@ -337,108 +335,6 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
 
 
 # ---------------------------------------------------------------------------- uploads
-_ORIENTATION = {  # EXIF orientation -> the transposition that shows the image upright
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
-
-
-def _working_mode(img: Image.Image) -> str:
-    """The mode an image is shrunk in: 32-bit for high bit depths, RGBA where there is alpha
-    (``reduce`` premultiplies it), else 8-bit L or RGB. Palettes and bilevel are expanded."""
-    if img.mode.startswith("I") or img.mode == "F":   # I, I;16, I;16B, I;16L, F
-        return "I" if img.mode.startswith("I") else "F"
-    if img.has_transparency_data:
-        return "RGBA"
-    return "L" if img.mode in ("L", "1") else "RGB"
-
-
-def _shrunk(img: Image.Image, box: tuple[float, float, float, float], mode: str,
-            factor: int) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """The part of ``img`` under ``box`` (pixel edges, may be fractional) in ``mode``, reduced
-    ``factor`` times by box averages on the image's own grid of ``factor``-pixel boxes (as
-    ``Image.resize(reducing_gap=...)`` does), and ``box`` in the reduced image's coordinates.
-
-    Rows are converted and reduced one band at a time: no full-size copy is ever made.
-    """
-    left, top = int(box[0]) // factor * factor, int(box[1]) // factor * factor
-    right = min(img.width, -(-math.ceil(box[2]) // factor) * factor)
-    bottom = min(img.height, -(-math.ceil(box[3]) // factor) * factor)
-    rows = factor * max(1, _BAND_PIXELS // ((right - left) * factor))   # a multiple of factor
-    out = Image.new(mode, (-(-(right - left) // factor), -(-(bottom - top) // factor)))
-    for y in range(top, bottom, rows):
-        band = img.crop((left, y, right, min(y + rows, bottom))).convert(mode)
-        out.paste(band.reduce(factor), (0, (y - top) // factor))
-    return out, ((box[0] - left) / factor, (box[1] - top) / factor,
-                 (box[2] - left) / factor, (box[3] - top) / factor)
-
-
-def _to_8bit(img: Image.Image, source_mode: str, extrema: tuple[float, float]) -> Image.Image:
-    """A small mode-I or F image -> mode L. 16-bit images scale 0..65535 to 0..255; float
-    images within [0, 1] scale to 0..255; anything else maps its own min..max (``extrema``,
-    of the full-size image) to 0..255, except that integers within 0..255 or 0..65535 keep
-    that range."""
-    lo, hi = extrema
-    if source_mode.startswith("I;16"):
-        low, high = 0.0, 65535.0
-    elif source_mode == "F" and 0 <= lo and hi <= 1:
-        low, high = 0.0, 1.0
-    elif source_mode == "I" and 0 <= lo and hi <= 65535:
-        low, high = 0.0, (255.0 if hi <= 255 else 65535.0)
-    else:
-        low, high = (lo, hi) if hi > lo else (0.0, 255.0)   # a constant image: as 8-bit
-    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=low)   # small: ≤ 4× the output
-    scaled = (arr - low) * (255.0 / (high - low)) + 0.5
-    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
-
-
-def to_rgb_array(img: Image.Image, size: int,
-                 extent: tuple[float, float] | None = None) -> np.ndarray:
-    """Any PIL image -> (size, size, 3) uint8: EXIF orientation, any mode to RGB (alpha
-    composited on white, 16-bit and float scaled to 8 bits), centre-cropped to a square and
-    resized (Lanczos). ``extent``: the width and height the picture covers in ``img`` when
-    that is fractional (a JPEG decoded at 1/8 of 900 pixels covers 112.5 of its 113).
-
-    Memory: beside ``img`` itself only bands of rows and a small image are allocated. The
-    square is first shrunk by a whole factor (box average, at 32 bits for high bit depths) to
-    a side of at least ``REDUCING_GAP × size``; every other step runs on that small copy.
-    """
-    source_mode = img.mode
-    extrema = img.getextrema() if source_mode in ("I", "F") else (0.0, 0.0)
-    orientation = img.getexif().get(ExifTags.Base.Orientation)
-    width, height = extent or img.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    factor = max(1, int(side) // (REDUCING_GAP * size))
-    img, box = _shrunk(img, (left, top, left + side, top + side), _working_mode(img), factor)
-    if img.mode in ("I", "F"):
-        img = _to_8bit(img, source_mode, extrema)
-    if img.mode == "RGBA":
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    img = img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS, box=box)
-    if orientation in _ORIENTATION:   # the crop is centred: turning it last is exact
-        img = img.transpose(_ORIENTATION[orientation])
-    return np.asarray(img, dtype=np.uint8)
-
-
-def _webp_size(raw: bytes) -> tuple[int, int] | None:
-    """The canvas a WebP file declares in its first chunk (VP8X, VP8L or VP8), or None when
-    ``raw`` is not a WebP file. Read here because PIL allocates that canvas on opening."""
-    if raw[:4] != b"RIFF" or raw[8:12] != b"WEBP" or len(raw) < 30:
-        return None
-    chunk = raw[12:16]
-    if chunk == b"VP8X":   # 24-bit width - 1 and height - 1 at bytes 24 and 27
-        return 1 + int.from_bytes(raw[24:27], "little"), 1 + int.from_bytes(raw[27:30], "little")
-    if chunk == b"VP8L":   # after the 0x2f signature: 14-bit width - 1, 14-bit height - 1
-        bits = int.from_bytes(raw[21:25], "little")
-        return 1 + (bits & 0x3FFF), 1 + (bits >> 14 & 0x3FFF)
-    if chunk == b"VP8 ":   # after the frame tag and start code: 14-bit width, 14-bit height
-        return (int.from_bytes(raw[26:28], "little") & 0x3FFF,
-                int.from_bytes(raw[28:30], "little") & 0x3FFF)
-    return None
-
-
 def _refuse_if_too_large(declared: tuple[int, int], decoded: tuple[int, int], limit: int,
                          what: str = "") -> None:
     """``decoded``: the size decoding allocates (a JPEG may decode at 1/2, 1/4 or 1/8)."""
@@ -455,7 +351,7 @@ def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndar
     Only ``IMAGE_FORMATS`` are opened, and only the first frame is decoded (later frames are
     never read, whatever size they declare). Its size is held to ``MAX_UPLOAD_PIXELS`` before
     decoding, and again after. A JPEG decodes at the smallest scale (1/2, 1/4, 1/8) that keeps
-    ``REDUCING_GAP × size`` pixels on its short side; ``to_rgb_array`` then shrinks without
+    ``REDUCING_GAP × size`` pixels on its short side; ``decode.to_rgb_array`` then shrinks without
     full-size copies, so an upload costs one decoded image at its own bit depth plus bands.
     WebP is the exception (four canvases, see ``MAX_WEBP_PIXELS``); its size is read from its
     header before PIL opens it.
@@ -467,7 +363,7 @@ def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndar
     raw = data if isinstance(data, bytes) else data.read()
     if not raw:
         raise InvalidImageError("the file is empty")
-    if webp := _webp_size(raw):
+    if webp := decode.webp_size(raw):
         _refuse_if_too_large(webp, webp, MAX_WEBP_PIXELS, "for WebP ")
     try:
         with warnings.catch_warnings():  # our own pixel limit below replaces PIL's warning
@@ -477,11 +373,12 @@ def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndar
             declared = img.size
             if min(declared) < 1:
                 raise InvalidImageError("the image has no pixels")
-            drafted = img.draft("RGB", (REDUCING_GAP * size, REDUCING_GAP * size))  # JPEG
+            gap = decode.REDUCING_GAP
+            drafted = img.draft("RGB", (gap * size, gap * size))   # JPEG only
             _refuse_if_too_large(declared, img.size, MAX_UPLOAD_PIXELS)
             img.load()
             _refuse_if_too_large(declared, img.size, MAX_UPLOAD_PIXELS)   # as decoded
-            return to_rgb_array(img, size, drafted[1][2:] if drafted else None)
+            return decode.to_rgb_array(img, size, drafted[1][2:] if drafted else None)
     except InvalidImageError:
         raise
     except UnidentifiedImageError:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from dynviz import data
+from dynviz import data, decode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,11 +96,11 @@ def test_a_jpeg_too_large_even_at_one_eighth_is_refused(monkeypatch):
 def test_webp_size_is_read_from_its_header(mode, kw):
     for size in [(1, 1), (333, 77), (16383, 3)]:
         raw = _encode(Image.new(mode, size), "WEBP", **kw)
-        assert data._webp_size(raw) == Image.open(io.BytesIO(raw)).size
+        assert decode.webp_size(raw) == Image.open(io.BytesIO(raw)).size
     animated = _encode(Image.new(mode, (40, 30)), "WEBP", save_all=True,
                        append_images=[Image.new(mode, (40, 30), "red")], **kw)
-    assert data._webp_size(animated) == (40, 30)
-    assert data._webp_size(_encode(Image.new("RGB", (40, 30)), "PNG")) is None
+    assert decode.webp_size(animated) == (40, 30)
+    assert decode.webp_size(_encode(Image.new("RGB", (40, 30)), "PNG")) is None
 
 
 def test_webp_has_its_own_lower_limit():
