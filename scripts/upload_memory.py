@@ -186,10 +186,10 @@ def main() -> None:
         header += ["peak MB", "outcome"]
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for kind, path in paths.items():
-            row = [kind, f"{path.stat().st_size / 1024:.0f}", f"{INPUTS[kind].decoded_mb:.1f}"]
+            row = [kind, f"{path.stat().st_size / 1024:.1f}", f"{INPUTS[kind].decoded_mb:.1f}"]
             for code_root in ([args.ref] if args.ref else []) + [ROOT]:
                 result = measure(path, code_root)
-                row += [f"{result['peak_mb']:.0f}", result["outcome"][:60]]
+                row += [f"{result['peak_mb']:.0f}", result["outcome"].split(" (")[0]]
             print("| " + " | ".join(row) + " |", flush=True)
 
 
