@@ -351,8 +351,9 @@ def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndar
     Only ``IMAGE_FORMATS`` are opened, and only the first frame is decoded (later frames are
     never read, whatever size they declare). Its size is held to ``MAX_UPLOAD_PIXELS`` before
     decoding, and again after. A JPEG decodes at the smallest scale (1/2, 1/4, 1/8) that keeps
-    ``REDUCING_GAP × size`` pixels on its short side; ``decode.to_rgb_array`` then shrinks without
-    full-size copies, so an upload costs one decoded image at its own bit depth plus bands.
+    ``decode.REDUCING_GAP × size`` pixels on its short side; ``decode.to_rgb_array`` then
+    shrinks without full-size copies: an upload costs one decoded image at its own bit depth
+    plus bands.
     WebP is the exception (four canvases, see ``MAX_WEBP_PIXELS``); its size is read from its
     header before PIL opens it.
 
