@@ -1,5 +1,6 @@
 """CIFAR-10 on disk: finding it, the fixed train/validation split, a decoded uint8 cache,
-tensor augmentation, and the one preprocessing function for uploaded images.
+tensor augmentation, and the one preprocessing function for uploaded images (the image
+arithmetic behind it is ``dynviz.decode``).
 
 Image order is fixed everywhere: class-major (in ``CLASSES`` order), then sorted file name.
 The validation split is the last ``VAL_PER_CLASS`` files of every class; its even positions
@@ -19,9 +20,9 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from dynviz import files, settings
+from dynviz import decode, files, settings
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,16 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 VAL_PER_CLASS = 500
 IMAGE_SIZE = 32
 SPLITS = ("train", "val", "fit", "check")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# The formats dynviz reads (PIL's names) and their file suffixes: the ImageFolder file filter,
+# the upload page's `type=` and the upload decoder's `formats=` all come from here.
+IMAGE_FORMATS = {"JPEG": ("jpg", "jpeg"), "PNG": ("png",), "WEBP": ("webp",), "BMP": ("bmp",),
+                 "GIF": ("gif",), "TIFF": ("tif", "tiff")}
+IMAGE_SUFFIXES = tuple(f".{s}" for suffixes in IMAGE_FORMATS.values() for s in suffixes)
 MAX_UPLOAD_PIXELS = 40_000_000  # refuse to decode larger images (decompression bombs)
+# PIL's WebP decoder holds four canvases of 4 bytes a pixel (libwebp's two, allocated when the
+# file is opened, the frame's bytes and the image): a quarter of the limit keeps a WebP to
+# what a full-size RGB image of another format costs.
+MAX_WEBP_PIXELS = MAX_UPLOAD_PIXELS // 4
 _TORCHVISION_DIR = "cifar-10-batches-py"
 
 
@@ -252,7 +261,7 @@ def test_split(directory: str | Path) -> Split:
 # ---------------------------------------------------------------------------- decoding
 def _decode_file(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as img:
-        return to_rgb_array(img, size)
+        return decode.to_rgb_array(img, size)
 
 
 def _decode_all(dataset: Dataset, size: int) -> np.ndarray:
@@ -267,7 +276,7 @@ def _decode_all(dataset: Dataset, size: int) -> np.ndarray:
             batch, index = image_id.split(":")
             out[i] = by_batch[batch][int(index)].reshape(3, 32, 32).transpose(1, 2, 0)
         if size != 32:
-            out = np.stack([to_rgb_array(Image.fromarray(im), size) for im in out])
+            out = np.stack([decode.to_rgb_array(Image.fromarray(im), size) for im in out])
         return out
     out = np.empty((len(dataset), size, size, 3), dtype=np.uint8)
     for i, image_id in enumerate(tqdm(dataset.ids, desc=f"decoding {dataset.root.name}",
@@ -375,58 +384,56 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
 
 
 # ---------------------------------------------------------------------------- uploads
-def to_rgb_array(img: Image.Image, size: int) -> np.ndarray:
-    """Any PIL image -> (size, size, 3) uint8: EXIF orientation, any mode to RGB (alpha
-    composited on white, 16-bit scaled down), centre-cropped to a square and resized."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    img = img.convert("RGB")
-    side = min(img.size)
-    if img.size != (size, size):
-        img = ImageOps.fit(img, (side, side), method=Image.Resampling.BICUBIC)
-        img = img.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=2.0)
-    return np.asarray(img, dtype=np.uint8)
+def _refuse_if_too_large(declared: tuple[int, int], decoded: tuple[int, int], limit: int,
+                         what: str = "") -> None:
+    """``decoded``: the size decoding allocates (a JPEG may decode at 1/2, 1/4 or 1/8)."""
+    if decoded[0] * decoded[1] <= limit:
+        return
+    scaled = "" if decoded == declared else f" ({decoded[0]}×{decoded[1]} as decoded)"
+    raise InvalidImageError(f"the image is {declared[0]}×{declared[1]} pixels{scaled}; the limit "
+                            f"{what}is {limit / 1e6:.0f} megapixels")
 
 
 def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndarray:
     """Bytes of an uploaded image -> (size, size, 3) uint8 as the model sees it.
 
+    Only ``IMAGE_FORMATS`` are opened, and only the first frame is decoded (later frames are
+    never read, whatever size they declare). Its size is held to ``MAX_UPLOAD_PIXELS`` before
+    decoding, and again after. A JPEG decodes at the smallest scale (1/2, 1/4, 1/8) that keeps
+    ``decode.REDUCING_GAP × size`` pixels on its short side; ``decode.to_rgb_array`` then
+    shrinks without full-size copies: an upload costs one decoded image at its own bit depth
+    plus bands.
+    WebP is the exception (four canvases, see ``MAX_WEBP_PIXELS``); its size is read from its
+    header before PIL opens it.
+
     Raises:
-        InvalidImageError: empty, not an image (text, SVG), truncated or corrupt, or larger
-            than ``MAX_UPLOAD_PIXELS``.
+        InvalidImageError: empty, not an image of those formats (text, SVG, ICO), truncated or
+            corrupt, or larger than ``MAX_UPLOAD_PIXELS`` as decoded (``MAX_WEBP_PIXELS``).
     """
     raw = data if isinstance(data, bytes) else data.read()
     if not raw:
         raise InvalidImageError("the file is empty")
+    if webp := decode.webp_size(raw):
+        _refuse_if_too_large(webp, webp, MAX_WEBP_PIXELS, "for WebP ")
     try:
         with warnings.catch_warnings():  # our own pixel limit below replaces PIL's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
+            img = Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS))
         with img:
-            width, height = img.size
-            if width * height > MAX_UPLOAD_PIXELS:
-                raise InvalidImageError(
-                    f"the image is {width}×{height} pixels; the limit is "
-                    f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels")
-            if width < 1 or height < 1:
+            declared = img.size
+            if min(declared) < 1:
                 raise InvalidImageError("the image has no pixels")
-            img.seek(0)  # first frame of an animation
+            gap = decode.REDUCING_GAP
+            drafted = img.draft("RGB", (gap * size, gap * size))   # JPEG only
+            _refuse_if_too_large(declared, img.size, MAX_UPLOAD_PIXELS)
             img.load()
-            return to_rgb_array(img, size)
+            _refuse_if_too_large(declared, img.size, MAX_UPLOAD_PIXELS)   # as decoded
+            return decode.to_rgb_array(img, size, drafted[1][2:] if drafted else None)
     except InvalidImageError:
         raise
     except UnidentifiedImageError:
         raise InvalidImageError("this is not an image format we can read "
-                                "(JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+                                f"({', '.join(IMAGE_FORMATS)})") from None
     except Image.DecompressionBombError as err:
         raise InvalidImageError(f"the image is too large to decode safely: {err}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:

@@ -9,8 +9,7 @@ import streamlit as st
 from dynviz import data, operating_points, plots, zoo
 from dynviz.ui import state
 
-UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
-MAX_UPLOAD_MB = 20
+MAX_UPLOAD_MB = 20   # .streamlit/config.toml's server.maxUploadSize refuses larger ones first
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,8 @@ def choose_image() -> np.ndarray | None:
     source = st.radio("Image", sources, index=len(sources) - 1, horizontal=True,
                       key="inspect_source")   # a validation image when there is one
     if source == "Upload an image":
-        upload = st.file_uploader("Image file", type=UPLOAD_TYPES, key="inspect_upload",
+        upload = st.file_uploader("Image file", type=list(data.IMAGE_SUFFIXES),
+                                  key="inspect_upload",
                                   help=f"Up to {MAX_UPLOAD_MB} MB; resized to 32×32.")
         if upload is None:
             return None
