@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import pickle
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -416,9 +415,10 @@ def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndar
     if webp := decode.webp_size(raw):
         _refuse_if_too_large(webp, webp, MAX_WEBP_PIXELS, "for WebP ")
     try:
-        with warnings.catch_warnings():  # our own pixel limit below replaces PIL's warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS))
+        # no warning filter around this: filters are process-wide, and changing them per
+        # upload races with every other session (PIL may warn about an image that our own,
+        # lower, pixel limit then refuses)
+        img = Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS))
         with img:
             declared = img.size
             if min(declared) < 1:
