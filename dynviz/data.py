@@ -42,7 +42,7 @@ MAX_UPLOAD_PIXELS = 40_000_000  # refuse to decode larger images (decompression 
 # file is opened, the frame's bytes and the image): a quarter of the limit keeps a WebP to
 # what a full-size RGB image of another format costs.
 MAX_WEBP_PIXELS = MAX_UPLOAD_PIXELS // 4
-_TORCHVISION_DIR = "cifar-10-batches-py"
+TORCHVISION_DIR = "cifar-10-batches-py"
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -126,7 +126,7 @@ def missing_data_message() -> str:
 
 
 def _looks_like_cifar(root: Path) -> bool:
-    return (root / "train").is_dir() or (root / _TORCHVISION_DIR).is_dir()
+    return (root / "train").is_dir() or (root / TORCHVISION_DIR).is_dir()
 
 
 def find_root() -> Path:
@@ -137,7 +137,7 @@ def find_root() -> Path:
     if chosen and not _looks_like_cifar(Path(chosen).expanduser()):
         raise DatasetNotFoundError(
             f"DYNVIZ_DATA={chosen} holds no CIFAR-10: expected {chosen}/train/<class>/*.jpg or "
-            f"{chosen}/{_TORCHVISION_DIR}. Fix the path, or unset DYNVIZ_DATA to use "
+            f"{chosen}/{TORCHVISION_DIR}. Fix the path, or unset DYNVIZ_DATA to use "
             "./data or ../shared/datasets/cifar10-jpeg.")
     for candidate in settings.data_candidates():
         if _looks_like_cifar(candidate):
@@ -204,7 +204,7 @@ def _read_batch(path: Path) -> dict:
 
 
 def _open_torchvision(root: Path) -> Dataset:
-    batches = sorted((root / _TORCHVISION_DIR).glob("data_batch_*"))
+    batches = sorted((root / TORCHVISION_DIR).glob("data_batch_*"))
     ids, labels, sizes = [], [], []
     for batch in batches:
         batch_labels = _read_batch(batch)["labels"]
@@ -222,9 +222,9 @@ def open_cifar10(root: str | Path | None = None) -> Dataset:
     root = Path(root) if root is not None else find_root()
     if (root / "train").is_dir():
         return open_imagefolder(root / "train")
-    if (root / _TORCHVISION_DIR).is_dir():
+    if (root / TORCHVISION_DIR).is_dir():
         return _open_torchvision(root)
-    raise DatasetNotFoundError(f"{root} holds neither train/<class>/ nor {_TORCHVISION_DIR}/\n"
+    raise DatasetNotFoundError(f"{root} holds neither train/<class>/ nor {TORCHVISION_DIR}/\n"
                                + missing_data_message())
 
 
@@ -268,7 +268,7 @@ def _decode_all(dataset: Dataset, size: int) -> np.ndarray:
 
     if dataset.kind == "torchvision":
         by_batch = {}
-        for batch in sorted((dataset.root / _TORCHVISION_DIR).glob("data_batch_*")):
+        for batch in sorted((dataset.root / TORCHVISION_DIR).glob("data_batch_*")):
             by_batch[batch.name] = _read_batch(batch)["data"]
         out = np.empty((len(dataset), 32, 32, 3), dtype=np.uint8)
         for i, image_id in enumerate(dataset.ids):
@@ -440,17 +440,3 @@ def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndar
         raise InvalidImageError(f"the image could not be decoded (truncated or corrupt): "
                                 f"{err}") from None
 
-
-def download_cifar10(dest: Path | None = None) -> Path:
-    """Fetch torchvision's CIFAR-10 into ``dest``; a clear error where there is no network."""
-    import torchvision
-
-    dest = Path(dest) if dest is not None else settings.download_dir()
-    try:
-        torchvision.datasets.CIFAR10(root=str(dest), train=True, download=True)
-    except Exception as err:  # urllib raises several unrelated types
-        raise DatasetNotFoundError(
-            f"downloading CIFAR-10 into {dest} failed ({err}).\nWithout internet access, copy "
-            f"a CIFAR-10 ImageFolder (train/<class>/*.jpg) or torchvision's {_TORCHVISION_DIR} "
-            f"there by hand, or point DYNVIZ_DATA at one.") from err
-    return dest

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -28,7 +29,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from dynviz import data
 
     if args.download:
-        dest = data.download_cifar10(args.dest)
+        dest = download_cifar10(args.dest)
         print(f"CIFAR-10 is in {dest}")
     dataset = data.open_cifar10(args.root)
     splits = {name: data.get_split(name, dataset) for name in data.SPLITS}
@@ -56,3 +57,20 @@ def _cmd_native(args: argparse.Namespace) -> int:
         return 1
     print(f"native block runner: {module.__file__}")
     return 0
+
+
+def download_cifar10(dest: str | Path | None = None) -> Path:
+    """Fetch torchvision's CIFAR-10 into ``dest``; a clear error where there is no network."""
+    import torchvision
+
+    from dynviz import data, settings
+
+    dest = Path(dest) if dest is not None else settings.download_dir()
+    try:
+        torchvision.datasets.CIFAR10(root=str(dest), train=True, download=True)
+    except Exception as err:  # urllib raises several unrelated types
+        raise data.DatasetNotFoundError(
+            f"downloading CIFAR-10 into {dest} failed ({err}).\nWithout internet access, copy "
+            f"a CIFAR-10 ImageFolder (train/<class>/*.jpg) or torchvision's "
+            f"{data.TORCHVISION_DIR} there by hand, or point DYNVIZ_DATA at one.") from err
+    return dest
