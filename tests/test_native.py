@@ -17,7 +17,8 @@ from dynviz import runtime, settings
 from dynviz.bench import gated as gated_bench
 from dynviz.runtime import native as native_bridge
 from dynviz.runtime.folded import FoldedBlock
-from dynviz.runtime.sparse import FoldedGatedBlock, SliceCache, SparsePlan
+from dynviz.runtime.slices import SliceCache
+from dynviz.runtime.sparse import FoldedGatedBlock, SparsePlan
 from tests.helpers import model_input, randomize
 
 pytestmark = pytest.mark.native

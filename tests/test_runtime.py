@@ -12,7 +12,8 @@ import torch.nn as nn
 import models
 from dynviz import runtime
 from dynviz.runtime import folded as F
-from dynviz.runtime.sparse import SliceCache, SparsePlan, pooled_sum
+from dynviz.runtime.slices import SliceCache
+from dynviz.runtime.sparse import SparsePlan, pooled_sum
 from tests.helpers import flops_macs, model_input, randomize
 
 GATED = [n for n in models.names() if n.startswith("lcnet_")]

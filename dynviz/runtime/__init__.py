@@ -9,8 +9,8 @@ from dynviz.runtime.calibrate import calibrate, calibrate_all
 from dynviz.runtime.fold import fold, fuse_batchnorm
 from dynviz.runtime.folded import FoldedBlock, FoldedConv, FoldedResNet
 from dynviz.runtime.memory import keep_freed_memory
-from dynviz.runtime.sparse import (FoldedGatedBlock, FoldedGatedResNet, SliceCache,
-                                   SparsePlan)
+from dynviz.runtime.slices import SliceCache
+from dynviz.runtime.sparse import FoldedGatedBlock, FoldedGatedResNet, SparsePlan
 from dynviz.runtime.timing import (compare_times, median_time, paired_ratio,
                                    round_robin_times, stage_seconds)
 

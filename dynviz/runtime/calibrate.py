@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from dynviz.runtime import native
-from dynviz.runtime.sparse import FoldedGatedResNet, SliceCache, SparsePlan, pooled_sum
+from dynviz.runtime.slices import SliceCache
+from dynviz.runtime.sparse import FoldedGatedResNet, SparsePlan, pooled_sum
 from dynviz.runtime.timing import compare_times
 
 log = logging.getLogger(__name__)

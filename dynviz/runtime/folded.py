@@ -9,7 +9,7 @@ on the device and in the memory format it will run in (``dynviz.runtime.fold``).
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,11 +17,9 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from dynviz.runtime import native
+from dynviz.runtime.slices import SliceCache
 from models.macs import out_size
 from models.output import Output
-
-if TYPE_CHECKING:
-    from dynviz.runtime.sparse import SliceCache
 
 
 def _slice(weight: torch.Tensor, dim: int, channels: torch.Tensor) -> torch.Tensor:
