@@ -216,14 +216,6 @@ class GatedResNet(ResNet):
             scores.append(block_scores)
         return x, scores
 
-    def forward_intermediates(self, x, indices):
-        outs, x, start = [], self.forward_stem(x), 0
-        for index in sorted(indices):
-            x, _ = self.forward_blocks(x, start, index + 1)
-            outs.append(x)
-            start = index + 1
-        return outs
-
     def cost_model(self, hw: tuple[int, int]) -> CostModel:
         """Per-block MAC coefficients for inputs of spatial size ``hw``."""
         stem, hw_ = self.stem_cost(hw)

@@ -211,15 +211,6 @@ class FoldedResNet(FoldedNet):
             x = block(x)
         return x
 
-    def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-        """Outputs of blocks ``indices`` (ascending)."""
-        outs, x, start = [], self.forward_stem(x), 0
-        for index in sorted(indices):
-            x = self.forward_blocks(x, start, index + 1)
-            outs.append(x)
-            start = index + 1
-        return outs
-
     def forward(self, x: torch.Tensor) -> Output:
         x = self.forward_blocks(self.forward_stem(x), 0, len(self.blocks))
         return Output.static(self.forward_head(x), self.source_macs)
