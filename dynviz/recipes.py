@@ -24,6 +24,7 @@ class Recipe:
     bf16: bool = True                # autocast convs/matmuls to bfloat16 (docs/benchmarks.md)
     init_from: str | None = None     # checkpoint whose weights start the model (non-strict)
     gate_lr: float | None = None     # peak LR of gate parameters (None: same as backbone)
+    freeze_gates: bool = False       # gate parameters keep their starting values
     l1_block: float = 0.0            # α, weight of mean |S_L|
     l1_channel: float = 0.0          # β, weight of mean |S_C|
     mac_budget: float = 0.0          # > 0: the L1 terms apply only to batches above these MACs
@@ -86,6 +87,10 @@ RECIPES: dict[str, Recipe] = {
     # Trial, not adopted: kd16 with α = 2 pulling only while a batch spends over 48 M MACs.
     "lcnet_resnet56_budget": dataclasses.replace(_LCNET_KD, epochs=16, l1_block=2.0,
                                                  mac_budget=48e6),
+    # Trial 1 of docs/lcnet.md: kd16 trained 8 epochs more with its gates frozen, no pull.
+    "lcnet_resnet56_kd16_frozen": dataclasses.replace(
+        _LCNET_KD, epochs=8, init_from="lcnet_resnet56_kd16", l1_block=0.0, l1_channel=0.0,
+        freeze_gates=True),
     "exits_resnet56": _EXITS,
     "exits_resnet56_e8": dataclasses.replace(_EXITS, epochs=8),
     # Trial, not adopted: the heads trained 32 epochs.

@@ -28,6 +28,8 @@ from dynviz.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
+GATE_MARK = "_gate."     # in the parameter names of LC-Net's L-Net and C-Net
+
 
 # ---------------------------------------------------------------------------- helpers
 def _saved_recipe(saved: dict) -> dict:
@@ -116,7 +118,7 @@ def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if "_gate." in name:
+        if GATE_MARK in name:
             groups["gates"].append(p)
         elif p.ndim <= 1:
             groups["no_decay"].append(p)
@@ -231,9 +233,9 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
         init_path = settings.checkpoint_dir() / f"{recipe.init_from}.pt"
         zoo.load_weights(target, init_path, strict=bool(recipe.init_into))
         init_sha = files.sha256_file(init_path)
-    if recipe.trainable:
-        for pname, p in model.named_parameters():
-            p.requires_grad_(pname.startswith(recipe.trainable))
+    for pname, p in model.named_parameters():
+        frozen = recipe.freeze_gates and GATE_MARK in pname
+        p.requires_grad_(pname.startswith(recipe.trainable) and not frozen)
     model = model.to(device, memory_format=torch.channels_last)
     teacher = _teacher(recipe, device)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model

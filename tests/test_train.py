@@ -379,3 +379,16 @@ def test_an_early_exit_network_trains_and_reports_every_exit(train_env):
     n_exits = models.create("exits_resnet20").n_stages
     assert len(manifest["history"][0]["val_accuracy"]) == n_exits
     assert len(manifest["metrics"]["check"]["accuracy"]) == n_exits
+
+
+def test_frozen_gates_keep_their_weights_while_the_backbone_trains(train_env):
+    start = dataclasses.replace(TINY, model="lcnet_resnet20", epochs=1)
+    _into_zoo("gated", start, limit_batches=1)
+    before = torch.load(settings.checkpoint_dir() / "gated.pt", weights_only=True)
+    frozen = dataclasses.replace(start, init_from="gated", freeze_gates=True)
+    after = train.fit("frozen", frozen, limit_batches=2, progress=False).model.state_dict()
+    gates = [k for k in before if train.GATE_MARK in k]
+    weights = [k for k in before if train.GATE_MARK not in k and k.endswith("conv1.weight")]
+    assert gates and weights
+    assert all(torch.equal(before[k], after[k].cpu()) for k in gates)
+    assert not all(torch.equal(before[k], after[k].cpu()) for k in weights)
