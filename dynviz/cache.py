@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from dynviz import __version__, data, files, settings
 from dynviz.policy import StageOutputs
+from dynviz.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,12 @@ def _to_numpy(name: str, value: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def compute_outputs(model: nn.Module, images: np.ndarray, *, device: torch.device,
+def compute_outputs(model: nn.Module, images: np.ndarray, spec: data.DataSpec, *,
+                    device: torch.device,
                     batch_size: int = 250, progress: bool = True,
                     on_progress: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
-    """Run ``model`` on uint8 images (N, H, W, 3): every stage's logits and MACs, and what
-    its trace keeps (``Output.arrays``).
+    """Run ``model`` on uint8 images (N, H, W, 3), normalised as ``spec`` says: every stage's
+    logits and MACs, and what its trace keeps (``Output.arrays``).
 
     ``progress``: a tqdm bar on stderr; ``on_progress``: called with the fraction done
     after every batch (the app's progress bar)."""
@@ -106,7 +108,7 @@ def compute_outputs(model: nn.Module, images: np.ndarray, *, device: torch.devic
     parts: dict[str, list[np.ndarray]] = {}
     for start in tqdm(range(0, len(images), batch_size), desc="caching outputs", unit="batch",
                       disable=not progress, leave=False):
-        x = data.to_tensor(np.ascontiguousarray(images[start:start + batch_size]), device)
+        x = spec.to_tensor(np.ascontiguousarray(images[start:start + batch_size]), device)
         for name, value in model(x).arrays().items():
             parts.setdefault(name, []).append(_to_numpy(name, value))
         if on_progress is not None:
@@ -175,14 +177,16 @@ def _load_or_set_aside(directory: Path) -> CachedOutputs | None:
         return None
 
 
-def directory_for(system: str, split: data.Split, checkpoint_sha: str,
+def directory_for(ws: Workspace, system: str, split: data.Split, checkpoint_sha: str,
                   root: Path | None = None) -> Path:
-    root = root if root is not None else settings.cache_dir() / "outputs"
+    root = root if root is not None else ws.cache / "outputs"
     return root / f"{system}-{split.name}-{split.fingerprint}-{checkpoint_sha[:12]}"
 
 
-def find(system: str, split: data.Split | str, checkpoint_sha: str) -> CachedOutputs | None:
-    """A fresh cache of ``system`` on ``split``: the shipped one in assets/ or the local one.
+def find(ws: Workspace, system: str, split: data.Split | str,
+         checkpoint_sha: str) -> CachedOutputs | None:
+    """A fresh cache of ``system`` on ``split``: the shipped one (the workspace's results) or
+    the local one.
 
     ``split`` may be just a split's name, when its images are absent: any cache of that
     split and checkpoint is then taken, as its data fingerprint cannot be checked. A corrupt
@@ -192,22 +196,22 @@ def find(system: str, split: data.Split | str, checkpoint_sha: str) -> CachedOut
     if isinstance(split, str):
         pattern = f"{system}-{split}-*-{checkpoint_sha[:12]}"
     else:
-        pattern = directory_for(system, split, checkpoint_sha).name
-    for directory in sorted((settings.assets_dir() / "outputs").glob(pattern)):
+        pattern = directory_for(ws, system, split, checkpoint_sha).name
+    for directory in sorted((ws.results / "outputs").glob(pattern)):
         try:
             return load(directory)
         except CorruptCacheError as err:
             raise CorruptCacheError(directory, err.reason,
                                     f"; restore the shipped caches with `{RESTORE_SHIPPED}`"
                                     ) from None
-    for directory in sorted((settings.cache_dir() / "outputs").glob(pattern)):
+    for directory in sorted((ws.cache / "outputs").glob(pattern)):
         found = _load_or_set_aside(directory)
         if found is not None:
             return found
     return None
 
 
-def ensure(system: str, model: nn.Module | Callable[[], nn.Module], split: data.Split,
+def ensure(ws: Workspace, system: str, model: nn.Module | Callable[[], nn.Module], split: data.Split,
            checkpoint_sha: str, *, device: torch.device | None = None,
            root: Path | None = None, progress: bool = True,
            on_progress: Callable[[float], None] | None = None) -> CachedOutputs:
@@ -219,14 +223,14 @@ def ensure(system: str, model: nn.Module | Callable[[], nn.Module], split: data.
     are only ever removed or set aside in the directory written to.
     """
     if root is None:
-        found = find(system, split, checkpoint_sha)
+        found = find(ws, system, split, checkpoint_sha)
         if found is not None:
             return found
-    directory = directory_for(system, split, checkpoint_sha, root)
+    directory = directory_for(ws, system, split, checkpoint_sha, root)
     found = _load_or_set_aside(directory)
     if found is not None:
         return found
-    found = find(system, split, checkpoint_sha) if root is not None else None
+    found = find(ws, system, split, checkpoint_sha) if root is not None else None
     if found is not None:                        # computed elsewhere already: copy it
         _write(directory, {name: np.asarray(a) for name, a in found.arrays.items()},
                found.manifest)
@@ -236,7 +240,8 @@ def ensure(system: str, model: nn.Module | Callable[[], nn.Module], split: data.
         if not isinstance(model, nn.Module):
             model = model()
         started = time.perf_counter()
-        arrays = compute_outputs(model, split.images(), device=device, progress=progress,
+        arrays = compute_outputs(model, split.images(), split.spec, device=device,
+                                 progress=progress,
                                  on_progress=on_progress)
         cached = store(directory, system, model, split, checkpoint_sha, arrays,
                        seconds=time.perf_counter() - started)

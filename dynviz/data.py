@@ -1,56 +1,84 @@
-"""CIFAR-10 on disk: finding it, the fixed train/validation split, a decoded uint8 cache,
-tensor augmentation, and the one preprocessing function for uploaded images (the image
-arithmetic behind it is ``dynviz.decode``).
+"""A workspace's dataset on disk: finding it, the fixed train/validation split, a decoded
+uint8 cache and tensor augmentation (uploaded images: ``dynviz.uploads``). ``DataSpec`` says which dataset: its
+directory, classes, image size and normalisation (a workspace's ``[data]`` table).
 
-Image order is fixed everywhere: class-major (in ``CLASSES`` order), then sorted file name.
-The validation split is the last ``VAL_PER_CLASS`` files of every class; its even positions
-form the *fit* half (policies learn there), its odd positions the *check* half.
+Image order is fixed everywhere: class-major (in ``DataSpec.classes`` order), then sorted
+file name. The validation split is the last files of every class (``DataSpec.val_count``);
+its even positions form the *fit* half (policies learn there), its odd positions the *check*
+half.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dynviz import decode, files, settings
+from dynviz.decode import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel mean of the CIFAR-10 train images
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-VAL_PER_CLASS = 500
-IMAGE_SIZE = 32
 SPLITS = ("train", "val", "fit", "check")
-# The formats dynviz reads (PIL's names) and their file suffixes: the ImageFolder file filter,
-# the upload page's `type=` and the upload decoder's `formats=` all come from here.
-IMAGE_FORMATS = {"JPEG": ("jpg", "jpeg"), "PNG": ("png",), "WEBP": ("webp",), "BMP": ("bmp",),
-                 "GIF": ("gif",), "TIFF": ("tif", "tiff")}
-IMAGE_SUFFIXES = tuple(f".{s}" for suffixes in IMAGE_FORMATS.values() for s in suffixes)
-MAX_UPLOAD_PIXELS = 40_000_000  # refuse to decode larger images (decompression bombs)
-# PIL's WebP decoder holds four canvases of 4 bytes a pixel (libwebp's two, allocated when the
-# file is opened, the frame's bytes and the image): a quarter of the limit keeps a WebP to
-# what a full-size RGB image of another format costs.
-MAX_WEBP_PIXELS = MAX_UPLOAD_PIXELS // 4
+MIN_PER_CLASS = 20    # a class needs this many images: 10% of them still fills fit and check
 TORCHVISION_DIR = "cifar-10-batches-py"
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """No CIFAR-10 copy where we looked; the message says how to get one."""
+    """No dataset where we looked; the message says how to get one."""
 
 
-class InvalidImageError(ValueError):
-    """An upload that is not a decodable image of acceptable size."""
+@dataclass(frozen=True)
+class DataSpec:
+    """Args:
+        roots: dataset directories in search order; the first that exists is read.
+        layout: ``"imagefolder"`` (``<root>/<class>/<file>``) or ``"cifar10"``
+            (``<root>/train/<class>/`` or torchvision's ``cifar-10-batches-py``).
+        classes: class names, in label order (an ImageFolder's sub-folder names).
+        image_size: side of the square images the systems see.
+        mean, std: per-channel normalisation of images scaled to [0, 1].
+        val_fraction: the last share of every class's files (by sorted name) that forms
+            the validation split, halved into *fit* and *check*.
+        val_per_class: a fixed number of validation files per class instead.
+        decoded_cache: the directory of the decoded uint8 arrays (the workspace's cache).
+    """
+    roots: tuple[Path, ...]
+    classes: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    layout: str = "imagefolder"
+    val_fraction: float = 0.1
+    val_per_class: int | None = None
+    decoded_cache: Path | None = None     # where decoded images are kept (default: settings)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def val_count(self, class_size: int) -> int:
+        """How many of a class's ``class_size`` files are validation images."""
+        if self.val_per_class is not None:
+            return self.val_per_class
+        return max(2, int(round(class_size * self.val_fraction)))
+
+    def to_tensor(self, images: np.ndarray | torch.Tensor,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W) in channels_last memory."""
+        if not torch.is_tensor(images):
+            array = np.asarray(images)
+            images = torch.from_numpy(array if array.flags.writeable else array.copy())
+        x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,13 +86,15 @@ class Dataset:
     """Images of one directory in the fixed order.
 
     Args:
+        spec: the dataset's description (classes, size, normalisation).
         root: the directory read.
         kind: ``"imagefolder"`` (``<root>/<class>/<file>``) or ``"torchvision"``
             (``<root>/cifar-10-batches-py``).
         ids: per image, its path relative to ``root`` (or ``batch:index``).
-        labels: (N,) int64 index into ``CLASSES``.
+        labels: (N,) int64 index into ``spec.classes``.
         sizes: (N,) int64 file size in bytes (for the fingerprint).
     """
+    spec: DataSpec
     root: Path
     kind: str
     ids: tuple[str, ...]
@@ -90,6 +120,10 @@ class Split:
         return len(self.indices)
 
     @property
+    def spec(self) -> DataSpec:
+        return self.dataset.spec
+
+    @property
     def ids(self) -> list[str]:
         return [self.dataset.ids[i] for i in self.indices]
 
@@ -101,9 +135,9 @@ class Split:
     def fingerprint(self) -> str:
         return _fingerprint(self.ids, self.dataset.sizes[self.indices])
 
-    def images(self, size: int = IMAGE_SIZE) -> np.ndarray:
-        """(N, size, size, 3) uint8, read from the decoded cache."""
-        return load_images(self.dataset, size)[self.indices]
+    def images(self) -> np.ndarray:
+        """(N, S, S, 3) uint8 at the dataset's image size, read from the decoded cache."""
+        return load_images(self.dataset)[self.indices]
 
 
 def _fingerprint(ids: list[str] | tuple[str, ...], sizes: np.ndarray) -> str:
@@ -114,61 +148,81 @@ def _fingerprint(ids: list[str] | tuple[str, ...], sizes: np.ndarray) -> str:
 
 
 # ---------------------------------------------------------------------------- finding
-def missing_data_message() -> str:
-    looked = "\n".join(f"  - {p}" for p in settings.data_candidates())
-    return (
-        "CIFAR-10 was not found. Looked in:\n" + looked + "\n"
-        "Fix one of:\n"
-        "  - set DYNVIZ_DATA to a directory holding train/<class>/*.jpg "
-        "(or torchvision's cifar-10-batches-py);\n"
-        "  - run `python -m dynviz data --download` on a machine with internet access."
-    )
+def missing_data_message(spec: DataSpec) -> str:
+    looked = "\n".join(f"  - {p}" for p in spec.roots)
+    fixes = ("  - set DYNVIZ_DATA to a directory holding train/<class>/*.jpg "
+             "(or torchvision's cifar-10-batches-py);\n"
+             "  - run `python -m dynviz data --download` on a machine with internet access."
+             if spec.layout == "cifar10" else
+             "  - fix data.root in the workspace's dynviz.toml.")
+    return f"The dataset was not found. Looked in:\n{looked}\nFix one of:\n{fixes}"
 
 
-def _looks_like_cifar(root: Path) -> bool:
-    return (root / "train").is_dir() or (root / TORCHVISION_DIR).is_dir()
+def _holds_dataset(root: Path, layout: str) -> bool:
+    if layout == "cifar10":
+        return (root / "train").is_dir() or (root / TORCHVISION_DIR).is_dir()
+    return root.is_dir()
 
 
-def find_root() -> Path:
-    """The first dataset root in ``settings.data_candidates()`` that holds CIFAR-10. A
-    ``$DYNVIZ_DATA`` that holds none is an error, not a reason to look elsewhere: whoever set
-    it meant that copy."""
-    chosen = os.environ.get("DYNVIZ_DATA")
-    if chosen and not _looks_like_cifar(Path(chosen).expanduser()):
-        raise DatasetNotFoundError(
-            f"DYNVIZ_DATA={chosen} holds no CIFAR-10: expected {chosen}/train/<class>/*.jpg or "
-            f"{chosen}/{TORCHVISION_DIR}. Fix the path, or unset DYNVIZ_DATA to use "
-            "./data or ../shared/datasets/cifar10-jpeg.")
-    for candidate in settings.data_candidates():
-        if _looks_like_cifar(candidate):
+def find_root(spec: DataSpec) -> Path:
+    """The first of ``spec.roots`` that holds the dataset (``$DYNVIZ_DATA`` replaces the
+    built-in workspace's list: whoever set it meant that copy)."""
+    for candidate in spec.roots:
+        if _holds_dataset(candidate, spec.layout):
             return candidate
-    raise DatasetNotFoundError(missing_data_message())
+    raise DatasetNotFoundError(missing_data_message(spec))
 
 
-def open_imagefolder(directory: str | Path) -> Dataset:
-    """Every image under ``directory/<class>/``; class folders must be CIFAR-10 class names."""
+def open_dataset(spec: DataSpec, root: str | Path | None = None) -> Dataset:
+    """The images of ``spec`` (at ``root``, default ``find_root(spec)``): for the
+    ``cifar10`` layout its train images, else every image of the ImageFolder."""
+    root = Path(root) if root is not None else find_root(spec)
+    if spec.layout == "imagefolder":
+        return open_imagefolder(root, spec, every_class=True)
+    if (root / "train").is_dir():
+        return open_imagefolder(root / "train", spec, every_class=True)
+    if (root / TORCHVISION_DIR).is_dir():
+        return _open_torchvision(root, spec)
+    raise DatasetNotFoundError(f"{root} holds neither train/<class>/ nor {TORCHVISION_DIR}/\n"
+                               + missing_data_message(spec))
+
+
+def image_files(directory: Path) -> list[os.DirEntry]:
+    """The image files (by suffix) directly in ``directory``, sorted by name."""
+    return sorted((e for e in os.scandir(directory)
+                   if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)),
+                  key=lambda e: e.name)
+
+
+def open_imagefolder(directory: str | Path, spec: DataSpec,
+                     every_class: bool = False) -> Dataset:
+    """Every image under ``directory/<class>/``; the class folders must be among
+    ``spec.classes`` (with ``every_class``, all of them, none empty)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetNotFoundError(f"{directory} is not a directory")
-    class_dirs = sorted(p for p in directory.iterdir() if p.is_dir())
-    unknown = [p.name for p in class_dirs if p.name not in CLASSES]
+    class_dirs = sorted(p.name for p in directory.iterdir() if p.is_dir())
+    unknown = [name for name in class_dirs if name not in spec.classes]
     if unknown or not class_dirs:
-        raise ValueError(f"{directory}: expected sub-folders named after the CIFAR-10 classes "
-                         f"{', '.join(CLASSES)}; found {[p.name for p in class_dirs]}")
+        raise ValueError(f"{directory}: expected sub-folders named after the classes "
+                         f"{', '.join(spec.classes)}; found {class_dirs}")
     ids, labels, sizes = [], [], []
-    for label, name in enumerate(CLASSES):
+    for label, name in enumerate(spec.classes):
         if not (directory / name).is_dir():
+            if every_class:
+                raise ValueError(f"{directory}: the class folder {name}/ is missing")
             continue
-        entries = sorted((e for e in os.scandir(directory / name)
-                          if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)),
-                         key=lambda e: e.name)
+        entries = image_files(directory / name)
+        if every_class and not entries:
+            raise ValueError(f"{directory / name}: the class holds no image files "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
         ids += [f"{name}/{e.name}" for e in entries]
         sizes += [e.stat().st_size for e in entries]
         labels += [label] * len(entries)
     if not ids:
         raise ValueError(f"{directory}: no image files in the class folders")
-    return Dataset(directory, "imagefolder", tuple(ids), np.asarray(labels, dtype=np.int64),
-                   np.asarray(sizes, dtype=np.int64))
+    return Dataset(spec, directory, "imagefolder", tuple(ids),
+                   np.asarray(labels, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -203,7 +257,7 @@ def _read_batch(path: Path) -> dict:
     return batch
 
 
-def _open_torchvision(root: Path) -> Dataset:
+def _open_torchvision(root: Path, spec: DataSpec) -> Dataset:
     batches = sorted((root / TORCHVISION_DIR).glob("data_batch_*"))
     ids, labels, sizes = [], [], []
     for batch in batches:
@@ -213,47 +267,38 @@ def _open_torchvision(root: Path) -> Dataset:
         sizes += [batch.stat().st_size] * len(batch_labels)
     labels = np.asarray(labels, dtype=np.int64)
     order = np.argsort(labels, kind="stable")  # class-major, file order within a class
-    return Dataset(root, "torchvision", tuple(ids[i] for i in order), labels[order],
+    return Dataset(spec, root, "torchvision", tuple(ids[i] for i in order), labels[order],
                    np.asarray(sizes, dtype=np.int64)[order])
 
 
-def open_cifar10(root: str | Path | None = None) -> Dataset:
-    """The CIFAR-10 train images at ``root`` (default: ``find_root()``)."""
-    root = Path(root) if root is not None else find_root()
-    if (root / "train").is_dir():
-        return open_imagefolder(root / "train")
-    if (root / TORCHVISION_DIR).is_dir():
-        return _open_torchvision(root)
-    raise DatasetNotFoundError(f"{root} holds neither train/<class>/ nor {TORCHVISION_DIR}/\n"
-                               + missing_data_message())
-
-
-def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
+def split_indices(labels: np.ndarray, spec: DataSpec) -> dict[str, np.ndarray]:
     """Index arrays of the four splits for a dataset in the fixed order (DESIGN.md)."""
     train, val = [], []
-    for label in range(len(CLASSES)):
+    for label, name in enumerate(spec.classes):
         members = np.flatnonzero(labels == label)
-        if len(members) <= VAL_PER_CLASS:
-            raise ValueError(f"class {CLASSES[label]} has {len(members)} images; the split "
-                             f"needs more than {VAL_PER_CLASS}")
-        train.append(members[:-VAL_PER_CLASS])
-        val.append(members[-VAL_PER_CLASS:])
+        n_val = spec.val_count(len(members))
+        if len(members) < max(MIN_PER_CLASS, n_val + 1):
+            raise ValueError(f"class {name} has {len(members)} images; the split needs at "
+                             f"least {max(MIN_PER_CLASS, n_val + 1)}")
+        train.append(members[:-n_val])
+        val.append(members[-n_val:])
     val_all = np.concatenate(val)
     return {"train": np.concatenate(train), "val": val_all,
             "fit": val_all[0::2], "check": val_all[1::2]}
 
 
-def get_split(name: str, dataset: Dataset | None = None) -> Split:
-    """One of ``SPLITS`` of CIFAR-10 (default: the copy ``find_root()`` finds)."""
+def get_split(spec: DataSpec, name: str, dataset: Dataset | None = None) -> Split:
+    """One of ``SPLITS`` of ``dataset`` (default: ``open_dataset(spec)``)."""
     if name not in SPLITS:
         raise ValueError(f"unknown split {name!r}; choose from {SPLITS}")
-    dataset = dataset if dataset is not None else open_cifar10()
-    return Split(dataset, name, split_indices(dataset.labels)[name])
+    dataset = dataset if dataset is not None else open_dataset(spec)
+    return Split(dataset, name, split_indices(dataset.labels, spec)[name])
 
 
-def test_split(directory: str | Path) -> Split:
-    """Every image of another ImageFolder directory, as a split named ``test``."""
-    dataset = open_imagefolder(directory)
+def test_split(directory: str | Path, spec: DataSpec) -> Split:
+    """Every image of another ImageFolder directory with ``spec``'s classes, as a split named
+    ``test``."""
+    dataset = open_imagefolder(directory, spec)
     return Split(dataset, "test", np.arange(len(dataset)))
 
 
@@ -284,14 +329,16 @@ def _decode_all(dataset: Dataset, size: int) -> np.ndarray:
     return out
 
 
-def load_images(dataset: Dataset, size: int = IMAGE_SIZE) -> np.ndarray:
+def load_images(dataset: Dataset) -> np.ndarray:
     """(N, size, size, 3) uint8 of the whole dataset, memory-mapped from a disk cache.
 
     The first call decodes every file once and writes ``<cache>/images/<fingerprint>-<size>.npy``
     atomically; later calls (and other processes) map that file read-only. A cache file that
     cannot be read or holds another shape (a damaged disk) is set aside and decoded again.
     """
-    path = settings.cache_dir() / "images" / f"{dataset.fingerprint}-{size}.npy"
+    size = dataset.spec.image_size
+    directory = dataset.spec.decoded_cache or settings.cache_dir() / "images"
+    path = directory / f"{dataset.fingerprint}-{size}.npy"
     images = _map_cached(path, (len(dataset), size, size, 3))
     if images is not None:
         return images
@@ -320,18 +367,6 @@ def _map_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------------- tensors
-def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W) in channels_last memory."""
-    if not torch.is_tensor(images):
-        array = np.asarray(images)
-        images = torch.from_numpy(array if array.flags.writeable else array.copy())
-    x = images
-    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop after ``pad`` zero pixels on each side, and random horizontal flip.
 
@@ -350,7 +385,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> t
     return padded[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
 
 
-def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, spec: DataSpec, *,
             generator: torch.Generator | None = None, train: bool = False,
             device: torch.device | str = "cpu",
             shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -379,64 +414,4 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
         x = torch.from_numpy(np.ascontiguousarray(images[idx]))
         if train:
             x = augment(x, torch.Generator().manual_seed(epoch_seed + k))
-        yield to_tensor(x, device), labels_t[idx].to(device)
-
-
-# ---------------------------------------------------------------------------- uploads
-def _refuse_if_too_large(declared: tuple[int, int], decoded: tuple[int, int], limit: int,
-                         what: str = "") -> None:
-    """``decoded``: the size decoding allocates (a JPEG may decode at 1/2, 1/4 or 1/8)."""
-    if decoded[0] * decoded[1] <= limit:
-        return
-    scaled = "" if decoded == declared else f" ({decoded[0]}×{decoded[1]} as decoded)"
-    raise InvalidImageError(f"the image is {declared[0]}×{declared[1]} pixels{scaled}; the limit "
-                            f"{what}is {limit / 1e6:.0f} megapixels")
-
-
-def preprocess_upload(data: bytes | BinaryIO, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Bytes of an uploaded image -> (size, size, 3) uint8 as the model sees it.
-
-    Only ``IMAGE_FORMATS`` are opened, and only the first frame is decoded (later frames are
-    never read, whatever size they declare). Its size is held to ``MAX_UPLOAD_PIXELS`` before
-    decoding, and again after. A JPEG decodes at the smallest scale (1/2, 1/4, 1/8) that keeps
-    ``decode.REDUCING_GAP × size`` pixels on its short side; ``decode.to_rgb_array`` then
-    shrinks without full-size copies: an upload costs one decoded image at its own bit depth
-    plus bands.
-    WebP is the exception (four canvases, see ``MAX_WEBP_PIXELS``); its size is read from its
-    header before PIL opens it.
-
-    Raises:
-        InvalidImageError: empty, not an image of those formats (text, SVG, ICO), truncated or
-            corrupt, or larger than ``MAX_UPLOAD_PIXELS`` as decoded (``MAX_WEBP_PIXELS``).
-    """
-    raw = data if isinstance(data, bytes) else data.read()
-    if not raw:
-        raise InvalidImageError("the file is empty")
-    if webp := decode.webp_size(raw):
-        _refuse_if_too_large(webp, webp, MAX_WEBP_PIXELS, "for WebP ")
-    try:
-        # no warning filter around this: filters are process-wide, and changing them per
-        # upload races with every other session (PIL may warn about an image that our own,
-        # lower, pixel limit then refuses)
-        img = Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS))
-        with img:
-            declared = img.size
-            if min(declared) < 1:
-                raise InvalidImageError("the image has no pixels")
-            gap = decode.REDUCING_GAP
-            drafted = img.draft("RGB", (gap * size, gap * size))   # JPEG only
-            _refuse_if_too_large(declared, img.size, MAX_UPLOAD_PIXELS)
-            img.load()
-            _refuse_if_too_large(declared, img.size, MAX_UPLOAD_PIXELS)   # as decoded
-            return decode.to_rgb_array(img, size, drafted[1][2:] if drafted else None)
-    except InvalidImageError:
-        raise
-    except UnidentifiedImageError:
-        raise InvalidImageError("this is not an image format we can read "
-                                f"({', '.join(IMAGE_FORMATS)})") from None
-    except Image.DecompressionBombError as err:
-        raise InvalidImageError(f"the image is too large to decode safely: {err}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise InvalidImageError(f"the image could not be decoded (truncated or corrupt): "
-                                f"{err}") from None
-
+        yield spec.to_tensor(x, device), labels_t[idx].to(device)

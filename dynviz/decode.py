@@ -10,6 +10,11 @@ import math
 import numpy as np
 from PIL import ExifTags, Image
 
+# The formats dynviz reads (PIL's names) and their file suffixes: the ImageFolder file filter,
+# the upload page's `type=` and the upload decoder's `formats=` all come from here.
+IMAGE_FORMATS = {"JPEG": ("jpg", "jpeg"), "PNG": ("png",), "WEBP": ("webp",), "BMP": ("bmp",),
+                 "GIF": ("gif",), "TIFF": ("tif", "tiff")}
+IMAGE_SUFFIXES = tuple(f".{s}" for suffixes in IMAGE_FORMATS.values() for s in suffixes)
 REDUCING_GAP = 2      # shrink by whole factors while an image stays ≥ 2× the output side
 _BAND_PIXELS = 2**20  # rows converted at a time while shrinking: ≤ 4 MB in mode I, F or RGBA
 

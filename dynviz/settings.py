@@ -23,7 +23,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_CHECKPOINTS = PROJECT_ROOT / "models" / "checkpoints"   # the shipped zoo's weights
 
 
-def _env_path(name: str, default: Path) -> Path:
+def env_path(name: str, default: Path) -> Path:
+    """``$name`` as a path when it is set, else ``default``."""
     value = os.environ.get(name)
     return Path(value).expanduser() if value else default
 
@@ -40,16 +41,16 @@ def data_candidates() -> list[Path]:
 
 def download_dir() -> Path:
     """Where ``python -m dynviz data --download`` puts torchvision's CIFAR-10."""
-    return _env_path("DYNVIZ_DATA", PROJECT_ROOT / "data")
+    return env_path("DYNVIZ_DATA", PROJECT_ROOT / "data")
 
 
 def cache_dir() -> Path:
-    return _env_path("DYNVIZ_CACHE", PROJECT_ROOT / ".cache")
+    return env_path("DYNVIZ_CACHE", PROJECT_ROOT / ".cache")
 
 
 def native_dir() -> Path:
     """Where the native block runner (``models/csrc``) is compiled."""
-    return _env_path("DYNVIZ_NATIVE_DIR", PROJECT_ROOT / ".cache" / "native")
+    return env_path("DYNVIZ_NATIVE_DIR", PROJECT_ROOT / ".cache" / "native")
 
 
 def native_enabled() -> bool:
@@ -57,12 +58,12 @@ def native_enabled() -> bool:
 
 
 def checkpoint_dir() -> Path:
-    return _env_path("DYNVIZ_CHECKPOINTS", BUILTIN_CHECKPOINTS)
+    return env_path("DYNVIZ_CHECKPOINTS", BUILTIN_CHECKPOINTS)
 
 
 def assets_dir() -> Path:
     """Shipped caches and policies (``DYNVIZ_ASSETS`` overrides, e.g. in tests)."""
-    return _env_path("DYNVIZ_ASSETS", PROJECT_ROOT / "assets")
+    return env_path("DYNVIZ_ASSETS", PROJECT_ROOT / "assets")
 
 
 def device() -> torch.device:

@@ -1,18 +1,19 @@
-"""The default systems: which registry model, which trained checkpoints, which topology.
+"""A workspace's systems: which checkpoints they need, loading them, and keying their caches.
 
 A system is what the app and ``python -m dynviz evaluate`` show: a static network, a gated
-network, an early-exit network or a cascade, built from checkpoints in
-``settings.checkpoint_dir()`` (``NAME.pt`` weights + ``NAME.json`` manifest).
+network, an early-exit network or a cascade, as a workspace's ``[systems]`` table describes
+it, built from checkpoints in ``Workspace.checkpoints`` (``NAME.pt`` weights + ``NAME.json``
+manifest) or from a ``torch.export`` program.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import re
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,10 +21,9 @@ import torch.nn as nn
 
 import models
 from dynviz import cache, data, files, settings
+from dynviz.workspace import SystemSpec, Workspace
 
 log = logging.getLogger(__name__)
-
-KINDS = ("static", "gated", "exits", "cascade")
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -36,87 +36,53 @@ class CheckpointError(ValueError):
     it."""
 
 
-@dataclass(frozen=True)
-class SystemSpec:
-    """Args:
-        name: the system's name.
-        kind: one of ``KINDS``.
-        model: registry name.
-        weights: (submodule path, checkpoint name) pairs; "" loads into the whole model.
-        model_args: overrides for ``models.create``.
-        topology: ``"chain"`` or ``"jump"`` (cascades may jump to the last network).
-    """
-    name: str
-    kind: str
-    model: str
-    weights: tuple[tuple[str, str], ...]
-    model_args: tuple[tuple[str, object], ...] = ()
-    topology: str = "chain"
-
-    @property
-    def checkpoints(self) -> list[str]:
-        return [ckpt for _, ckpt in self.weights]
+def checkpoint_path(ws: Workspace, name: str) -> Path:
+    return ws.checkpoints / f"{name}.pt"
 
 
-def _static(name: str) -> SystemSpec:
-    return SystemSpec(name, "static", name, (("", name),))
+def members(ws: Workspace, name: str) -> list[SystemSpec]:
+    """The single systems ``name`` is made of: its members for a cascade, else itself."""
+    s = ws.spec(name)
+    return [ws.spec(m) for m in s.members] if s.kind == "cascade" else [s]
 
 
-SYSTEMS: dict[str, SystemSpec] = {s.name: s for s in (
-    _static("resnet8"),
-    _static("resnet20"),
-    _static("resnet56"),
-    SystemSpec("lcnet_resnet20", "gated", "lcnet_resnet20", (("", "lcnet_resnet20"),)),
-    # lcnet_resnet56_kd16: savings in skipped blocks, learning from resnet56, 16 epochs (see
-    # dynviz/recipes.py)
-    SystemSpec("lcnet_resnet56_seq", "gated", "lcnet_resnet56",
-               (("", "lcnet_resnet56_kd16"),), (("placement", "sequential"),)),
-    SystemSpec("lcnet_resnet56_par", "gated", "lcnet_resnet56",
-               (("", "lcnet_resnet56_kd16"),), (("placement", "parallel"),)),
-    SystemSpec("exits_resnet56", "exits", "exits_resnet56", (("", "exits_resnet56"),)),
-    SystemSpec("cascade_r8_r20_r56", "cascade", "cascade_r8_r20_r56",
-               (("stages.0", "resnet8"), ("stages.1", "resnet20"), ("stages.2", "resnet56")),
-               topology="jump"),
-)}
-REFERENCE = "resnet56"  # speedups and MAC reductions are against this static network
-FEATURED = "lcnet_resnet56_seq"  # the system the app's pickers start on, when trained
+def missing(ws: Workspace, name: str) -> list[str]:
+    """What ``name`` needs that is not on disk: checkpoint names, or program files."""
+    needs = []
+    for s in members(ws, name):
+        if s.program is not None:
+            if not ws.program_path(s).exists():
+                needs.append(str(ws.program_path(s)))
+        else:
+            needs += [c for c in s.checkpoints if not checkpoint_path(ws, c).exists()]
+    return list(dict.fromkeys(needs))
 
 
-def spec(name: str) -> SystemSpec:
-    try:
-        return SYSTEMS[name]
-    except KeyError:
-        raise KeyError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}") from None
+def available(ws: Workspace) -> list[str]:
+    return [name for name in ws.systems if not missing(ws, name)]
 
 
-def checkpoint_path(name: str) -> Path:
-    return settings.checkpoint_dir() / f"{name}.pt"
-
-
-def missing(name: str) -> list[str]:
-    """Checkpoints ``name`` needs that are not on disk."""
-    return [c for c in spec(name).checkpoints if not checkpoint_path(c).exists()]
-
-
-def available() -> list[str]:
-    return [name for name in SYSTEMS if not missing(name)]
-
-
-def dynamic(names: list[str]) -> list[str]:
+def dynamic(ws: Workspace, names: list[str]) -> list[str]:
     """The systems among ``names`` that spend per image (every kind but static)."""
-    return [name for name in names if spec(name).kind != "static"]
+    return [name for name in names if ws.spec(name).kind != "static"]
 
 
-def staged(names: list[str]) -> list[str]:
+def staged(ws: Workspace, names: list[str]) -> list[str]:
     """The systems among ``names`` that run under a policy (early exits and cascades)."""
-    return [name for name in names if spec(name).kind in ("exits", "cascade")]
+    return [name for name in names if ws.spec(name).kind in ("exits", "cascade")]
 
 
-def train_command(checkpoint: str, out_dir: Path | None = None, replace: bool = False) -> str:
-    """The command that trains ``checkpoint`` into ``out_dir`` (default: the checkpoint
-    directory the app loads), over an existing file there with ``replace``."""
-    out = _shown(out_dir if out_dir is not None else settings.checkpoint_dir())
-    return f"python -m dynviz train {checkpoint} --out-dir {out}" + " --replace" * replace
+def train_command(ws: Workspace, checkpoint: str, replace: bool = False) -> str:
+    """The command that trains ``checkpoint`` into the workspace's checkpoints (the ones the
+    app loads), over an existing file there with ``replace``."""
+    return _train_command(None if ws.builtin else ws.root, checkpoint, ws.checkpoints, replace)
+
+
+def _train_command(workspace: Path | None, checkpoint: str, out_dir: Path,
+                   replace: bool) -> str:
+    where = "" if workspace is None else f" --workspace {_shown(workspace)}"
+    return (f"python -m dynviz{where} train {checkpoint} --out-dir {_shown(out_dir)}"
+            + " --replace" * replace)
 
 
 def restore_command(path: Path) -> str:
@@ -130,7 +96,11 @@ def restore_command(path: Path) -> str:
         shipped = path.resolve().parent == settings.BUILTIN_CHECKPOINTS.resolve()
     if shipped:
         return f"git checkout -- {_shown(path)}"
-    return train_command(path.stem, path.parent, replace=True)
+    # a workspace's checkpoints/ sits beside its dynviz.toml
+    home = path.resolve().parent.parent
+    workspace = home if (home / "dynviz.toml").is_file() and home != settings.PROJECT_ROOT \
+        else None
+    return _train_command(workspace, path.stem, path.parent, replace=True)
 
 
 def _shown(path: Path) -> str:
@@ -211,37 +181,76 @@ def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:
     return files.sha256_file(path)
 
 
-def checkpoint_sha(name: str) -> str:
-    """One digest over every checkpoint a system loads (keys its caches)."""
-    s = spec(name)
-    if missing(name):
-        raise MissingCheckpointError(_missing_message(name))
-    digests = "".join(_sha256(checkpoint_path(c)) for c in s.checkpoints)
-    return hashlib.sha256((s.model + repr(s.model_args) + digests).encode()).hexdigest()
+def checkpoint_sha(ws: Workspace, name: str) -> str:
+    """One digest over what a system's outputs depend on: its models, their arguments, every
+    checkpoint or program it loads, and the input it sees (keys its caches)."""
+    if missing(ws, name):
+        raise MissingCheckpointError(_missing_message(ws, name))
+    s = ws.spec(name)
+    if s.kind == "cascade":
+        parts = [s.kind, s.topology] + [checkpoint_sha(ws, m) for m in s.members]
+    elif s.program is not None:
+        parts = [s.kind, _sha256(ws.program_path(s))] + _input(ws)
+    else:
+        parts = ([s.kind, s.model, repr(s.model_args)]
+                 + [_sha256(checkpoint_path(ws, c)) for c in s.checkpoints] + _input(ws))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def _missing_message(name: str) -> str:
-    commands = "\n".join(f"  {train_command(c)}" for c in missing(name))
-    return f"system {name} needs checkpoints that are not trained yet; run:\n{commands}"
+def _input(ws: Workspace) -> list:
+    d = ws.data
+    return [d.image_size, list(d.mean), list(d.std), list(d.classes)]
 
 
-def load_system(name: str, device: torch.device | None = None) -> nn.Module:
-    """The system ``name`` with its trained weights, in eval mode on ``device``."""
-    s = spec(name)
-    if missing(name):
-        raise MissingCheckpointError(_missing_message(name))
-    model = models.create(s.model, **dict(s.model_args))
+def _missing_message(ws: Workspace, name: str) -> str:
+    needs = missing(ws, name)
+    commands = "\n".join(f"  {train_command(ws, c)}" for c in needs if "/" not in c)
+    files_ = "\n".join(f"  {c} (a torch.export program)" for c in needs if "/" in c)
+    return (f"system {name} needs what is not there yet; "
+            + (f"run:\n{commands}" if commands else "")
+            + (f"\nmissing files:\n{files_}" if files_ else ""))
+
+
+def create_model(ws: Workspace, s: SystemSpec) -> nn.Module:
+    """An untrained registry model of ``s`` for the workspace's classes and input size."""
+    return models.create(s.model, num_classes=ws.data.n_classes,
+                         input_size=ws.data.image_size, **dict(s.model_args))
+
+
+def _load_single(ws: Workspace, s: SystemSpec) -> nn.Module:
+    if s.program is not None:
+        from models import program
+        try:
+            return program.load_program(ws.program_path(s), ws.data.image_size,
+                                        ws.data.n_classes)
+        except program.ProgramError as err:
+            raise CheckpointError(f"system {s.name}: {err}") from None
+    model = create_model(ws, s)
     for path, ckpt in s.weights:
-        load_weights(model.get_submodule(path) if path else model, checkpoint_path(ckpt))
+        load_weights(model.get_submodule(path) if path else model, checkpoint_path(ws, ckpt))
+    return model
+
+
+def load_system(ws: Workspace, name: str, device: torch.device | None = None) -> nn.Module:
+    """The system ``name`` with its trained weights, in eval mode on ``device``."""
+    if missing(ws, name):
+        raise MissingCheckpointError(_missing_message(ws, name))
+    s = ws.spec(name)
+    if s.kind == "cascade":
+        model = models.Cascade([_load_single(ws, m) for m in members(ws, name)],
+                               list(s.members))
+        model.can_jump = s.topology == "jump"
+    else:
+        model = _load_single(ws, s)
     device = device or settings.device()
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
-def outputs(name: str, split: data.Split, *,
+def outputs(ws: Workspace, name: str, split: data.Split, *,
             model: nn.Module | Callable[[], nn.Module] | None = None, progress: bool = True,
             on_progress: Callable[[float], None] | None = None) -> cache.CachedOutputs:
     """Cached outputs of system ``name`` on ``split``, built on first use by ``model`` (or
     the function returning it; default: the trained system), ``progress`` and
     ``on_progress`` as in ``cache.compute_outputs``."""
-    return cache.ensure(name, model or (lambda: load_system(name)), split, checkpoint_sha(name),
-                        progress=progress, on_progress=on_progress)
+    return cache.ensure(ws, name, model or (lambda: load_system(ws, name)), split,
+                        checkpoint_sha(ws, name), progress=progress, on_progress=on_progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynviz import data
+from dynviz import data, workspace
 from tests.helpers import (app_variables, fake_outputs, make_imagefolder,
                            write_random_checkpoints)
 
@@ -27,7 +27,7 @@ def cache_env(tmp_path, monkeypatch):
 def tiny_split(tmp_path):
     """30 random images (3 per class) as a ``test`` split."""
     root = make_imagefolder(tmp_path / "tiny", per_class=3)
-    return data.test_split(root)
+    return data.test_split(root, workspace.builtin().data)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +41,7 @@ def small_cifar(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_cifar():
     try:
-        return data.open_cifar10()
+        return workspace.builtin().dataset()
     except data.DatasetNotFoundError as err:
         pytest.skip(f"CIFAR-10 not present: {err}")
 
@@ -62,16 +62,17 @@ def app_root(tmp_path_factory):
             mp.setenv(var, value)
         make_imagefolder(root / "cifar" / "train", per_class=502, size=32)
         write_random_checkpoints(root / "ckpt", {name: name for name in TRAINED})
-        val = data.get_split("val")
-        for name in zoo.available():
-            model = zoo.load_system(name)
-            if zoo.spec(name).kind == "gated":   # cheap enough to run for real (gate scores)
-                zoo.outputs(name, val, model=model, progress=False)
+        ws = workspace.builtin()
+        val = ws.split("val")
+        for name in zoo.available(ws):
+            model = zoo.load_system(ws, name)
+            if ws.spec(name).kind == "gated":    # cheap enough to run for real (gate scores)
+                zoo.outputs(ws, name, val, model=model, progress=False)
             else:                                # the rest: answers of growing accuracy
-                sha = zoo.checkpoint_sha(name)
-                cache.store(cache.directory_for(name, val, sha), name, model, val, sha,
+                sha = zoo.checkpoint_sha(ws, name)
+                cache.store(cache.directory_for(ws, name, val, sha), name, model, val, sha,
                             fake_outputs(model, val.labels, seed=len(name)))
-        operating_points.ship(val=val)
+        operating_points.ship(ws, val=val)
     return root
 
 
@@ -80,4 +81,10 @@ def app_env(app_root, monkeypatch):
     """The ``app_root`` zoo for one test; yields its validation split."""
     for var, value in app_variables(app_root).items():
         monkeypatch.setenv(var, value)
-    return data.get_split("val")
+    return workspace.builtin().split("val")
+
+
+@pytest.fixture
+def ws():
+    """The built-in workspace as the environment (set by the other fixtures) redirects it."""
+    return workspace.builtin()

@@ -62,10 +62,14 @@ def randomize(model: nn.Module, seed: int = 0, open_fraction: float = 0.5) -> nn
     return model
 
 
-def make_imagefolder(root, per_class: int, size: int = 32, seed: int = 0, fmt: str = "PNG"):
-    """A CIFAR-like ImageFolder of random images: root/<class>/<NNNN>.png."""
+def make_imagefolder(root, per_class: int, size: int = 32, seed: int = 0, fmt: str = "PNG",
+                     classes: tuple[str, ...] | None = None):
+    """An ImageFolder of random images: root/<class>/<NNNN>.png (default: CIFAR-10's
+    classes, as the built-in workspace names them)."""
+    from dynviz import workspace
+
     rng = np.random.default_rng(seed)
-    for name in data.CLASSES:
+    for name in classes or workspace.builtin().data.classes:
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dynamic inference for image classifiers: data, training, caches, "
                     "policies, evaluation and benchmarks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--workspace", metavar="DIR",
+                        help="the workspace (a directory with a dynviz.toml) to work on "
+                             "(default: $DYNVIZ_WORKSPACE, else the built-in CIFAR-10 zoo)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (data, train, bench, ship, predict):
         group.add_parser(sub)
@@ -28,9 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dynviz import runtime
+    from dynviz import runtime, workspace
     runtime.keep_freed_memory()      # steadier timings (see there); before any model runs
     try:
+        if getattr(args, "needs_workspace", True):
+            args.ws = workspace.resolve(args.workspace)
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as err:  # incl. missing data/checkpoints
         print(f"error: {err}", file=sys.stderr)
