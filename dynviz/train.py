@@ -1,6 +1,6 @@
-"""The training loop of a recipe (``dynviz.recipes``): one-cycle SGD, label smoothing,
-channels_last, a checkpoint every epoch, ``resume``, and data-parallel runs under ``torchrun``
-(gloo on CPU, NCCL on GPU).
+"""The training loop of a recipe (``dynviz.recipes``) on a workspace's dataset: one-cycle SGD,
+label smoothing, channels_last, a checkpoint every epoch, ``resume``, and data-parallel runs
+under ``torchrun`` (gloo on CPU, NCCL on GPU).
 
 Gated models add LC-Net's sparsity penalty ``α·mean|S_L| + β·mean|S_C|`` and train their gates
 at their own learning rate.
@@ -20,11 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import models
 from dynviz import data, files, settings, zoo
+from dynviz.losses import classification_loss, sparsity_penalty
 from dynviz.recipes import Recipe
+from dynviz.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -60,59 +61,6 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def classification_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float,
-                        distill: float = 0.0, temperature: float = 1.0,
-                        teacher: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy; for staged models (B, K, C) the mean over images and the K exits
-    (K = 1 is a single network's (B, C)).
-
-    With ``distill`` = w > 0 a student learns from a teacher too (Hinton et al.'s
-    distillation): its term is (1 − w)·CE + w·T²·KL(p_teacher ‖ p_student), p at temperature
-    T. The teacher is ``teacher`` (B, C) logits of another model, for a (B, C) student;
-    in a staged model without one, every exit but the last learns from the last exit.
-    """
-    logits = logits.float()
-    if logits.ndim == 3 and logits.shape[1] == 1:
-        logits = logits[:, 0]
-    if logits.ndim == 2:
-        ce = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="none")
-        if teacher is None or not distill:
-            return ce.mean()
-        kd = _distillation(logits, teacher.float(), temperature)
-        return ((1 - distill) * ce + distill * kd).mean()
-    if teacher is not None:
-        raise ValueError("staged models learn from their final exit, not from a teacher")
-    b, k, _ = logits.shape
-    ce = F.cross_entropy(logits.flatten(0, 1), y.repeat_interleave(k),
-                         label_smoothing=smoothing, reduction="none").view(b, k)
-    if not distill or k == 1:
-        return ce.mean()
-    kd = _distillation(logits[:, :-1], logits[:, -1:], temperature)         # (B, K-1)
-    early = (1 - distill) * ce[:, :-1] + distill * kd
-    return torch.cat([early, ce[:, -1:]], 1).mean()
-
-
-def _distillation(student: torch.Tensor, teacher: torch.Tensor,
-                  temperature: float) -> torch.Tensor:
-    """T²·KL(p_teacher ‖ p_student) over the last dim; the teacher is a constant."""
-    t = F.log_softmax(teacher.detach() / temperature, -1)
-    s = F.log_softmax(student / temperature, -1)
-    return temperature ** 2 * (t.exp() * (t - s)).sum(-1)
-
-
-def sparsity_penalty(trace, recipe: Recipe) -> torch.Tensor:
-    """α·mean|S_L| + β·mean|S_C| over images, blocks and channels (LC-Net's L1 terms).
-
-    With a ``mac_budget`` the terms pull only while the batch's mean MACs exceed it, so that
-    once the gates spend within the budget the rest of the run trains for accuracy alone.
-    """
-    if recipe.mac_budget and trace.macs.float().mean() <= recipe.mac_budget:
-        return trace.block_scores.new_zeros(())
-    block = trace.block_scores.abs().mean()
-    channel = torch.cat([s.abs().flatten(1) for s in trace.channel_scores], 1).mean()
-    return recipe.l1_block * block + recipe.l1_channel * channel
-
-
 def param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     groups = {"decay": [], "no_decay": [], "gates": []}
     for name, p in model.named_parameters():
@@ -142,12 +90,13 @@ def git_commit() -> str | None:
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray,
-                      device: torch.device, batch_size: int = 500):
-    """(accuracy, mean MACs per image) of ``model`` in eval mode on the masked path; for
-    staged models the accuracy of every stage (a list) and the MACs of running them all."""
+                      spec: data.DataSpec, device: torch.device, batch_size: int = 500):
+    """(accuracy, mean MACs per image) of ``model`` in eval mode on the masked path, on
+    ``images`` of ``spec``; for staged models the accuracy of every stage (a list) and the
+    MACs of running them all."""
     model.eval()
     correct, macs = 0, 0.0
-    for x, y in data.batches(images, labels, batch_size, device=device):
+    for x, y in data.batches(images, labels, batch_size, spec, device=device):
         out = model(x)
         hits = out.stage_logits.argmax(-1) == y[:, None]          # (B, K)
         correct = correct + hits.sum(0).cpu().numpy()
@@ -164,38 +113,49 @@ class TrainState:
     wall_seconds: float = 0.0
 
 
-def run_dir(name: str) -> Path:
-    """Where a run of ``name`` keeps its resume state, and by default its final files."""
-    return settings.cache_dir() / "runs" / name
+def run_dir(ws: Workspace, name: str) -> Path:
+    """Where a run of ``name`` keeps its resume state (and, in the built-in workspace, its
+    final files by default)."""
+    return ws.cache / "runs" / name
 
 
-def train(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None = None,
-          limit_batches: int | None = None, out_dir: Path | None = None,
-          replace: bool = False, progress: bool = True) -> dict:
-    """Train ``recipe`` and write ``<out_dir>/<name>.pt`` (weights) and ``<name>.json``.
+def default_out_dir(ws: Workspace, name: str) -> Path:
+    """Where ``train`` writes by default: a workspace of one's own trains into its
+    checkpoints (its systems load them there); the built-in one into ``run_dir``, away from
+    the checkpoints the repository ships."""
+    return run_dir(ws, name) if ws.builtin else ws.checkpoints
+
+
+def train(ws: Workspace, name: str, recipe: Recipe, *, resume: bool = False,
+          epochs: int | None = None, limit_batches: int | None = None,
+          out_dir: Path | None = None, replace: bool = False, progress: bool = True) -> dict:
+    """Train ``recipe`` on ``ws``'s dataset and write ``<out_dir>/<name>.pt`` (weights) and
+    ``<name>.json`` (the manifest).
 
     Args:
-        resume: continue from ``<cache>/runs/<name>/last.pt`` if it exists.
+        resume: continue from ``run_dir(ws, name) / "last.pt"`` if it exists.
         epochs: override ``recipe.epochs`` (the LR schedule follows it).
         limit_batches: stop every epoch after this many batches (smoke runs and tests).
-        out_dir: where the final files go (default ``run_dir(name)``).
-        replace: allow writing over a checkpoint the app loads (in
-            ``settings.checkpoint_dir()`` or the built-in models/checkpoints); without it
-            such a run fails before it trains.
+        out_dir: where the final files go (default ``default_out_dir(ws, name)``).
+        replace: allow writing over a checkpoint the app loads (in ``ws.checkpoints`` or
+            the repository's models/checkpoints); without it such a run fails before it
+            trains.
 
     Returns the manifest on rank 0, ``{}`` on the other ranks of a data-parallel run.
     """
-    out_dir = Path(out_dir) if out_dir is not None else run_dir(name)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(ws, name)
     weights = out_dir / f"{name}.pt"
-    zoo_dirs = {settings.checkpoint_dir().resolve(), settings.BUILTIN_CHECKPOINTS.resolve()}
+    zoo_dirs = {ws.checkpoints.resolve(), settings.BUILTIN_CHECKPOINTS.resolve()}
     if weights.exists() and out_dir.resolve() in zoo_dirs and not replace:
+        elsewhere = (f"leave out --out-dir to train into {run_dir(ws, name)}" if ws.builtin
+                     else "train it under another --name")
         raise ValueError(f"{weights} exists and the app loads it: add --replace to overwrite "
-                         f"it, or leave out --out-dir to train into {run_dir(name)}")
-    run = fit(name, recipe, resume=resume, epochs=epochs, limit_batches=limit_batches,
+                         f"it, or {elsewhere}")
+    run = fit(ws, name, recipe, resume=resume, epochs=epochs, limit_batches=limit_batches,
               progress=progress)
     if _rank_world()[0] != 0:
         return {}
-    return _finish(name, run.recipe, run.model, run.state, run.dataset, out_dir, run.device)
+    return _finish(ws, name, run, out_dir)
 
 
 @dataclass
@@ -207,10 +167,13 @@ class FitResult:
     device: torch.device
 
 
-def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None = None,
-        limit_batches: int | None = None, progress: bool = True) -> FitResult:
-    """The training loop of ``train`` (every rank runs it); checkpoints every epoch to
-    ``<cache>/runs/<name>/last.pt`` from rank 0; writes no final files."""
+def fit(ws: Workspace, name: str, recipe: Recipe, *, resume: bool = False,
+        epochs: int | None = None, limit_batches: int | None = None,
+        progress: bool = True) -> FitResult:
+    """The training loop of ``train`` (every rank runs it): the model for ``ws``'s classes
+    and image size, its ``init_from`` and ``teacher`` read from ``ws.checkpoints``;
+    checkpoints every epoch to ``run_dir(ws, name) / "last.pt"`` from rank 0; writes no
+    final files."""
     from tqdm import tqdm
 
     if epochs is not None:
@@ -220,28 +183,35 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(recipe.seed)
-    last = run_dir(name) / "last.pt"
+    last = run_dir(ws, name) / "last.pt"
 
-    dataset = data.open_cifar10()
-    train_split, val_split = data.get_split("train", dataset), data.get_split("val", dataset)
+    dataset = ws.dataset()
+    train_split, val_split = ws.split("train", dataset), ws.split("val", dataset)
     train_images, val_images = train_split.images(), val_split.images()
 
-    model = recipe.build()
+    model = recipe.build(ws.data)
     init_sha = None
     if recipe.init_from:
         target = model.get_submodule(recipe.init_into) if recipe.init_into else model
-        init_path = settings.checkpoint_dir() / f"{recipe.init_from}.pt"
+        init_path = zoo.checkpoint_path(ws, recipe.init_from)
+        if not init_path.exists():
+            raise FileNotFoundError(f"{init_path} (the recipe starts from it) is missing: train "
+                                    f"{recipe.init_from} first, or save its state dict there")
         zoo.load_weights(target, init_path, strict=bool(recipe.init_into))
         init_sha = files.sha256_file(init_path)
     for pname, p in model.named_parameters():
         frozen = recipe.freeze_gates and GATE_MARK in pname
         p.requires_grad_(pname.startswith(recipe.trainable) and not frozen)
     model = model.to(device, memory_format=torch.channels_last)
-    teacher = _teacher(recipe, device)
+    teacher = _teacher(ws, recipe, device)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.SGD(param_groups(model, recipe), momentum=recipe.momentum,
                                 nesterov=True)
     steps_per_epoch = len(train_split) // recipe.batch_size // world
+    if not steps_per_epoch:
+        raise ValueError(f"{len(train_split)} training images make no batch of "
+                         f"{recipe.batch_size} on each of {world} process(es): lower "
+                         f"batch_size (a [recipes.NAME] table of the workspace's dynviz.toml)")
     if limit_batches:
         steps_per_epoch = min(steps_per_epoch, limit_batches)
     peaks = [g["lr"] for g in optimizer.param_groups]
@@ -286,7 +256,7 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
                 if isinstance(module, nn.BatchNorm2d) and not mname.startswith(recipe.trainable):
                     module.eval()
         loss_sum, seen = 0.0, 0
-        batches = data.batches(train_images, train_split.labels, recipe.batch_size,
+        batches = data.batches(train_images, train_split.labels, recipe.batch_size, ws.data,
                                generator=generator, train=True, device=device,
                                shard=(rank, world))
         bar = tqdm(batches, total=steps_per_epoch, desc=f"{name} {epoch + 1}/{recipe.epochs}",
@@ -302,8 +272,10 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
                 out = net(x)
                 loss = classification_loss(out.stage_logits, y, recipe.label_smoothing,
                                             recipe.distill, recipe.distill_temperature, target)
-                if recipe.l1_block or recipe.l1_channel:
-                    loss = loss + sparsity_penalty(out.trace, recipe)
+                if recipe.l1_block or recipe.l1_channel or recipe.mac_weight:
+                    ramp = min(1.0, (epoch + step / steps_per_epoch) / recipe.mac_ramp) \
+                        if recipe.mac_ramp else 1.0
+                    loss = loss + sparsity_penalty(out.trace, recipe, ramp)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -313,7 +285,8 @@ def fit(name: str, recipe: Recipe, *, resume: bool = False, epochs: int | None =
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
         if world > 1:
             _average_buffers(model, world)
-        accuracy, macs = evaluate_accuracy(model, val_images, val_split.labels, device)
+        accuracy, macs = evaluate_accuracy(model, val_images, val_split.labels, ws.data,
+                                           device)
         state.wall_seconds += time.perf_counter() - started
         state.epoch = epoch + 1
         state.history.append({"epoch": epoch + 1, "train_loss": round(loss_sum / max(seen, 1), 4),
@@ -348,17 +321,20 @@ def _read_resume_state(last: Path) -> dict:
     return ckpt
 
 
-def _teacher(recipe: Recipe, device: torch.device) -> tuple[nn.Module, str] | None:
-    """The recipe's frozen teacher in eval mode, and the digest of its checkpoint. The model
-    is the one named in the checkpoint's manifest (else the checkpoint's name)."""
+def _teacher(ws: Workspace, recipe: Recipe,
+             device: torch.device) -> tuple[nn.Module, str] | None:
+    """The recipe's frozen teacher (in ``ws.checkpoints``) in eval mode, and the digest of its
+    checkpoint. The model is the one named in the checkpoint's manifest (else the
+    checkpoint's name), for the workspace's classes and image size."""
     if not recipe.teacher:
         return None
-    path = settings.checkpoint_dir() / f"{recipe.teacher}.pt"
+    path = zoo.checkpoint_path(ws, recipe.teacher)
     if not path.exists():
         raise FileNotFoundError(f"{path} (the teacher) is missing: train {recipe.teacher} first")
     manifest = path.with_suffix(".json")
     model = models.create(json.loads(manifest.read_text())["model"] if manifest.exists()
-                          else recipe.teacher)
+                          else recipe.teacher, num_classes=ws.data.n_classes,
+                          input_size=ws.data.image_size)
     zoo.load_weights(model, path)
     model.requires_grad_(False)
     return model.to(device, memory_format=torch.channels_last).eval(), files.sha256_file(path)
@@ -384,23 +360,27 @@ def _atomic_save(obj, path: Path) -> None:
         torch.save(obj, f)
 
 
-def _finish(name, recipe, model, state, dataset, out_dir, device) -> dict:
-    """Write the weights and a manifest with fit/check accuracy and MACs."""
+def _finish(ws: Workspace, name: str, run: FitResult, out_dir: Path) -> dict:
+    """Write the weights and a manifest with fit/check accuracy and MACs, and the classes and
+    image size the model was built for."""
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{name}.pt"
-    _atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, weights)
+    _atomic_save({k: v.cpu() for k, v in run.model.state_dict().items()}, weights)
     metrics = {}
     for half in ("fit", "check"):
-        split = data.get_split(half, dataset)
-        acc, macs = evaluate_accuracy(model, split.images(), split.labels, device)
+        split = ws.split(half, run.dataset)
+        acc, macs = evaluate_accuracy(run.model, split.images(), split.labels, ws.data,
+                                      run.device)
         metrics[half] = {"accuracy": _rounded(acc), "macs_mean": round(macs)}
     manifest = {
-        "name": name, "model": recipe.model, "recipe": dataclasses.asdict(recipe),
-        "metrics": metrics, "history": state.history,
-        "macs_dense": model.macs(),
-        "data_fingerprint": dataset.fingerprint, "sha256": files.sha256_file(weights),
-        "git_commit": git_commit(), "wall_seconds": round(state.wall_seconds),
-        "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "name": name, "model": run.recipe.model, "recipe": dataclasses.asdict(run.recipe),
+        "metrics": metrics, "history": run.state.history,
+        "macs_dense": run.model.macs(),
+        "classes": list(ws.data.classes), "image_size": ws.data.image_size,
+        "data_fingerprint": run.dataset.fingerprint, "sha256": files.sha256_file(weights),
+        "git_commit": git_commit(), "wall_seconds": round(run.state.wall_seconds),
+        "device": str(run.device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     files.atomic_write_text(out_dir / f"{name}.json", json.dumps(manifest, indent=2) + "\n")
     log.info("wrote %s: check accuracy %s", weights, metrics["check"]["accuracy"])

@@ -109,6 +109,17 @@ class CostModel:
         spent = torch.where(block_scores > 0, branch + per_channel * active, 0)
         return self.fixed + always.sum() + spent.sum(1)
 
+    def expected_macs(self, block_scores: torch.Tensor,
+                      channel_scores: list[torch.Tensor]) -> torch.Tensor:
+        """(B,) float MACs with the scores in place of the 0/1 decisions (differentiable):
+        fixed + Σ always + Σ_i S_L,i·(branch_i + per_channel_i·Σ_c S_C,i,c)."""
+        channels = torch.stack([s.sum(1) for s in channel_scores], 1)   # (B, n_blocks)
+        always, branch, per_channel = (
+            torch.tensor([float(getattr(b, f)) for b in self.blocks], device=channels.device)
+            for f in ("always", "branch", "per_channel"))
+        spent = block_scores * (branch + per_channel * channels)
+        return self.fixed + always.sum() + spent.sum(1)
+
 
 @dataclass
 class GateTrace:

@@ -1,5 +1,6 @@
 """The training loop: resume reproduces an uninterrupted run, data-parallel ranks stay in
-step, the manifest describes what was written, LC-Net's penalty is its formula."""
+step, the manifest describes what was written, LC-Net's penalty is its formula, and a
+workspace of one's own trains models for its classes and image size into its checkpoints."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,16 +17,17 @@ import pytest
 import torch
 
 import models
-from dynviz import settings, train, zoo
+from dynviz import recipes, settings, train, workspace, zoo
 from dynviz.cli import main
 from dynviz.recipes import RECIPES, Recipe
+from tests.helpers import flops_macs, make_imagefolder
 
 TINY = dataclasses.replace(RECIPES["resnet8"], epochs=2, batch_size=16, bf16=False)
 
 
-def _into_zoo(name: str, recipe: Recipe, **kwargs) -> dict:
-    """Train ``name`` into the checkpoint directory, over an earlier one."""
-    return train.train(name, recipe, out_dir=settings.checkpoint_dir(), replace=True,
+def _into_zoo(ws, name: str, recipe: Recipe, **kwargs) -> dict:
+    """Train ``name`` into the workspace's checkpoints, over an earlier one."""
+    return train.train(ws, name, recipe, out_dir=ws.checkpoints, replace=True,
                        progress=False, **kwargs)
 
 
@@ -35,15 +37,22 @@ def train_env(small_cifar, tmp_path, monkeypatch):
     monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DYNVIZ_CHECKPOINTS", str(tmp_path / "ckpt"))
     monkeypatch.setenv("DYNVIZ_DEVICE", "cpu")
+    monkeypatch.delenv("DYNVIZ_WORKSPACE", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def tws(train_env):
+    """The built-in workspace on the synthetic CIFAR-10 of ``train_env``."""
+    return workspace.builtin()
 
 
 def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_reproduces_the_uninterrupted_run(train_env, monkeypatch):
-    straight = train.fit("straight", TINY, limit_batches=2, progress=False)
+def test_resume_reproduces_the_uninterrupted_run(tws, monkeypatch):
+    straight = train.fit(tws, "straight", TINY, limit_batches=2, progress=False)
 
     calls = {"n": 0}
     real_eval = train.evaluate_accuracy
@@ -56,9 +65,9 @@ def test_resume_reproduces_the_uninterrupted_run(train_env, monkeypatch):
 
     monkeypatch.setattr(train, "evaluate_accuracy", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train.fit("interrupted", TINY, limit_batches=2, progress=False)
+        train.fit(tws, "interrupted", TINY, limit_batches=2, progress=False)
     monkeypatch.setattr(train, "evaluate_accuracy", real_eval)
-    resumed = train.fit("interrupted", TINY, resume=True, limit_batches=2, progress=False)
+    resumed = train.fit(tws, "interrupted", TINY, resume=True, limit_batches=2, progress=False)
 
     assert resumed.state.epoch == straight.state.epoch == 2
     assert _same_weights(resumed.model.state_dict(), straight.model.state_dict())
@@ -66,10 +75,10 @@ def test_resume_reproduces_the_uninterrupted_run(train_env, monkeypatch):
         [h["train_loss"] for h in straight.state.history]
 
 
-def test_resume_refuses_another_recipe(train_env):
-    train.fit("run", dataclasses.replace(TINY, epochs=1), limit_batches=1, progress=False)
+def test_resume_refuses_another_recipe(tws):
+    train.fit(tws, "run", dataclasses.replace(TINY, epochs=1), limit_batches=1, progress=False)
     with pytest.raises(ValueError, match="another recipe"):
-        train.fit("run", dataclasses.replace(TINY, peak_lr=0.05), resume=True,
+        train.fit(tws, "run", dataclasses.replace(TINY, peak_lr=0.05), resume=True,
                   limit_batches=1, progress=False)
 
 
@@ -85,9 +94,9 @@ def _lr_per_step(monkeypatch) -> list[float]:
     return seen
 
 
-def test_cycles_repeat_the_one_cycle_schedule(train_env, monkeypatch):
+def test_cycles_repeat_the_one_cycle_schedule(tws, monkeypatch):
     lrs = _lr_per_step(monkeypatch)
-    train.fit("cycles", dataclasses.replace(TINY, epochs=4, cycles=2), limit_batches=5,
+    train.fit(tws, "cycles", dataclasses.replace(TINY, epochs=4, cycles=2), limit_batches=5,
               progress=False)
     lrs = list(lrs)
     # reference: torch's OneCycleLR over one cycle (2 epochs of 5 steps), twice
@@ -104,22 +113,22 @@ def test_cycles_repeat_the_one_cycle_schedule(train_env, monkeypatch):
     assert lrs[10] == pytest.approx(TINY.peak_lr / 10) and lrs[9] < lrs[10]   # a restart
 
 
-def test_a_finished_run_goes_on_with_more_cycles(train_env):
+def test_a_finished_run_goes_on_with_more_cycles(tws):
     one = dataclasses.replace(TINY, epochs=1, cycles=1)
     two = dataclasses.replace(TINY, epochs=2, cycles=2)
-    straight = train.fit("straight", two, limit_batches=2, progress=False)
-    train.fit("extended", one, limit_batches=2, progress=False)
-    extended = train.fit("extended", two, resume=True, limit_batches=2, progress=False)
+    straight = train.fit(tws, "straight", two, limit_batches=2, progress=False)
+    train.fit(tws, "extended", one, limit_batches=2, progress=False)
+    extended = train.fit(tws, "extended", two, resume=True, limit_batches=2, progress=False)
     assert _same_weights(extended.model.state_dict(), straight.model.state_dict())
     assert extended.state.history == [
         {**h, "seconds": e["seconds"]} for h, e in zip(straight.state.history,
                                                        extended.state.history)]
     longer_cycles = dataclasses.replace(TINY, epochs=4, cycles=2)   # cycle of 2, not 1
     with pytest.raises(ValueError, match="another recipe"):
-        train.fit("extended", longer_cycles, resume=True, limit_batches=1, progress=False)
+        train.fit(tws, "extended", longer_cycles, resume=True, limit_batches=1, progress=False)
 
 
-def test_an_unfinished_run_cannot_take_more_cycles(train_env, monkeypatch):
+def test_an_unfinished_run_cannot_take_more_cycles(tws, monkeypatch):
     real_eval, calls = train.evaluate_accuracy, {"n": 0}
 
     def crash_in_second_epoch(*args, **kwargs):
@@ -130,23 +139,23 @@ def test_an_unfinished_run_cannot_take_more_cycles(train_env, monkeypatch):
 
     monkeypatch.setattr(train, "evaluate_accuracy", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):   # a 2-epoch cycle, stopped after epoch 1
-        train.fit("unfinished", dataclasses.replace(TINY, epochs=2), limit_batches=1,
+        train.fit(tws, "unfinished", dataclasses.replace(TINY, epochs=2), limit_batches=1,
                   progress=False)
     monkeypatch.setattr(train, "evaluate_accuracy", real_eval)
     with pytest.raises(ValueError, match="another recipe"):
-        train.fit("unfinished", dataclasses.replace(TINY, epochs=4, cycles=2), resume=True,
+        train.fit(tws, "unfinished", dataclasses.replace(TINY, epochs=4, cycles=2), resume=True,
                   limit_batches=1, progress=False)
 
 
-def test_resume_refuses_a_run_whose_starting_checkpoint_was_retrained(train_env):
+def test_resume_refuses_a_run_whose_starting_checkpoint_was_retrained(tws):
     base = dataclasses.replace(TINY, epochs=1)
-    _into_zoo("base", base, limit_batches=1)
+    _into_zoo(tws, "base", base, limit_batches=1)
     child = dataclasses.replace(TINY, epochs=2, init_from="base")
-    train.fit("child", child, epochs=1, limit_batches=1, progress=False)  # interrupted
-    train.fit("child", child, epochs=1, resume=True, limit_batches=1, progress=False)
-    _into_zoo("base", dataclasses.replace(base, seed=1), limit_batches=1)
+    train.fit(tws, "child", child, epochs=1, limit_batches=1, progress=False)  # interrupted
+    train.fit(tws, "child", child, epochs=1, resume=True, limit_batches=1, progress=False)
+    _into_zoo(tws, "base", dataclasses.replace(base, seed=1), limit_batches=1)
     with pytest.raises(ValueError, match="started from another base.pt"):
-        train.fit("child", child, epochs=1, resume=True, limit_batches=1, progress=False)
+        train.fit(tws, "child", child, epochs=1, resume=True, limit_batches=1, progress=False)
 
 
 def test_checkpoints_older_than_a_new_recipe_field_still_resume():
@@ -155,16 +164,17 @@ def test_checkpoints_older_than_a_new_recipe_field_still_resume():
     assert train._saved_recipe(saved) == dataclasses.asdict(TINY)
 
 
-def test_train_writes_weights_and_a_manifest_that_match(train_env):
-    manifest = train.train("tiny", dataclasses.replace(TINY, epochs=1), limit_batches=1,
+def test_train_writes_weights_and_a_manifest_that_match(tws):
+    manifest = train.train(tws, "tiny", dataclasses.replace(TINY, epochs=1), limit_batches=1,
                            progress=False)
-    run = settings.cache_dir() / "runs" / "tiny"        # by default: not where the app loads
-    assert not settings.checkpoint_dir().exists()
+    run = tws.cache / "runs" / "tiny"        # by default: not where the app loads
+    assert not tws.checkpoints.exists()
     weights = run / "tiny.pt"
     on_disk = json.loads((run / "tiny.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
     assert manifest["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert manifest["macs_dense"] == models.create("resnet8").macs()
+    assert manifest["classes"] == list(tws.data.classes) and manifest["image_size"] == 32
     model = models.create("resnet8")
     model.load_state_dict(torch.load(weights, weights_only=True))  # weights only, strict
     for half in ("fit", "check"):
@@ -172,9 +182,8 @@ def test_train_writes_weights_and_a_manifest_that_match(train_env):
     assert len(manifest["history"]) == 1
 
 
-def test_training_over_a_checkpoint_the_app_loads_needs_replace(train_env, monkeypatch,
-                                                                capsys):
-    shipped = settings.checkpoint_dir()
+def test_training_over_a_checkpoint_the_app_loads_needs_replace(tws, monkeypatch, capsys):
+    shipped = tws.checkpoints
     shipped.mkdir()
     (shipped / "tiny.pt").write_bytes(b"the shipped weights")
 
@@ -200,23 +209,23 @@ class _RunsACommand:
         return os.system, (self.command,)
 
 
-def test_the_resume_state_is_tensors_and_plain_data_read_weights_only(train_env):
+def test_the_resume_state_is_tensors_and_plain_data_read_weights_only(train_env, tws):
     one = dataclasses.replace(TINY, epochs=1)
-    train.fit("run", one, limit_batches=1, progress=False)
-    last = settings.cache_dir() / "runs" / "run" / "last.pt"
+    train.fit(tws, "run", one, limit_batches=1, progress=False)
+    last = tws.cache / "runs" / "run" / "last.pt"
     state = torch.load(last, weights_only=True)
     assert state["recipe"] == dataclasses.asdict(one) and state["epoch"] == 1
     marker = train_env / "the-resume-state-ran-a-command"
     torch.save(dict(state, history=_RunsACommand(f"touch {marker}")), last)  # a foreign file
     with pytest.raises(ValueError) as err:
-        train.fit("run", one, resume=True, limit_batches=1, progress=False)
+        train.fit(tws, "run", one, resume=True, limit_batches=1, progress=False)
     assert not marker.exists() and isinstance(err.value, zoo.CheckpointError)
     assert str(err.value) == (f"cannot read {last}: it holds more than tensors and plain "
                               "data (posix.system); delete it to start the run over, or drop "
                               "--resume")
     last.write_bytes(last.read_bytes()[:4096])
     with pytest.raises(zoo.CheckpointError, match="truncated or corrupt"):
-        train.fit("run", one, resume=True, limit_batches=1, progress=False)
+        train.fit(tws, "run", one, resume=True, limit_batches=1, progress=False)
 
 
 def test_sparsity_penalty_is_lcnets_l1_formula():
@@ -230,6 +239,40 @@ def test_sparsity_penalty_is_lcnets_l1_formula():
     by_hand = (0.3 * s_l.abs().sum() / s_l.numel()
                + 0.7 * sum(s.abs().sum() for s in s_c) / sum(s.numel() for s in s_c))
     assert torch.allclose(train.sparsity_penalty(trace, recipe), by_hand)
+
+
+def test_the_mac_target_is_a_squared_hinge_on_the_macs_scores_at_least_eps_count_whole():
+    model = models.create("lcnet_resnet8")
+    for gate in (m for n, m in model.named_modules() if n.endswith("_gate.fc")):
+        torch.nn.init.normal_(gate.weight, std=0.5)
+    trace = model(torch.randn(4, 3, 32, 32)).trace
+    eps = 0.05
+    # with every score 0 or ≥ ε the counted MACs are the MACs the trace says were spent
+    spent = trace.cost.expected_macs((trace.block_scores >= eps).float(),
+                                     [(c >= eps).float() for c in trace.channel_scores])
+    hard = trace.cost.macs(trace.block_scores >= eps,
+                           [c >= eps for c in trace.channel_scores])
+    assert torch.equal(spent.round().long(), hard)
+    # the hinge, by hand: each block's cost table times min(1, s/ε), summed
+    costs = trace.cost.blocks
+    clip = lambda s: min(1.0, max(0.0, float(s) / eps))   # noqa: E731
+    by_hand = []
+    for i in range(4):
+        total = trace.cost.fixed + sum(b.always for b in costs)
+        for k, b in enumerate(costs):
+            channels = sum(clip(v) for v in trace.channel_scores[k][i])
+            total += clip(trace.block_scores[i, k]) * (b.branch + b.per_channel * channels)
+        by_hand.append(total)
+    mean = sum(by_hand) / 4
+    for target in (mean / 1.2, mean * 1.1):
+        recipe = dataclasses.replace(TINY, mac_target=target, mac_weight=3.0, mac_eps=eps)
+        got = train.sparsity_penalty(trace, recipe, ramp=0.5)
+        want = 0.5 * 3.0 * max(0.0, mean / target - 1) ** 2
+        assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-9)
+    over = dataclasses.replace(TINY, mac_target=mean / 1.2, mac_weight=3.0, mac_eps=eps)
+    train.sparsity_penalty(trace, over).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if train.GATE_MARK in n)
 
 
 def test_a_mac_budget_pulls_only_batches_that_spend_more():
@@ -304,8 +347,8 @@ def test_distillation_from_a_teacher_is_its_formula_image_by_image():
     assert teacher.grad is None and logits.grad is not None
 
 
-def test_the_teacher_is_the_frozen_checkpoint_in_eval_mode(train_env, monkeypatch):
-    _into_zoo("base", dataclasses.replace(TINY, epochs=1), limit_batches=2)
+def test_the_teacher_is_the_frozen_checkpoint_in_eval_mode(tws, monkeypatch):
+    _into_zoo(tws, "base", dataclasses.replace(TINY, epochs=1), limit_batches=2)
     seen_x, seen_teacher = [], []
     real_batches, real_loss = train.data.batches, train.classification_loss
 
@@ -323,11 +366,11 @@ def test_the_teacher_is_the_frozen_checkpoint_in_eval_mode(train_env, monkeypatc
     student = dataclasses.replace(TINY, epochs=1, model="resnet20", teacher="base",
                                   distill=0.5)
     with pytest.raises(FileNotFoundError, match="train absent first"):
-        train.fit("kd", dataclasses.replace(student, teacher="absent"), limit_batches=2,
+        train.fit(tws, "kd", dataclasses.replace(student, teacher="absent"), limit_batches=2,
                   progress=False)
-    train.fit("kd", student, limit_batches=2, progress=False)
+    train.fit(tws, "kd", student, limit_batches=2, progress=False)
     reference = models.create("resnet8")
-    reference.load_state_dict(torch.load(settings.checkpoint_dir() / "base.pt",
+    reference.load_state_dict(torch.load(tws.checkpoints / "base.pt",
                                          weights_only=True))
     reference.eval()
     assert len(seen_teacher) == 2
@@ -336,15 +379,15 @@ def test_the_teacher_is_the_frozen_checkpoint_in_eval_mode(train_env, monkeypatc
             torch.testing.assert_close(target, reference(x).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_resume_refuses_a_run_whose_teacher_was_retrained(train_env):
+def test_resume_refuses_a_run_whose_teacher_was_retrained(tws):
     base = dataclasses.replace(TINY, epochs=1)
-    _into_zoo("base", base, limit_batches=1)
+    _into_zoo(tws, "base", base, limit_batches=1)
     student = dataclasses.replace(TINY, epochs=2, teacher="base", distill=0.5)
-    train.fit("student", student, epochs=1, limit_batches=1, progress=False)  # interrupted
-    train.fit("student", student, epochs=1, resume=True, limit_batches=1, progress=False)
-    _into_zoo("base", dataclasses.replace(base, seed=1), limit_batches=1)
+    train.fit(tws, "student", student, epochs=1, limit_batches=1, progress=False)  # interrupted
+    train.fit(tws, "student", student, epochs=1, resume=True, limit_batches=1, progress=False)
+    _into_zoo(tws, "base", dataclasses.replace(base, seed=1), limit_batches=1)
     with pytest.raises(ValueError, match="learned from another base.pt"):
-        train.fit("student", student, epochs=1, resume=True, limit_batches=1, progress=False)
+        train.fit(tws, "student", student, epochs=1, resume=True, limit_batches=1, progress=False)
 
 
 def _free_port() -> int:
@@ -354,7 +397,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_data_parallel_ranks_hold_identical_weights(train_env):
+def test_data_parallel_ranks_hold_identical_weights(train_env, tws):
     """Two CPU processes under torchrun (gloo) train a few steps on different shards."""
     out = train_env / "ranks"
     out.mkdir()
@@ -368,27 +411,138 @@ def test_data_parallel_ranks_hold_identical_weights(train_env):
     torch.manual_seed(TINY.seed)        # the initial weights both ranks started from
     initial = models.create("resnet8").state_dict()
     assert not torch.equal(rank0["fc.weight"], initial["fc.weight"])
-    last = torch.load(settings.cache_dir() / "runs" / "ddp-test" / "last.pt", weights_only=True)
+    last = torch.load(tws.cache / "runs" / "ddp-test" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and _same_weights(last["model"], rank0)   # rank 0 wrote it
 
 
 @pytest.mark.slow
-def test_an_early_exit_network_trains_and_reports_every_exit(train_env):
+def test_an_early_exit_network_trains_and_reports_every_exit(tws):
     recipe = Recipe("exits_resnet20", epochs=1, batch_size=16, bf16=False)
-    manifest = train.train("exits-tiny", recipe, limit_batches=1, progress=False)
+    manifest = train.train(tws, "exits-tiny", recipe, limit_batches=1, progress=False)
     n_exits = models.create("exits_resnet20").n_stages
     assert len(manifest["history"][0]["val_accuracy"]) == n_exits
     assert len(manifest["metrics"]["check"]["accuracy"]) == n_exits
 
 
-def test_frozen_gates_keep_their_weights_while_the_backbone_trains(train_env):
+def test_frozen_gates_keep_their_weights_while_the_backbone_trains(tws):
     start = dataclasses.replace(TINY, model="lcnet_resnet20", epochs=1)
-    _into_zoo("gated", start, limit_batches=1)
-    before = torch.load(settings.checkpoint_dir() / "gated.pt", weights_only=True)
+    _into_zoo(tws, "gated", start, limit_batches=1)
+    before = torch.load(tws.checkpoints / "gated.pt", weights_only=True)
     frozen = dataclasses.replace(start, init_from="gated", freeze_gates=True)
-    after = train.fit("frozen", frozen, limit_batches=2, progress=False).model.state_dict()
+    after = train.fit(tws, "frozen", frozen, limit_batches=2, progress=False).model.state_dict()
     gates = [k for k in before if train.GATE_MARK in k]
     weights = [k for k in before if train.GATE_MARK not in k and k.endswith("conv1.weight")]
     assert gates and weights
     assert all(torch.equal(before[k], after[k].cpu()) for k in gates)
     assert not all(torch.equal(before[k], after[k].cpu()) for k in weights)
+
+
+# ---------------------------------------------------------------------------- own workspace
+KIWI_CLASSES = ("kiwi", "emu", "moa")
+
+# a workspace's dynviz.toml as one writes it by hand (compare the repository's own)
+OWN_WORKSPACE = """
+name = "birds"
+reference = "small"
+
+[data]
+root = "images"
+classes = ["kiwi", "emu", "moa"]
+image_size = 40
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+
+[systems.small]
+kind = "static"
+model = "resnet8"
+checkpoint = "resnet8"
+
+# the built-in resnet8, in batches this small dataset fills
+[recipes.resnet8]
+base = "resnet8"
+batch_size = 16
+bf16 = false
+"""
+
+
+@pytest.fixture
+def own_workspace(tmp_path, monkeypatch):
+    """A workspace of one's own: 3 bird classes of 25 images, 40 pixels a side."""
+    monkeypatch.setenv("DYNVIZ_DEVICE", "cpu")
+    monkeypatch.delenv("DYNVIZ_WORKSPACE", raising=False)
+    root = tmp_path / "birds"
+    make_imagefolder(root / "images", per_class=25, size=40, classes=KIWI_CLASSES)
+    (root / workspace.FILE).write_text(OWN_WORKSPACE)
+    return root
+
+
+def test_a_workspace_of_ones_own_trains_into_its_checkpoints(own_workspace, monkeypatch,
+                                                             capsys):
+    argv = ["--workspace", str(own_workspace), "train", "resnet8", "--epochs", "1",
+            "--limit-batches", "1"]
+    assert main(argv) == 0
+    weights = own_workspace / "checkpoints" / "resnet8.pt"     # where its systems load
+    manifest = json.loads(weights.with_suffix(".json").read_text())
+    state = torch.load(weights, weights_only=True)
+    assert state["fc.weight"].shape[0] == 3                     # one output per bird
+    assert manifest["classes"] == list(KIWI_CLASSES) and manifest["image_size"] == 40
+    assert manifest["recipe"]["batch_size"] == 16               # the workspace's recipe
+    # the costs are those of a 40x40 image, counted by torch on the trained weights
+    model = models.create("resnet8", num_classes=3, input_size=40).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        counted = flops_macs(lambda: model(torch.randn(1, 3, 40, 40)))
+    assert counted != models.create("resnet8", num_classes=3).macs()   # 32 pixels: fewer
+    assert manifest["macs_dense"] == counted
+    assert manifest["history"][0]["val_macs"] == counted
+    assert (own_workspace / ".cache" / "runs" / "resnet8" / "last.pt").exists()
+    capsys.readouterr()
+
+    def training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "fit", training)
+    before = weights.read_bytes()
+    assert main(argv) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {weights} exists") and "--replace" in line
+    assert weights.read_bytes() == before
+    with pytest.raises(AssertionError, match="training started"):
+        main([*argv, "--replace"])
+
+
+def test_a_gated_recipe_starts_from_torchvision_resnet18_weights(own_workspace):
+    """A workspace's recipe: LC-Net's gates on a ResNet-18 someone trained with torchvision
+    (its state dict, saved as a checkpoint of the workspace)."""
+    import torchvision
+
+    (own_workspace / workspace.FILE).write_text(OWN_WORKSPACE + """
+[recipes.gated18]
+base = "lcnet_resnet56"
+model = "lcnet_resnet18"
+init_from = "their_resnet18"
+epochs = 1
+batch_size = 16
+bf16 = false
+trainable = "fc."       # only the classifier moves: the rest must be their weights
+""")
+    ws = workspace.load(own_workspace)
+    recipe = recipes.for_workspace(ws)["gated18"]
+    with pytest.raises(FileNotFoundError, match="their_resnet18.pt .* is missing: train "
+                                                "their_resnet18 first"):
+        train.fit(ws, "gated18", recipe, limit_batches=1, progress=False)
+    theirs = torchvision.models.resnet18(num_classes=3).state_dict()
+    ws.checkpoints.mkdir()
+    torch.save(theirs, ws.checkpoints / "their_resnet18.pt")
+    run = train.fit(ws, "gated18", recipe, limit_batches=1, progress=False)
+    ours = run.model.state_dict()
+    for key in ("conv1.weight", "layer4.1.conv2.weight", "layer3.0.downsample.0.weight",
+                "layer2.0.bn1.running_var"):
+        assert torch.equal(ours[key].cpu(), theirs[key]), key
+    assert not torch.equal(ours["fc.weight"].cpu(), theirs["fc.weight"])   # it trained
+
+
+def test_a_dataset_smaller_than_a_batch_says_so(own_workspace):
+    ws = workspace.load(own_workspace)
+    with pytest.raises(ValueError, match="69 training images make no batch of 128"):
+        train.fit(ws, "resnet8", RECIPES["resnet8"], limit_batches=1, progress=False)
