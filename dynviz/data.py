@@ -67,7 +67,7 @@ class DataSpec:
         """How many of a class's ``class_size`` files are validation images."""
         if self.val_per_class is not None:
             return self.val_per_class
-        return max(2, int(round(class_size * self.val_fraction)))
+        return max(2, int(class_size * self.val_fraction + 0.5))    # nearest, halves up
 
     def to_tensor(self, images: np.ndarray | torch.Tensor,
                   device: torch.device | str = "cpu") -> torch.Tensor:

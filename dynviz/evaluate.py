@@ -4,7 +4,7 @@ reduction and measured speedups against the reference network.
 Staged systems run at their shipped operating points (``dynviz.operating_points``, chosen on
 the validation *fit* half), judged wherever they are evaluated (by default the *check* half).
 Latencies are measured on the current device with BN folded into the convs for every
-contender alike.
+contender alike (or not at all: ``time_it=False``, ``ship --no-timing``).
 """
 from __future__ import annotations
 
@@ -16,17 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynviz import data, files, operating_points, policy as P, runtime, settings, zoo
+from dynviz import data, files, live, operating_points, policy as P, runtime, settings, zoo
 from dynviz.adaptive import AdaptiveClassifier
+from dynviz.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- timing
-def _speedup(fn, reference, images: np.ndarray, batch: int, device, repeats: int) -> float:
+def _speedup(fn, reference, images: np.ndarray, spec: data.DataSpec, batch: int, device,
+             repeats: int) -> float:
     """Reference time / ``fn`` time over the images in batches of ``batch``, both measured
     round-robin, as the median of the per-round ratios (``runtime.paired_ratio``)."""
-    chunks = [data.to_tensor(np.ascontiguousarray(images[i:i + batch]), device)
+    chunks = [spec.to_tensor(np.ascontiguousarray(images[i:i + batch]), device)
               for i in range(0, len(images), batch)]
     with torch.no_grad():
         times = runtime.round_robin_times({"reference": lambda: [reference(c) for c in chunks],
@@ -43,30 +45,33 @@ class Row:
     accuracy: float
     macs_mean: float
     macs_reduction: float
-    speedup_b1: float | None
+    speedup_b1: float | None          # None: not measured (``time_it`` off, or an oracle)
     speedup_b256: float | None
     policy: dict | None = None
 
 
-def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
+def evaluate(ws: Workspace, split: data.Split, *, time_it: bool = True, b1_images: int = 64,
              b256_images: int = 1024, repeats: int = 7, progress: bool = True) -> list[Row]:
-    """One row per available system (static, gated, each staged system at each shipped
-    operating point, and the oracle of each staged system) on ``split``. Speedups are
-    measured against the reference network on the first ``b1_images`` images one by one
-    and on the first ``b256_images`` in batches of 256."""
+    """One row per available system of ``ws`` (static, gated, each staged system at each
+    shipped operating point, and the oracle of each staged system) on ``split``. Speedups
+    are measured against the workspace's reference network on the first ``b1_images``
+    images one by one and on the first ``b256_images`` in batches of 256; without
+    ``time_it`` no model runs unless an output cache is missing, and speedups are None."""
     device = settings.device()
-    images = split.images()
-    ref_out = zoo.outputs(zoo.REFERENCE, split, progress=progress).stage_outputs()
+    ref_out = zoo.outputs(ws, ws.reference, split, progress=progress).stage_outputs()
     ref_macs = float(ref_out.stage_costs.sum(1).mean())
-    reference = runtime.fold(zoo.load_system(zoo.REFERENCE, device))
+    if time_it:
+        images = split.images()
+        reference = runtime.fold(zoo.load_system(ws, ws.reference, device))
 
     def timed(name: str, fn) -> tuple[float, float] | tuple[None, None]:
         if not time_it:
             return None, None
-        if name == zoo.REFERENCE:
+        if name == ws.reference:
             return 1.0, 1.0                      # by definition
-        return (_speedup(fn, reference, images[:b1_images], 1, device, repeats),
-                _speedup(fn, reference, images[:b256_images], 256, device, repeats))
+        return (_speedup(fn, reference, images[:b1_images], split.spec, 1, device, repeats),
+                _speedup(fn, reference, images[:b256_images], split.spec, 256, device,
+                         repeats))
 
     def row(name, kind, point, accuracy, macs, speedups, policy=None) -> Row:
         b1, b256 = speedups
@@ -77,27 +82,27 @@ def evaluate(split: data.Split, *, time_it: bool = True, b1_images: int = 64,
                    None if policy is None else json.loads(policy.to_json()))
 
     rows = []
-    for name in zoo.available():
-        s = zoo.spec(name)
-        out = zoo.outputs(name, split, progress=progress).stage_outputs()
-        folded = runtime.fold(zoo.load_system(name, device))
+    for name in zoo.available(ws):
+        kind = ws.spec(name).kind
+        out = zoo.outputs(ws, name, split, progress=progress).stage_outputs()
+        folded = None
         if time_it:                  # the sparse path's slicing limits, per batch size
+            folded = runtime.fold(zoo.load_system(ws, name, device))
             runtime.calibrate_all(folded, (1, 256))
-        if folded.n_stages == 1:
-            rows.append(row(name, s.kind, "trained", out.correct[:, 0].mean(),
+        if not zoo.staged(ws, [name]):
+            rows.append(row(name, kind, "trained", out.correct[:, 0].mean(),
                             out.stage_costs[:, 0].mean(), timed(name, folded)))
             continue
         for loss in operating_points.LOSSES:
-            pol = operating_points.load_policy(name, loss)
+            pol = operating_points.load_policy(ws, name, loss)
             if pol is None:
-                log.warning("%s has no shipped policy for %.1f%% loss; run "
-                            "`python -m dynviz policies`", name, loss * 100)
+                log.warning("%s has no shipped policy for %.1f%% loss; run `%s`", name,
+                            loss * 100, live.policies_command(ws))
                 continue
             sim = P.simulate(pol, out)
-            rows.append(row(name, s.kind, f"≤{loss * 100:g}% loss (fit half)",
-                            sim.correct.mean(), sim.cost.mean(),
-                            timed(name, AdaptiveClassifier(folded, pol)),
-                            pol))
+            adaptive = None if folded is None else AdaptiveClassifier(folded, pol)
+            rows.append(row(name, kind, f"≤{loss * 100:g}% loss (fit half)",
+                            sim.correct.mean(), sim.cost.mean(), timed(name, adaptive), pol))
         o = P.oracle(out)
         rows.append(row(f"{name} oracle", "oracle", "knows the correct stages",
                         o.correct.mean(), o.cost.mean(), (None, None)))

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dynviz import data, operating_points, runtime, settings, zoo
+from dynviz import operating_points, runtime, settings, zoo
 from dynviz.adaptive import AdaptiveClassifier, AdaptiveTrace
+from dynviz.data import DataSpec
 from dynviz.policy import Policy
+from dynviz.workspace import Workspace
 from models.lcnet import GateTrace
 
 
@@ -29,29 +31,37 @@ class LiveSystem:
     system: nn.Module          # answers an ``Output``
     dense: nn.Module           # its dense counterpart, folded alike
     device: torch.device
+    data: DataSpec             # its workspace's input: size, normalisation, class names
 
 
-def build(name: str, policy: Policy | None = None, model: nn.Module | None = None,
-          calibrate: bool = True) -> LiveSystem:
+def build(ws: Workspace, name: str, policy: Policy | None = None,
+          model: nn.Module | None = None, calibrate: bool = True) -> LiveSystem:
     """Args:
-        name: a system of ``dynviz.zoo.SYSTEMS``.
+        ws: the workspace the system is one of.
+        name: a system of ``ws.systems``.
         policy: for staged systems (default: the shipped ≤0.5% loss operating point).
         model: an already loaded system (else loaded from its checkpoints).
         calibrate: measure the sparse path's slicing limits at batch 1 (else it slices
             whenever a channel is off).
     """
     device = settings.device()
-    model = model if model is not None else zoo.load_system(name, device)
+    model = model if model is not None else zoo.load_system(ws, name, device)
     system = runtime.fold(model)
     if calibrate:
         runtime.calibrate_all(system, (1,), cache_bytes=SLICE_STORE_BYTES)
     if system.n_stages > 1:
-        policy = policy or operating_points.load_policy(name, operating_points.LOSSES[0])
+        policy = policy or operating_points.load_policy(ws, name, operating_points.LOSSES[0])
         if policy is None:
             raise FileNotFoundError(f"no shipped policy for {name}; run "
-                                    f"`python -m dynviz policies` or pass one")
+                                    f"`{policies_command(ws)}` or pass one")
         system = AdaptiveClassifier(system, policy)
-    return LiveSystem(name, zoo.spec(name).kind, system, system.dense_counterpart(), device)
+    return LiveSystem(name, ws.spec(name).kind, system, system.dense_counterpart(), device,
+                      ws.data)
+
+
+def policies_command(ws: Workspace) -> str:
+    """The command that ships the operating points of ``ws``'s staged systems."""
+    return "python -m dynviz" + ("" if ws.builtin else f" --workspace {ws.root}") + " policies"
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,7 @@ def _(trace: AdaptiveTrace, system: nn.Module) -> StagePath:
 class InspectResult:
     system: str
     kind: str
+    classes: tuple[str, ...]          # the workspace's, in label order
     image: np.ndarray                 # (H, W, 3) uint8, as the model saw it
     probs: np.ndarray                 # (C,) of the answer used
     macs: int                         # spent on this image
@@ -141,11 +152,11 @@ class InspectResult:
 
     @property
     def prediction(self) -> str:
-        return data.CLASSES[int(self.probs.argmax())]
+        return self.classes[int(self.probs.argmax())]
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
         order = np.argsort(-self.probs)[:k]
-        return [(data.CLASSES[i], float(self.probs[i])) for i in order]
+        return [(self.classes[i], float(self.probs[i])) for i in order]
 
     def summary(self) -> dict:
         out = {"system": self.system, "prediction": self.prediction,
@@ -161,15 +172,17 @@ def _softmax(logits: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def inspect_image(live: LiveSystem, image: np.ndarray, timing_repeats: int = 3) -> InspectResult:
-    """``image``: (H, W, 3) uint8 already preprocessed (see ``data.preprocess_upload``).
+    """``image``: (S, S, 3) uint8 at the workspace's image size, already preprocessed (see
+    ``uploads.preprocess_upload``).
 
     The latencies are medians of ``timing_repeats`` interleaved runs of each path after one
     warm-up run (few enough to keep Inspect's server time small: docs/benchmarks.md)."""
-    x = data.to_tensor(image[None], live.device)
+    x = live.data.to_tensor(image[None], live.device)
     times = runtime.compare_times({"dynamic": lambda: live.system(x),
                                    "dense": lambda: live.dense(x)},
                                   repeats=timing_repeats, warmup=1, device=live.device)
     out = live.system(x)
-    return InspectResult(live.name, live.kind, image, _softmax(out.logits[0]), int(out.macs[0]),
-                         live.dense.macs(), times["dynamic"] * 1e3, times["dense"] * 1e3,
+    return InspectResult(live.name, live.kind, live.data.classes, image,
+                         _softmax(out.logits[0]), int(out.macs[0]), live.dense.macs(),
+                         times["dynamic"] * 1e3, times["dense"] * 1e3,
                          compute_path(out.trace, live.system))

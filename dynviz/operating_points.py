@@ -1,7 +1,7 @@
 """The shipped operating points of the staged systems: for each accuracy-loss budget against
 the reference network, the cheapest learned policy within it on the validation *fit* half,
-written to ``assets/policies/<system>-loss<pct>pct.json`` and read back by the pages, the
-results table and the commands.
+written to ``<workspace results>/policies/<system>-loss<pct>pct.json`` and read back by the
+pages, the results table and the commands.
 """
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynviz import data, files, learn, policy as P, settings, zoo
+from dynviz import data, files, learn, policy as P, zoo
+from dynviz.workspace import Workspace
 
 LOSSES = (0.005, 0.01)  # accuracy loss against the reference, for shipped operating points
 # The policy kinds a shipped operating point is chosen among, as (family, feature): each is
@@ -24,17 +25,17 @@ AUTO = "auto"   # a family argument meaning: every candidate
 MARGIN_SE = 1.0
 
 
-def policies_dir() -> Path:
-    return settings.assets_dir() / "policies"
+def policies_dir(ws: Workspace) -> Path:
+    return ws.results / "policies"
 
 
-def policy_path(system: str, loss: float) -> Path:
-    return policies_dir() / f"{system}-loss{loss * 100:g}pct.json"
+def policy_path(ws: Workspace, system: str, loss: float) -> Path:
+    return policies_dir(ws) / f"{system}-loss{loss * 100:g}pct.json"
 
 
-def load_policy(system: str, loss: float) -> P.Policy | None:
+def load_policy(ws: Workspace, system: str, loss: float) -> P.Policy | None:
     """The shipped policy of ``system`` for accuracy loss ``loss``; None if none is shipped."""
-    path = policy_path(system, loss)
+    path = policy_path(ws, system, loss)
     return P.Policy.from_json(path.read_text()) if path.exists() else None
 
 
@@ -81,22 +82,20 @@ def choose(fit: P.StageOutputs, reference_correct: np.ndarray, max_loss: float, 
             else max(front, key=lambda p: p.accuracy)).policy
 
 
-def ship(family: str = AUTO, feature: str = "max_prob",
+def ship(ws: Workspace, family: str = AUTO, feature: str = "max_prob",
          val: data.Split | None = None) -> list[Path]:
-    """Choose, on the fit half of ``val``, and write the default policies of every available
-    staged system (among every candidate kind of policy, or ``family``/``feature``)."""
+    """Choose, on the fit half of ``val`` (default: the workspace's), and write the default
+    policies of every available staged system (among every candidate kind of policy, or
+    ``family``/``feature``)."""
     kinds = candidates(family, feature)
-    val = val if val is not None else data.get_split("val")
-    ref_correct = zoo.outputs(zoo.REFERENCE, val).half("fit").correct[:, -1]
+    val = val if val is not None else ws.split("val")
+    ref_correct = zoo.outputs(ws, ws.reference, val).half("fit").correct[:, -1]
     written = []
-    for name in zoo.available():
-        s = zoo.spec(name)
-        if s.kind not in ("exits", "cascade"):
-            continue
-        fit = zoo.outputs(name, val).half("fit")
+    for name in zoo.staged(ws, zoo.available(ws)):
+        fit = zoo.outputs(ws, name, val).half("fit")
         for loss in LOSSES:
-            pol = choose(fit, ref_correct, loss, kinds=kinds, topology=s.topology)
-            path = policy_path(name, loss)
+            pol = choose(fit, ref_correct, loss, kinds=kinds, topology=ws.spec(name).topology)
+            path = policy_path(ws, name, loss)
             path.parent.mkdir(parents=True, exist_ok=True)
             files.atomic_write_text(path, pol.to_json() + "\n")
             written.append(path)

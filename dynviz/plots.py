@@ -4,8 +4,6 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from dynviz.data import CLASSES
-
 OFF = "#d9d9d9"
 ON = "#1f77b4"
 HEIGHT = 300
@@ -16,9 +14,10 @@ def _layout(fig: go.Figure, title: str, height: int = HEIGHT, **kw) -> go.Figure
     return fig
 
 
-def top_k(probs: np.ndarray, k: int = 5) -> go.Figure:
+def top_k(probs: np.ndarray, classes: tuple[str, ...], k: int = 5) -> go.Figure:
+    """The ``k`` most probable of ``classes`` (``probs``: (C,)), the likeliest on top."""
     order = np.argsort(-probs)[:k][::-1]
-    fig = go.Figure(go.Bar(x=probs[order], y=[CLASSES[i] for i in order], orientation="h",
+    fig = go.Figure(go.Bar(x=probs[order], y=[classes[i] for i in order], orientation="h",
                            text=[f"{probs[i]:.1%}" for i in order], textposition="auto"))
     return _layout(fig, f"Top {k}", height=220, xaxis=dict(range=[0, 1], tickformat=".0%"))
 
@@ -103,18 +102,18 @@ def exit_histogram(stage_names: list[str], counts: list[int], jumped: int = 0) -
     return _layout(fig, title, height=260, yaxis=dict(title="images"))
 
 
-def class_firing(rates: np.ndarray, block_name: str) -> go.Figure:
-    """(classes, channels) firing rates of one block (LC-Net Fig. 7)."""
-    fig = go.Figure(go.Heatmap(z=rates, y=list(CLASSES), colorscale="Viridis", zmin=0,
+def class_firing(rates: np.ndarray, classes: tuple[str, ...], block_name: str) -> go.Figure:
+    """(classes, channels) firing rates of one block (LC-Net Fig. 7), a row per class."""
+    fig = go.Figure(go.Heatmap(z=rates, y=list(classes), colorscale="Viridis", zmin=0,
                                zmax=1, colorbar=dict(title="fires"),
                                hovertemplate="%{y} ch %{x}: %{z:.0%}<extra></extra>"))
     return _layout(fig, f"Channel firing rate per class, {block_name}", height=380,
                    xaxis=dict(title="channel"))
 
 
-def class_cost(costs: np.ndarray, reference: float) -> go.Figure:
-    """Mean cost per class as a fraction of the reference."""
-    fig = go.Figure(go.Bar(x=list(CLASSES), y=costs / reference,
+def class_cost(costs: np.ndarray, classes: tuple[str, ...], reference: float) -> go.Figure:
+    """Mean cost per class (``costs``: (C,)) as a fraction of the reference."""
+    fig = go.Figure(go.Bar(x=list(classes), y=costs / reference,
                            hovertemplate="%{x}: %{y:.1%} of the reference<extra></extra>"))
     return _layout(fig, "Mean cost per class", height=300,
                    yaxis=dict(title="MACs / reference", tickformat=".0%"))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dynviz import data, learn, operating_points, policy as P, zoo
+from dynviz.workspace import Workspace
 
 BASELINE_GRID = 400  # global thresholds tried: quantiles of the feature on the fit half
 
@@ -108,18 +109,19 @@ def against_baseline(rows: list[dict]) -> tuple[int, int, dict | None]:
     return sum(g >= 0 for g in gaps), len(gaps), worst
 
 
-def report(name: str, val: data.Split, family: str = operating_points.AUTO,
+def report(ws: Workspace, name: str, val: data.Split, family: str = operating_points.AUTO,
            feature: str = "max_prob", n_points: int = 40) -> PolicyReport:
     """``family`` ``AUTO``: the learned frontier of every candidate kind against a global
     threshold on the maximum probability; else that family and feature for both."""
-    cached = zoo.outputs(name, val)
+    cached = zoo.outputs(ws, name, val)
     fit, check = cached.half("fit"), cached.half("check")
     kinds = operating_points.candidates(family, feature)
-    rows = baseline_comparison(fit, check, kinds, feature, zoo.spec(name).topology, n_points)
+    rows = baseline_comparison(fit, check, kinds, feature, ws.spec(name).topology, n_points)
     wins, compared, worst = against_baseline(rows)
     hindsight_gaps = [r["learned"] - r["baseline_hindsight"] for r in rows
                       if r["baseline_hindsight"] is not None]
-    pol, op, share = operating_points.load_policy(name, operating_points.LOSSES[0]), None, None
+    pol = operating_points.load_policy(ws, name, operating_points.LOSSES[0])
+    op, share = None, None
     if pol is not None:
         outcome = P.simulate(pol, check)
         op = outcome.summary(check.reference_cost, check.n_stages)

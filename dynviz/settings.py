@@ -1,12 +1,21 @@
-"""Where things live and which device runs them: the one place that reads the environment.
+"""Where things live and which device runs them: the environment variables of the built-in
+workspace, the device and the native block runner.
 
-Every path is relative to the project root unless an environment variable overrides it:
+A workspace's own directories are in its ``dynviz.toml`` (``dynviz.workspace``); these
+variables redirect the built-in one's (the repository root's ``dynviz.toml``), which tests
+rely on:
 
 - ``DYNVIZ_DATA``: a CIFAR-10 root (ImageFolder ``train/<class>/*.jpg`` or torchvision's
-  ``cifar-10-batches-py``).
-- ``DYNVIZ_CACHE``: decoded-image and validation-output caches (default ``.cache/``).
+  ``cifar-10-batches-py``), instead of the file's list of roots.
+- ``DYNVIZ_CACHE``: decoded-image, run and validation-output caches (default ``.cache/``).
 - ``DYNVIZ_CHECKPOINTS``: trained weights (default ``models/checkpoints/``).
 - ``DYNVIZ_ASSETS``: shipped caches and policies (default ``assets/``).
+
+``cache_dir``, ``checkpoint_dir`` and ``assets_dir`` are the built-in workspace's; library
+code uses the ``Workspace`` it is given (``ws.cache``, ``ws.checkpoints``, ``ws.results``).
+For any workspace:
+
+- ``DYNVIZ_WORKSPACE``: the workspace commands and the app work on (``workspace.resolve``).
 - ``DYNVIZ_DEVICE``: ``cuda``, ``cpu``, ``cuda:1``...; default CUDA when present.
 - ``DYNVIZ_NATIVE``: ``0`` turns the native (C++) block runner off.
 - ``DYNVIZ_NATIVE_DIR``: where it is compiled (default ``.cache/native``; not under
@@ -27,21 +36,6 @@ def env_path(name: str, default: Path) -> Path:
     """``$name`` as a path when it is set, else ``default``."""
     value = os.environ.get(name)
     return Path(value).expanduser() if value else default
-
-
-def data_candidates() -> list[Path]:
-    """Dataset roots in search order: $DYNVIZ_DATA, ./data, ../shared/datasets/cifar10-jpeg."""
-    candidates = []
-    if os.environ.get("DYNVIZ_DATA"):
-        candidates.append(Path(os.environ["DYNVIZ_DATA"]).expanduser())
-    candidates.append(PROJECT_ROOT / "data")
-    candidates.append(PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg")
-    return candidates
-
-
-def download_dir() -> Path:
-    """Where ``python -m dynviz data --download`` puts torchvision's CIFAR-10."""
-    return env_path("DYNVIZ_DATA", PROJECT_ROOT / "data")
 
 
 def cache_dir() -> Path:

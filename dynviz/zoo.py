@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 import models
+from models.staged import Cascade
 from dynviz import cache, data, files, settings
 from dynviz.workspace import SystemSpec, Workspace
 
@@ -237,8 +238,7 @@ def load_system(ws: Workspace, name: str, device: torch.device | None = None) ->
         raise MissingCheckpointError(_missing_message(ws, name))
     s = ws.spec(name)
     if s.kind == "cascade":
-        model = models.Cascade([_load_single(ws, m) for m in members(ws, name)],
-                               list(s.members))
+        model = Cascade([_load_single(ws, m) for m in members(ws, name)], list(s.members))
         model.can_jump = s.topology == "jump"
     else:
         model = _load_single(ws, s)

@@ -28,7 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import zoo  # noqa: E402
+from dynviz import workspace, zoo  # noqa: E402
 
 
 def _png(seed: int) -> bytes:
@@ -116,7 +116,8 @@ def bench_cold_start() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    available = zoo.available()
+    ws = workspace.builtin()
+    available = zoo.available(ws)
     parser.add_argument("--system", nargs="+", default=[n for n in ("lcnet_resnet56_seq",
                         "lcnet_resnet20", "cascade_r8_r20_r56", "exits_resnet56")
                         if n in available][:2] or None,
@@ -128,8 +129,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.system is None or args.staged is None:
         print("needs trained systems: " + ", ".join(
-            f"{n} ({zoo.train_command(zoo.missing(n)[0])})" for n in zoo.SYSTEMS
-            if zoo.missing(n)), file=sys.stderr)
+            f"{n} ({zoo.train_command(ws, zoo.missing(ws, n)[0])})" for n in ws.systems
+            if zoo.missing(ws, n)), file=sys.stderr)
         return 1
     rows = [("cold start to first rendered page", [bench_cold_start()])]
     rows += [(f"Inspect upload → result ({name})", bench_inspect(name, args.repeats))

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from dynviz import cache, data, learn, operating_points, settings, zoo  # noqa: E402
+from dynviz import cache, data, learn, operating_points, settings, workspace, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def trial_outputs(checkpoint: Path, exits: tuple[int, ...], head_convs: int | tu
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     model = model.to(settings.device(), memory_format=torch.channels_last).eval()
     with torch.no_grad():
-        arrays = cache.compute_outputs(model, val.images(), device=settings.device())
+        arrays = cache.compute_outputs(model, val.images(), val.spec, device=settings.device())
     return cache.store(directory, checkpoint.stem, model, val, sha, arrays)
 
 
@@ -85,13 +85,14 @@ def main(argv: list[str] | None = None) -> None:
     if not args.checkpoint.is_file():
         parser.error(f"no checkpoint at {args.checkpoint}")
     convs = args.head_convs[0] if len(args.head_convs) == 1 else tuple(args.head_convs)
-    val = data.get_split("val")
-    reference = zoo.outputs(zoo.REFERENCE, val)
+    ws = workspace.builtin()
+    val = ws.split("val")
+    reference = zoo.outputs(ws, ws.reference, val)
     ref_fit = reference.half("fit").correct[:, -1]
     ref_check = float(reference.half("check").correct[:, -1].mean())
-    print(f"{zoo.REFERENCE} on check: {ref_check:.2%}")
-    if "exits_resnet56" in zoo.available():
-        report("exits_resnet56 (shipped)", zoo.outputs("exits_resnet56", val), ref_fit,
+    print(f"{ws.reference} on check: {ref_check:.2%}")
+    if "exits_resnet56" in zoo.available(ws):
+        report("exits_resnet56 (shipped)", zoo.outputs(ws, "exits_resnet56", val), ref_fit,
                ref_check)
     report(args.checkpoint.stem, trial_outputs(args.checkpoint, tuple(args.exits), convs, val),
            ref_fit, ref_check)

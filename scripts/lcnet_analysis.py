@@ -44,7 +44,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import data, operating_points, settings, zoo  # noqa: E402
+from dynviz import data, operating_points, workspace, zoo  # noqa: E402
+from dynviz.workspace import Workspace  # noqa: E402
 
 SECTIONS = ("gates", "bn", "epochs", "frontier")
 SYSTEM = "lcnet_resnet56_seq"
@@ -106,12 +107,12 @@ def set_leaky(model: nn.Module, leaky: bool) -> None:
 
 
 @torch.no_grad()
-def gate_pass(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int,
-              desc: str) -> GatePass:
+def gate_pass(model: nn.Module, images: np.ndarray, labels: np.ndarray, spec: data.DataSpec,
+              batch_size: int, desc: str) -> GatePass:
     """The model's own forward (BN in eval mode) over ``images``, with its trace if any."""
     correct, macs, ran, channels = [], [], [], []
     n_batches = -(-len(labels) // batch_size)
-    for x, y in tqdm(data.batches(images, labels, batch_size), total=n_batches, desc=desc,
+    for x, y in tqdm(data.batches(images, labels, batch_size, spec), total=n_batches, desc=desc,
                      leave=False):
         out = model(x)
         correct.append((out.logits.argmax(1) == y).numpy())
@@ -130,7 +131,7 @@ def block_kind(rate: float) -> str:
 
 def gates_section(model, fit: data.Split, reference: dict[str, np.ndarray],
                   batch_size: int) -> GatePass:
-    p = gate_pass(model, fit.images(), fit.labels, batch_size, "gates on fit")
+    p = gate_pass(model, fit.images(), fit.labels, fit.spec, batch_size, "gates on fit")
     cost = model.cost
     names = model.block_names()
     dense = model.cost_table()
@@ -267,7 +268,7 @@ BlockMoments = dict
 
 
 @torch.no_grad()
-def walk(model: nn.Module, images: np.ndarray, batch_size: int, *,
+def walk(model: nn.Module, images: np.ndarray, spec: data.DataSpec, batch_size: int, *,
          update: Reestimate | None = None,
          desc: str = "walk") -> tuple[list[BlockMoments], torch.Tensor]:
     """The masked path of ``GatedBlockMixin.forward``, one layer at a time over every image.
@@ -279,7 +280,7 @@ def walk(model: nn.Module, images: np.ndarray, batch_size: int, *,
     moments ``update`` names before any later layer runs (exact population statistics,
     every earlier layer already re-estimated).
     """
-    chunks = [data.to_tensor(np.ascontiguousarray(images[i:i + batch_size]))
+    chunks = [spec.to_tensor(np.ascontiguousarray(images[i:i + batch_size]))
               for i in range(0, len(images), batch_size)]
     h = [model.conv1(x) for x in chunks]
     if update is not None and update.other:
@@ -343,7 +344,7 @@ def mismatch(bn: nn.BatchNorm2d, m: Moments) -> str:
 
 
 def reestimate_train_mode(model: nn.Module, images: np.ndarray, labels: np.ndarray,
-                          batch_size: int) -> nn.Module:
+                          spec: data.DataSpec, batch_size: int) -> nn.Module:
     """PyTorch's recipe on a copy: running statistics reset, every BN in train mode with
     momentum None (a cumulative average over batches), one pass over ``images``; gates stay
     in their inference form (hard)."""
@@ -355,17 +356,17 @@ def reestimate_train_mode(model: nn.Module, images: np.ndarray, labels: np.ndarr
             bn.train()
     n_batches = -(-len(labels) // batch_size)
     with torch.no_grad():
-        for x, _ in tqdm(data.batches(images, labels, batch_size), total=n_batches,
+        for x, _ in tqdm(data.batches(images, labels, batch_size, spec), total=n_batches,
                          desc="train-mode BN pass", leave=False):
             m(x)
     return m.eval()
 
 
 def reestimate_exact(model: nn.Module, images: np.ndarray, how: Reestimate,
-                     batch_size: int) -> nn.Module:
+                     spec: data.DataSpec, batch_size: int) -> nn.Module:
     """A copy of ``model`` whose BN statistics ``walk`` replaced as ``how`` says."""
     m = copy.deepcopy(model)
-    walk(m, images, batch_size, update=how, desc="exact re-estimate")
+    walk(m, images, spec, batch_size, update=how, desc="exact re-estimate")
     return m.eval()
 
 
@@ -384,8 +385,8 @@ def bn_image_sets(dataset: data.Dataset, n: int, seed: int) -> dict[str, BNImage
     classes, and the average of per-batch variances in a train-mode pass then falls short
     of the population's.)"""
     rng = np.random.default_rng(seed)
-    train = data.get_split("train", dataset)
-    fit = data.get_split("fit", dataset)
+    train = data.get_split(dataset.spec, "train", dataset)
+    fit = data.get_split(dataset.spec, "fit", dataset)
     idx = rng.choice(len(train), min(n, len(train)), replace=False)   # random order
     plain = np.ascontiguousarray(train.images()[idx])
     augmented = data.augment(torch.from_numpy(plain), torch.Generator().manual_seed(seed))
@@ -400,18 +401,20 @@ def bn_image_sets(dataset: data.Dataset, n: int, seed: int) -> dict[str, BNImage
 def bn_section(model, resnet56, fit: data.Split, shipped: GatePass, sets: dict[str, BNImages],
                batch_size: int) -> None:
     names = model.block_names()
-    fit_images = fit.images()
-    stats, logits = walk(model, fit_images, batch_size, desc="moments on fit (hard gates)")
+    fit_images, spec = fit.images(), fit.spec
+    stats, logits = walk(model, fit_images, spec, batch_size,
+                         desc="moments on fit (hard gates)")
     with torch.no_grad():
         reference = torch.cat([model(x).logits for x, _ in data.batches(fit_images, fit.labels,
-                                                                        batch_size)])
+                                                                        batch_size, spec)])
     err = float((logits - reference).abs().max() / reference.abs().max())
     if err > 1e-4:
         raise RuntimeError(f"the layer-by-layer walk disagrees with the model (rel. err {err:.1e})")
     augmented = sets["augmented"].images
-    hard, _ = walk(model, augmented, batch_size, desc="moments on augmented train (hard gates)")
+    hard, _ = walk(model, augmented, spec, batch_size,
+                   desc="moments on augmented train (hard gates)")
     set_leaky(model, True)
-    replica, _ = walk(model, augmented, batch_size,
+    replica, _ = walk(model, augmented, spec, batch_size,
                       desc="moments on augmented train (leaky gates)")
     set_leaky(model, False)
 
@@ -455,7 +458,8 @@ def bn_section(model, resnet56, fit: data.Split, shipped: GatePass, sets: dict[s
     print(table(["block", "runs", "channels on when it runs", "runs with every channel off",
                  "channels on when skipped", "skipped with every channel off"], rows))
 
-    r56_stored = gate_pass(resnet56, fit_images, fit.labels, batch_size, "resnet56 on fit")
+    r56_stored = gate_pass(resnet56, fit_images, fit.labels, spec, batch_size,
+                           "resnet56 on fit")
 
     def row(system: str, label: str, images: str, p: GatePass, stored: GatePass) -> list:
         gap = p.accuracy - stored.accuracy
@@ -469,7 +473,7 @@ def bn_section(model, resnet56, fit: data.Split, shipped: GatePass, sets: dict[s
                         f"({pct(shipped.correct[changed].mean(), 1)})" if changed.any() else "0"]
 
     def evaluate(m, desc="eval on fit") -> GatePass:
-        return gate_pass(m, fit_images, fit.labels, batch_size, desc)
+        return gate_pass(m, fit_images, fit.labels, spec, batch_size, desc)
 
     lc, r56 = "LC-Net", "resnet56"
     torch_pass = "PyTorch train-mode pass, momentum None"
@@ -481,14 +485,16 @@ def bn_section(model, resnet56, fit: data.Split, shipped: GatePass, sets: dict[s
     for key in ("plain", "fit", "augmented"):
         images = sets[key]
         rows.append(row(lc, torch_pass, images.label, evaluate(
-            reestimate_train_mode(model, images.images, images.labels, batch_size)), shipped))
+            reestimate_train_mode(model, images.images, images.labels, spec, batch_size)),
+            shipped))
         if key != "fit":
             rows.append(row(r56, torch_pass, images.label, evaluate(
-                reestimate_train_mode(resnet56, images.images, images.labels, batch_size),
+                reestimate_train_mode(resnet56, images.images, images.labels, spec,
+                                      batch_size),
                 "resnet56 on fit"), r56_stored))
     for key, hows in (("plain", (ALL, STEM_DOWNSAMPLE, MASKED)), ("augmented", (ALL, RAN, MASKED))):
         for how in hows:
-            m = reestimate_exact(model, sets[key].images, how, batch_size)
+            m = reestimate_exact(model, sets[key].images, how, spec, batch_size)
             rows.append(row(lc, f"exact: {how.label}", sets[key].label, evaluate(m), shipped))
     print("\n### BatchNorm re-estimated, judged on the fit half\n")
     print("Δ: against the same network's stored statistics, ± one paired standard error. "
@@ -525,8 +531,8 @@ def one_cycle_lr(epochs: int, steps_per_epoch: int, warmup: float) -> list[float
     return out
 
 
-def epochs_section(fit_frontier, train_images: int) -> None:
-    shipped = json.loads((settings.checkpoint_dir() / f"{CHECKPOINT}.json").read_text())
+def epochs_section(ws: Workspace, fit_frontier, train_images: int) -> None:
+    shipped = json.loads((ws.checkpoints / f"{CHECKPOINT}.json").read_text())
     recipe, history = shipped["recipe"], shipped["history"]
     steps = train_images // recipe["batch_size"]
     lrs = one_cycle_lr(recipe["epochs"], steps, recipe["warmup"])
@@ -575,11 +581,11 @@ class Half:
     macs: dict[str, float]           # system -> mean MACs
 
 
-def halves() -> dict[str, Half]:
-    val = data.get_split("val")
+def halves(ws: Workspace) -> dict[str, Half]:
+    val = ws.split("val")
     out = {"fit": Half({}, {}), "check": Half({}, {})}
     for name in ("resnet8", "resnet20", "resnet56", SYSTEM):
-        cached = zoo.outputs(name, val)
+        cached = zoo.outputs(ws, name, val)
         for half in out:
             s = cached.half(half)
             out[half].correct[name] = s.correct[:, -1]
@@ -601,8 +607,8 @@ def frontier_fn(h: Half):
     return at
 
 
-def frontier_section(hs: dict[str, Half]) -> None:
-    shipped = json.loads((settings.assets_dir() / "results.json").read_text())
+def frontier_section(ws: Workspace, hs: dict[str, Half]) -> None:
+    shipped = json.loads((ws.results / "results.json").read_text())
     results = {r["system"]: r for r in shipped if r["operating_point"] == "trained"}
     print("### The systems (shipped caches; check figures equal assets/results.json)\n")
     rows = []
@@ -674,13 +680,14 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.sections or list(SECTIONS)
     torch.set_num_threads(args.threads)
 
-    dataset = data.open_cifar10()
-    fit = data.get_split("fit", dataset)
-    hs = halves()
+    ws = workspace.builtin()
+    dataset = ws.dataset()
+    fit = ws.split("fit", dataset)
+    hs = halves(ws)
     fit_frontier = frontier_fn(hs["fit"])
     model = None
     if "gates" in sections or "bn" in sections:
-        model = zoo.load_system(SYSTEM, torch.device("cpu"))
+        model = zoo.load_system(ws, SYSTEM, torch.device("cpu"))
     shipped = None
     if "gates" in sections:
         print("## Gates\n")
@@ -689,18 +696,19 @@ def main(argv: list[str] | None = None) -> int:
     if "bn" in sections:
         print("## BatchNorm\n")
         if shipped is None:
-            shipped = gate_pass(model, fit.images(), fit.labels, args.batch_size, "gates on fit")
-        resnet56 = zoo.load_system("resnet56", torch.device("cpu"))
+            shipped = gate_pass(model, fit.images(), fit.labels, fit.spec, args.batch_size,
+                                "gates on fit")
+        resnet56 = zoo.load_system(ws, "resnet56", torch.device("cpu"))
         bn_section(model, resnet56, fit, shipped, bn_image_sets(dataset, args.bn_images, args.seed),
                    args.batch_size)
         print()
     if "epochs" in sections:
         print("## Accuracy against epochs\n")
-        epochs_section(fit_frontier, len(data.get_split("train", dataset)))
+        epochs_section(ws, fit_frontier, len(ws.split("train", dataset)))
         print()
     if "frontier" in sections:
         print("## The static frontier\n")
-        frontier_section(hs)
+        frontier_section(ws, hs)
         print()
     return 0
 

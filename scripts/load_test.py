@@ -33,7 +33,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import data, live, zoo  # noqa: E402
+from dynviz import live, uploads, workspace, zoo  # noqa: E402
 
 STATUS = '[data-testid="stStatusWidget"]'
 METRIC = '[data-testid="stMetric"]'
@@ -171,6 +171,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def main() -> int:
+    ws = workspace.builtin()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=8, help="browser sessions at once")
     parser.add_argument("--rounds", type=int, default=3,
@@ -178,24 +179,25 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every session this many times against the same server, "
                              "reporting its memory after each (default %(default)s)")
-    parser.add_argument("--system", default=zoo.FEATURED,
+    parser.add_argument("--system", default=ws.featured,
                         help="the system Inspect opens on (default %(default)s); its answers "
                              "are the reference")
     args = parser.parse_args()
     if not shutil.which("chromium"):
         print("needs Debian's chromium (apt-get install chromium)", file=sys.stderr)
         return 1
-    if zoo.missing(args.system):
-        print(f"{args.system} is not trained: {zoo.train_command(zoo.missing(args.system)[0])}",
+    missing = zoo.missing(ws, args.system)
+    if missing:
+        print(f"{args.system} is not trained: {zoo.train_command(ws, missing[0])}",
               file=sys.stderr)
         return 1
     print(f"reference answers ({args.system}, in this process)…", file=sys.stderr)
-    system = live.build(args.system)
+    system = live.build(ws, args.system)
     expected = {}
     for i in range(args.sessions):
         for r in range(args.rounds):
-            result = live.inspect_image(system, data.preprocess_upload(_image(i, r)),
-                                        timing_repeats=1)
+            image = uploads.preprocess_upload(_image(i, r), ws.data.image_size)
+            result = live.inspect_image(system, image, timing_repeats=1)
             expected[i, r] = (result.prediction, f"{result.macs / 1e6:.1f} M")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import data, learn, operating_points, policy_report, zoo  # noqa: E402
+from dynviz import learn, operating_points, policy_report, workspace, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 
@@ -70,19 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.folds < 2:
         parser.error("--folds must be at least 2")
-    staged = zoo.staged(zoo.available())
+    ws = workspace.builtin()
+    staged = zoo.staged(ws, zoo.available(ws))
     for name in args.system or []:
         if name not in staged:
             parser.error(f"{name!r} is not a trained staged system; choose from {staged}")
     systems = args.system or staged
-    val = data.get_split("val")
-    reference = zoo.outputs(zoo.REFERENCE, val)
+    val = ws.split("val")
+    reference = zoo.outputs(ws, ws.reference, val)
     ref_fit = reference.half("fit").correct[:, -1]
     ref_check = reference.half("check").correct[:, -1].mean()
     for name in systems:
-        cached = zoo.outputs(name, val)
+        cached = zoo.outputs(ws, name, val)
         fit, check = cached.half("fit"), cached.half("check")
-        topology = zoo.spec(name).topology
+        topology = ws.spec(name).topology
         print(f"{name} (check half, resnet56 at {ref_check * 100:.2f}%)")
         summarise("in-sample frontier (shipped rule)", policy_report.baseline_comparison(
             fit, check, topology=topology, n_points=args.points))

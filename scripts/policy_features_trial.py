@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import data, learn, policy_report, zoo  # noqa: E402
+from dynviz import learn, policy_report, workspace, zoo  # noqa: E402
 from dynviz import policy as P  # noqa: E402
 
 EXTRA = ("agree", "prev_prob", "mean_prob")
@@ -73,15 +73,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="staged systems (default: every available exits/cascade system)")
     parser.add_argument("--points", type=int, default=40, help="λ values per sweep (40)")
     args = parser.parse_args(argv)
-    staged = zoo.staged(zoo.available())
+    ws = workspace.builtin()
+    staged = zoo.staged(ws, zoo.available(ws))
     for name in args.system or []:
         if name not in staged:
             parser.error(f"{name!r} is not a trained staged system; choose from {staged}")
-    val = data.get_split("val")
+    val = ws.split("val")
     for name in args.system or staged:
-        cached = zoo.outputs(name, val)
+        cached = zoo.outputs(ws, name, val)
         fit, check = cached.half("fit"), cached.half("check")
-        topology = zoo.spec(name).topology
+        topology = ws.spec(name).topology
         print(f"{name} (check half; learned >= baseline, worst gap ± paired SE)")
         rows = policy_report.baseline_comparison(fit, check, topology=topology,
                                                  n_points=args.points)

@@ -1,4 +1,4 @@
-"""Peak memory of decoding an upload (``dynviz.data.preprocess_upload``), per kind of input.
+"""Peak memory of decoding an upload (``dynviz.uploads.preprocess_upload``), per kind of input.
 
     .venv/bin/python scripts/upload_memory.py [--ref DIR] [--kinds NAME ...] [--keep DIR]
 
@@ -29,6 +29,10 @@ from typing import Callable
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dynviz import workspace  # noqa: E402
+
 MB = 2**20
 
 
@@ -130,7 +134,10 @@ _CHILD = r"""
 import json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from dynviz import data
+try:
+    from dynviz import uploads
+except ImportError:          # an older package (--ref): the function lived in dynviz.data
+    from dynviz import data as uploads
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -140,20 +147,21 @@ raw = Path(sys.argv[2]).read_bytes()
 before = status("VmRSS")
 Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
 try:
-    out = data.preprocess_upload(raw)
+    out = uploads.preprocess_upload(raw, int(sys.argv[3]))
     outcome = f"accepted {out.shape}"
-except data.InvalidImageError as err:
+except uploads.InvalidImageError as err:
     outcome = f"refused: {err}"
 print(json.dumps({"peak_mb": (status("VmHWM") - before) / 2**20, "outcome": outcome,
-                  "module": data.__file__}))
+                  "module": uploads.__file__}))
 """
 
 
-def measure(path: Path, code_root: Path = ROOT) -> dict:
-    """Decode ``path`` with the dynviz package under ``code_root`` in a fresh process:
-    {"peak_mb": peak RSS over the RSS before decoding, "outcome": "accepted …" or
-    "refused: …", "module": the data.py that ran}."""
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(code_root), str(path)],
+def measure(path: Path, code_root: Path = ROOT, size: int | None = None) -> dict:
+    """Decode ``path`` to ``size`` (default: the built-in workspace's image size) with the
+    dynviz package under ``code_root`` in a fresh process: {"peak_mb": peak RSS over the RSS
+    before decoding, "outcome": "accepted …" or "refused: …", "module": the file that ran}."""
+    size = size or workspace.builtin().data.image_size
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(code_root), str(path), str(size)],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

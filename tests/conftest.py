@@ -24,7 +24,7 @@ def cache_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def tiny_split(tmp_path):
+def tiny_split(tmp_path, cache_env):
     """30 random images (3 per class) as a ``test`` split."""
     root = make_imagefolder(tmp_path / "tiny", per_class=3)
     return data.test_split(root, workspace.builtin().data)

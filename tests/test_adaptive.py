@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models
-from dynviz import data, learn, policy as P
+from dynviz import learn, policy as P
 from dynviz.adaptive import EXIT, JUMP, AdaptiveClassifier
 from tests.helpers import colour_images, confident_system, stage_outputs_of
 
@@ -18,9 +18,9 @@ from tests.helpers import colour_images, confident_system, stage_outputs_of
     ("cascade_r8_r20_r56", {"members": ("resnet8", "resnet8", "resnet20")}, "jump"),
 ])
 @pytest.mark.parametrize("family", ["threshold", "linear"])
-def test_live_classifier_equals_the_simulation(name, kw, topology, family):
+def test_live_classifier_equals_the_simulation(name, kw, topology, family, ws):
     system = confident_system(name, **kw)
-    x = data.to_tensor(colour_images(96))
+    x = ws.data.to_tensor(colour_images(96))
     outputs = stage_outputs_of(system, x)
     pol = None
     for lam in (0.03, 0.1, 0.3, 1.0, 3.0, 10.0):                  # a λ with mixed exits

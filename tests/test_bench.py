@@ -45,8 +45,8 @@ def test_same_channels_gives_every_image_one_set_per_block():
         assert on[0].sum().item() == block.mid_channels - round(0.5 * block.mid_channels)
 
 
-def test_bench_rows_report_the_traced_sparsity_and_macs():
-    rows = gated_bench.bench_gated("lcnet_resnet8", blocks_off=0.5, channels_off=0.25,
+def test_bench_rows_report_the_traced_sparsity_and_macs(ws):
+    rows = gated_bench.bench_gated(ws, "lcnet_resnet8", blocks_off=0.5, channels_off=0.25,
                                    batch_sizes=(1, 8), repeats=1, calibrate=False, seed=5)
     # reference: the same weights and pattern, traced here on the images the benchmark times
     torch.manual_seed(5)
@@ -68,8 +68,8 @@ def test_bench_rows_report_the_traced_sparsity_and_macs():
     assert math.isnan(rows[1].ms_static) and math.isnan(rows[1].speedup_static)
 
 
-def test_bench_times_a_static_cut_of_a_batch_that_shares_one_pattern():
-    rows = gated_bench.bench_gated("lcnet_resnet8", blocks_off=0.0, channels_off=0.5,
+def test_bench_times_a_static_cut_of_a_batch_that_shares_one_pattern(ws):
+    rows = gated_bench.bench_gated(ws, "lcnet_resnet8", blocks_off=0.0, channels_off=0.5,
                                    same_channels=True, batch_sizes=(8,), repeats=1,
                                    calibrate=False)
     assert rows[0].ms_static > 0 and rows[0].channels_off == 0.5
@@ -154,8 +154,8 @@ def test_network_parts_refuse_a_gated_model():
         stages_bench.network_parts(models.create("lcnet_resnet20"))
 
 
-def test_bench_gives_both_placements_the_same_weights_and_patterns():
-    rows = {placement: gated_bench.bench_gated("lcnet_resnet8", placement=placement,
+def test_bench_gives_both_placements_the_same_weights_and_patterns(ws):
+    rows = {placement: gated_bench.bench_gated(ws, "lcnet_resnet8", placement=placement,
                                                blocks_off=0.5, channels_off=0.25,
                                                batch_sizes=(1,), repeats=1, calibrate=False)[0]
             for placement in ("sequential", "parallel")}
@@ -166,17 +166,17 @@ def test_bench_gives_both_placements_the_same_weights_and_patterns():
 
 
 @pytest.mark.parametrize("system", ["exits_resnet56", "cascade_r8_r20_r56"])
-def test_staged_bench_groups_images_where_the_batched_system_sends_them(app_env, system):
+def test_staged_bench_groups_images_where_the_batched_system_sends_them(app_env, ws, system):
     from collections import Counter
 
     import numpy as np
 
-    from dynviz import data, live
+    from dynviz import live
 
-    rows = staged_bench.bench_staged(system, n_images=24, repeats=1)
+    rows = staged_bench.bench_staged(ws, system, n_images=24, repeats=1)
     # reference: the same 24 images as one batch (the batched routing, not the batch-1 one)
-    live_system = live.build(system)                     # the shipped ≤0.5% policy, as the bench
-    x = data.to_tensor(np.ascontiguousarray(data.get_split("check").images()[:24]))
+    live_system = live.build(ws, system)               # the shipped ≤0.5% policy, as the bench
+    x = ws.data.to_tensor(np.ascontiguousarray(ws.split("check").images()[:24]))
     with torch.no_grad():
         trace = live_system.system(x).trace
     labels = np.array([trace.stage_names[e] + ("+jump" if j else "")
@@ -190,19 +190,19 @@ def test_staged_bench_groups_images_where_the_batched_system_sends_them(app_env,
     assert rows[-1].mac_ratio == pytest.approx(trace.macs.mean() / dense, abs=5e-4)
 
 
-def test_staged_bench_refuses_a_system_that_is_not_staged(app_env):
+def test_staged_bench_refuses_a_system_that_is_not_staged(app_env, ws):
     with pytest.raises(ValueError, match="not a staged system"):
-        staged_bench.bench_staged("resnet20")
+        staged_bench.bench_staged(ws, "resnet20")
 
 
 @pytest.mark.parametrize("system, route", [("exits_resnet56", "shipped"),
                                            ("exits_resnet56", "to the end"),
                                            ("cascade_r8_r20_r56", "shipped"),
                                            ("cascade_r8_r20_r56", "jump")])
-def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, system, route):
+def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, ws, system, route):
     import numpy as np
 
-    from dynviz import data, live
+    from dynviz import live
     from dynviz import policy as P
 
     k = 6 if system.startswith("exits") else 3
@@ -210,11 +210,11 @@ def test_staged_bench_replays_exactly_the_stages_each_image_ran(app_env, system,
               "to the end": P.Policy("constant", "max_prob", "chain", 0.0, (P.NEVER,) * (k - 1)),
               "jump": P.Policy("constant", "max_prob", "jump", 0.0, (P.NEVER,) * (k - 1),
                                (P.ALWAYS,) + (P.NEVER,) * (k - 2))}[route]
-    live_system = live.build(system, policy)
+    live_system = live.build(ws, system, policy)
     model = live_system.system.system         # the folded stages under the policy
-    images = data.get_split("check").images()[:12]
+    images = ws.split("check").images()[:12]
     for i in range(len(images)):
-        x = data.to_tensor(np.ascontiguousarray(images[i:i + 1]))
+        x = ws.data.to_tensor(np.ascontiguousarray(images[i:i + 1]))
         with torch.no_grad():
             trace = live_system.system(x).trace
         ran, run_stage = [], model.run_stage

@@ -15,58 +15,60 @@ import pytest
 import torch
 
 import models
-from dynviz import cache, data
+from dynviz import cache, workspace
 from tests.helpers import confident_system, randomize
 
 
-def test_cache_round_trip_and_staleness(tiny_split, cache_env):
+def test_cache_round_trip_and_staleness(tiny_split, cache_env, ws):
     system = confident_system("exits_resnet20")
-    built = cache.ensure("exits_resnet20", system, tiny_split, "a" * 64, progress=False)
+    built = cache.ensure(ws, "exits_resnet20", system, tiny_split, "a" * 64, progress=False)
     assert built.arrays["logits"].shape == (30, 3, 10)
     assert isinstance(built.arrays["logits"], np.memmap)
     assert built.ids == tiny_split.ids
     with torch.no_grad():
-        out = system(data.to_tensor(tiny_split.images()))
+        out = system(tiny_split.spec.to_tensor(tiny_split.images()))
     assert np.allclose(built.arrays["logits"], out.stage_logits.numpy(), atol=1e-5)
     assert np.array_equal(built.arrays["stage_macs"], out.stage_macs.numpy())
     assert np.array_equal(built.arrays["labels"], tiny_split.labels)
     manifest = json.loads((built.directory / "manifest.json").read_text())
     assert manifest["data_fingerprint"] == tiny_split.fingerprint
     assert not list(built.directory.parent.glob(".tmp-*"))
-    again = cache.ensure("exits_resnet20", system, tiny_split, "a" * 64, progress=False)
+    again = cache.ensure(ws, "exits_resnet20", system, tiny_split, "a" * 64, progress=False)
     assert again.directory == built.directory and again.manifest["created"] == manifest["created"]
 
     def must_not_load():
         raise AssertionError("the model was loaded although its outputs are cached")
 
-    lazily = cache.ensure("exits_resnet20", must_not_load, tiny_split, "a" * 64, progress=False)
+    lazily = cache.ensure(ws, "exits_resnet20", must_not_load, tiny_split, "a" * 64,
+                          progress=False)
     assert lazily.directory == built.directory
     loads = []
-    cache.ensure("exits_resnet20", lambda: loads.append(1) or system, tiny_split, "c" * 64,
-                 progress=False)
+    cache.ensure(ws, "exits_resnet20", lambda: loads.append(1) or system, tiny_split,
+                 "c" * 64, progress=False)
     assert loads == [1]                  # a missing cache loads the model once
     reported = []
-    rebuilt = cache.ensure("exits_resnet20", system, tiny_split, "b" * 64, progress=False,
+    rebuilt = cache.ensure(ws, "exits_resnet20", system, tiny_split, "b" * 64, progress=False,
                            on_progress=reported.append)
     assert rebuilt.directory != built.directory and not built.directory.exists()
     assert reported == [1.0]             # 30 images: one batch
     reported.clear()
-    cache.compute_outputs(system, tiny_split.images(), device=torch.device("cpu"),
-                          batch_size=8, progress=False, on_progress=reported.append)
+    cache.compute_outputs(system, tiny_split.images(), tiny_split.spec,
+                          device=torch.device("cpu"), batch_size=8, progress=False,
+                          on_progress=reported.append)
     assert reported == pytest.approx([8 / 30, 16 / 30, 24 / 30, 1.0])
     out = rebuilt.stage_outputs()
     assert out.n_stages == 3 and len(out) == 30
 
 
-def test_shipping_a_cache_copies_it_without_recomputing(tiny_split, cache_env, tmp_path):
-    local = cache.ensure("resnet8", models.create("resnet8").eval(), tiny_split, "e" * 64,
+def test_shipping_a_cache_copies_it_without_recomputing(tiny_split, cache_env, ws, tmp_path):
+    local = cache.ensure(ws, "resnet8", models.create("resnet8").eval(), tiny_split, "e" * 64,
                          progress=False)
 
     class MustNotRun(torch.nn.Module):
         def forward(self, x):
             raise AssertionError("the shipped copy was recomputed")
 
-    shipped = cache.ensure("resnet8", MustNotRun(), tiny_split, "e" * 64, progress=False,
+    shipped = cache.ensure(ws, "resnet8", MustNotRun(), tiny_split, "e" * 64, progress=False,
                            root=tmp_path / "assets")
     assert shipped.directory.parent == tmp_path / "assets"
     assert shipped.manifest == local.manifest
@@ -74,11 +76,11 @@ def test_shipping_a_cache_copies_it_without_recomputing(tiny_split, cache_env, t
         assert np.array_equal(shipped.arrays[name], array)
 
 
-def test_cache_of_a_gated_model_keeps_its_gates(tiny_split, cache_env):
+def test_cache_of_a_gated_model_keeps_its_gates(tiny_split, cache_env, ws):
     model = randomize(models.create("lcnet_resnet8").eval(), seed=12)
-    cached = cache.ensure("lcnet_resnet8", model, tiny_split, "c" * 64, progress=False)
+    cached = cache.ensure(ws, "lcnet_resnet8", model, tiny_split, "c" * 64, progress=False)
     with torch.no_grad():
-        trace = model(data.to_tensor(tiny_split.images())).trace
+        trace = model(tiny_split.spec.to_tensor(tiny_split.images())).trace
     assert np.abs(cached.block_scores() - trace.block_scores.numpy()).max() <= 0.5 / 255 + 1e-6
     for b in range(len(model.blocks)):
         assert np.abs(cached.channel_scores(b) - trace.channel_scores[b].numpy()).max() \
@@ -86,8 +88,8 @@ def test_cache_of_a_gated_model_keeps_its_gates(tiny_split, cache_env):
     assert np.array_equal(cached.arrays["stage_macs"][:, 0], trace.macs.numpy())
 
 
-def test_halves_need_the_val_split(tiny_split, cache_env):
-    cached = cache.ensure("resnet8", models.create("resnet8").eval(), tiny_split, "d" * 64,
+def test_halves_need_the_val_split(tiny_split, cache_env, ws):
+    cached = cache.ensure(ws, "resnet8", models.create("resnet8").eval(), tiny_split, "d" * 64,
                           progress=False)
     with pytest.raises(ValueError, match="val"):
         cached.half("fit")
@@ -123,15 +125,16 @@ def _contents(cached: cache.CachedOutputs) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("damage", CORRUPTIONS)
-def test_a_corrupt_cache_is_set_aside_logged_and_rebuilt(damage, tiny_split, cache_env, caplog):
+def test_a_corrupt_cache_is_set_aside_logged_and_rebuilt(damage, tiny_split, cache_env, ws,
+                                                         caplog):
     model = models.create("resnet8").eval()
-    fresh = cache.ensure("resnet8", model, tiny_split, "a" * 64, progress=False)
+    fresh = cache.ensure(ws, "resnet8", model, tiny_split, "a" * 64, progress=False)
     directory, (manifest, arrays) = fresh.directory, _contents(fresh)
     del fresh                      # its maps must not be read once the files are damaged
     corrupt, says = CORRUPTIONS[damage]
     corrupt(directory)
     with caplog.at_level(logging.WARNING):
-        rebuilt = cache.ensure("resnet8", model, tiny_split, "a" * 64, progress=False)
+        rebuilt = cache.ensure(ws, "resnet8", model, tiny_split, "a" * 64, progress=False)
     aside = [p.name for p in directory.parent.iterdir() if p != directory]
     assert len(aside) == 1 and re.fullmatch(re.escape(directory.name) + r"\.corrupt-\d{8}T\d{6}Z",
                                             aside[0])
@@ -142,7 +145,8 @@ def test_a_corrupt_cache_is_set_aside_logged_and_rebuilt(damage, tiny_split, cac
     assert got_manifest == manifest and got_arrays.keys() == arrays.keys()
     for name, array in arrays.items():
         assert np.array_equal(got_arrays[name], array), name
-    assert cache.ensure("resnet8", _must_not_run, tiny_split, "a" * 64).directory == directory
+    again = cache.ensure(ws, "resnet8", _must_not_run, tiny_split, "a" * 64)
+    assert again.directory == directory
 
 
 def _must_not_run():
@@ -150,7 +154,7 @@ def _must_not_run():
 
 
 def test_leftovers_of_killed_writes_are_cleaned_when_a_cache_is_next_written(tiny_split,
-                                                                             cache_env):
+                                                                             cache_env, ws):
     outputs = cache_env / "outputs"
     killed = outputs / ".tmp-killed"              # a write killed two hours ago
     killed.mkdir(parents=True)
@@ -159,7 +163,7 @@ def test_leftovers_of_killed_writes_are_cleaned_when_a_cache_is_next_written(tin
     os.utime(killed, (two_hours_ago, two_hours_ago))
     running = outputs / ".tmp-running"             # another process writing right now
     running.mkdir()
-    cache.ensure("resnet8", models.create("resnet8").eval(), tiny_split, "a" * 64,
+    cache.ensure(ws, "resnet8", models.create("resnet8").eval(), tiny_split, "a" * 64,
                  progress=False)
     assert not killed.exists() and running.exists()
 
@@ -168,18 +172,20 @@ def test_a_corrupt_shipped_cache_is_reported_and_never_moved(tiny_split, cache_e
                                                               monkeypatch):
     assets = tmp_path / "assets"
     monkeypatch.setenv("DYNVIZ_ASSETS", str(assets))
+    ws = workspace.builtin()
     model = models.create("resnet8").eval()
-    shipped = cache.ensure("resnet8", model, tiny_split, "a" * 64, progress=False,
+    shipped = cache.ensure(ws, "resnet8", model, tiny_split, "a" * 64, progress=False,
                            root=assets / "outputs").directory
     _truncate(shipped / "logits.npy")
     before = {p: p.read_bytes() for p in assets.rglob("*") if p.is_file()}
-    for call in (lambda: cache.ensure("resnet8", model, tiny_split, "a" * 64, progress=False),
-                 lambda: cache.find("resnet8", "test", "a" * 64)):
+    for call in (lambda: cache.ensure(ws, "resnet8", model, tiny_split, "a" * 64,
+                                      progress=False),
+                 lambda: cache.find(ws, "resnet8", "test", "a" * 64)):
         with pytest.raises(ValueError) as err:
             call()
         assert str(shipped) in str(err.value) and "`git checkout -- assets/`" in str(err.value)
         assert isinstance(err.value, cache.CorruptCacheError)
     # another checkpoint of the same system and split: rebuilt locally, the shipped one stays
-    other = cache.ensure("resnet8", model, tiny_split, "b" * 64, progress=False)
+    other = cache.ensure(ws, "resnet8", model, tiny_split, "b" * 64, progress=False)
     assert other.directory.parent == cache_env / "outputs"
     assert {p: p.read_bytes() for p in assets.rglob("*") if p.is_file()} == before

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dynviz import settings, zoo
+from dynviz import settings, workspace, zoo
 from dynviz.cli import build_parser, main
 from tests.helpers import write_random_checkpoints
 
 
-COMMANDS = ("data", "native", "train", "bench", "cache", "policies", "ship", "evaluate",
+COMMANDS = ("init", "data", "native", "train", "bench", "cache", "policies", "ship", "evaluate",
             "predict")
 
 
@@ -22,7 +22,7 @@ def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "dynviz", "--help"], capture_output=True,
                          text=True, cwd=settings.PROJECT_ROOT, check=True).stdout
     listed = [line.split()[0] for line in out.split("COMMAND\n", 1)[1].splitlines()
-              if line.startswith("    ")]
+              if line.startswith("    ") and line[4] != " "]      # not a wrapped help line
     assert tuple(listed) == COMMANDS
 
 
@@ -46,14 +46,14 @@ def test_ship_caches_then_ships_policies_then_writes_results(small_cifar, tmp_pa
     monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path / "assets"))
     calls = []
-    monkeypatch.setattr(zoo, "available", lambda: ["resnet8"])
-    monkeypatch.setattr(zoo, "load_system", lambda name: f"model {name}")
-    monkeypatch.setattr(zoo, "checkpoint_sha", lambda name: "0" * 64)
-    monkeypatch.setattr(cache, "ensure", lambda name, model, split, sha, root: calls.append(
-        ("cache", name, model, split.name, root)) or cache.CachedOutputs(root / name, {}, {}))
+    monkeypatch.setattr(zoo, "available", lambda ws: ["resnet8"])
+    monkeypatch.setattr(zoo, "load_system", lambda ws, name: f"model {name}")
+    monkeypatch.setattr(zoo, "checkpoint_sha", lambda ws, name: "0" * 64)
+    monkeypatch.setattr(cache, "ensure", lambda ws, name, model, split, sha, root: calls.append(
+        ("cache", name, model(), split.name, root)) or cache.CachedOutputs(root / name, {}, {}))
     monkeypatch.setattr(ship, "report_policies",
-                        lambda family, feature: calls.append(("policies", family, feature)))
-    monkeypatch.setattr(ship, "write_results", lambda split, out, *, time_it, repeats:
+                        lambda ws, family, feature: calls.append(("policies", family, feature)))
+    monkeypatch.setattr(ship, "write_results", lambda ws, split, out, *, time_it, repeats:
                         calls.append(("results", split.name, out, time_it, repeats)))
     assert main(["ship", "--family", "linear", "--feature", "margin", "--no-timing",
                  "--repeats", "3"]) == 0
@@ -61,6 +61,81 @@ def test_ship_caches_then_ships_policies_then_writes_results(small_cifar, tmp_pa
     assert calls == [("cache", "resnet8", "model resnet8", "val", assets / "outputs"),
                      ("policies", "linear", "margin"),
                      ("results", "check", assets / "results.json", False, 3)]
+
+
+def test_ship_without_timing_writes_results_with_null_speedups(app_env, tmp_path,
+                                                                monkeypatch, capsys):
+    """``ship --no-timing`` into a results directory of its own: the cached outputs copied
+    there, the policies, and a results table whose speedups are null (not measured)."""
+    from dynviz import evaluate, operating_points, workspace, zoo
+
+    monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path / "results"))
+    assert main(["ship", "--no-timing"]) == 0
+    ws = workspace.builtin()
+    assert ws.results == tmp_path / "results"
+    available = zoo.available(ws)
+    shipped = {p.name.split("-val-")[0] for p in (ws.results / "outputs").iterdir()}
+    assert shipped == set(available)
+    for name in zoo.staged(ws, available):
+        for loss in operating_points.LOSSES:
+            assert operating_points.load_policy(ws, name, loss) is not None
+    rows = json.loads((ws.results / "results.json").read_text())
+    assert [list(r) for r in rows] == [list(evaluate.Row.__dataclass_fields__)] * len(rows)
+    assert {r["system"] for r in rows} >= set(available)
+    assert all(r["speedup_b1"] is None and r["speedup_b256"] is None for r in rows)
+    assert "| — | — |" in capsys.readouterr().out
+
+
+OWN_WORKSPACE = """
+reference = "big"
+[data]
+root = "images"
+classes = ["ant", "bee", "cow"]
+image_size = 16
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+[systems.small]
+kind = "static"
+model = "resnet8"
+checkpoint = "small"
+[systems.big]
+kind = "static"
+model = "resnet20"
+checkpoint = "big"
+[systems.exits]
+kind = "exits"
+model = "exits_resnet20"
+checkpoint = "exits"
+"""
+
+
+def test_ship_and_predict_work_in_a_workspace_of_ones_own(tmp_path, capsys):
+    """Another dataset (3 classes, 16-pixel images), its own systems and reference: ``ship``
+    writes beside its dynviz.toml, ``predict`` answers with its class names."""
+    from dynviz import operating_points, workspace, zoo
+    from tests.helpers import make_imagefolder, randomize
+
+    (tmp_path / "dynviz.toml").write_text(OWN_WORKSPACE)
+    ws = workspace.load(tmp_path)
+    make_imagefolder(tmp_path / "images", per_class=40, size=20, classes=ws.data.classes)
+    ws.checkpoints.mkdir(parents=True)
+    for i, spec in enumerate(ws.systems.values()):
+        torch.save(randomize(zoo.create_model(ws, spec).eval(), seed=i).state_dict(),
+                   zoo.checkpoint_path(ws, spec.checkpoints[0]))
+    assert main(["--workspace", str(tmp_path), "ship", "--no-timing"]) == 0
+    rows = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert {r["system"] for r in rows} == {"small", "big", "exits", "exits oracle"}
+    assert [r["macs_reduction"] for r in rows if r["system"] == "big"] == [1.0]
+    assert {p.name.split("-val-")[0] for p in (tmp_path / "results" / "outputs").iterdir()} \
+        == {"small", "big", "exits"}
+    assert operating_points.load_policy(ws, "exits", operating_points.LOSSES[0]) is not None
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    capsys.readouterr()
+    assert main(["--workspace", str(tmp_path), "predict", "exits", str(image)]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert line["prediction"] in ws.data.classes
+    assert sorted(c for c, _ in line["top5"]) == sorted(ws.data.classes)
 
 
 def test_data_command_reports_the_splits(small_cifar, cache_env, capsys):
@@ -104,17 +179,19 @@ def test_predict_names_a_bad_file_before_any_model_loads(tmp_path, monkeypatch, 
 
 
 def test_predict_prints_what_inspect_computes_for_each_image(app_env, tmp_path, capsys):
-    from dynviz import data, live
+    from dynviz import live, uploads, workspace
+
     paths = []
     for i, colour in enumerate([(200, 30, 30), (20, 40, 220)]):
         paths.append(tmp_path / f"{i}.png")
         Image.new("RGB", (48, 40), colour).save(paths[-1])
     assert main(["predict", "lcnet_resnet20", *map(str, paths)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    live_system = live.build("lcnet_resnet20")
+    ws = workspace.builtin()
+    live_system = live.build(ws, "lcnet_resnet20")
     assert [line["image"] for line in lines] == list(map(str, paths))
-    wanted = [live.inspect_image(live_system, data.preprocess_upload(p.read_bytes())).summary()
-              for p in paths]
+    wanted = [live.inspect_image(live_system, uploads.preprocess_upload(
+        p.read_bytes(), ws.data.image_size)).summary() for p in paths]
     assert wanted[0]["top5"] != wanted[1]["top5"]      # so that a mix-up of files shows
     for line, want in zip(lines, wanted):
         for key in ("prediction", "macs", "macs_dense", "blocks_executed"):  # not timings
@@ -126,20 +203,21 @@ def test_predict_prints_what_inspect_computes_for_each_image(app_env, tmp_path, 
 
 def test_policies_writes_the_operating_points_and_prints_the_comparison(app_env, tmp_path,
                                                                         monkeypatch, capsys):
-    from dynviz import operating_points, policy_report, zoo
+    from dynviz import operating_points, policy_report, workspace, zoo
 
     monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path))
     assert main(["policies", "--family", "threshold", "--feature", "margin"]) == 0
     out = capsys.readouterr().out
-    staged = zoo.staged(zoo.available())
+    ws = workspace.builtin()
+    staged = zoo.staged(ws, zoo.available(ws))
     for name in staged:
         for loss in operating_points.LOSSES:
-            path = operating_points.policy_path(name, loss)
+            path = operating_points.policy_path(ws, name, loss)
             assert f"wrote {path}\n" in out and path.parent == tmp_path / "policies"
-            policy = operating_points.load_policy(name, loss)
+            policy = operating_points.load_policy(ws, name, loss)
             assert (policy.family, policy.feature) == ("threshold", "margin")
-    table = policy_report.markdown([policy_report.report(name, app_env, "threshold", "margin")
-                                    for name in staged])
+    table = policy_report.markdown([policy_report.report(ws, name, app_env, "threshold",
+                                                         "margin") for name in staged])
     assert out.endswith(table + "\n")
 
 
@@ -179,7 +257,7 @@ def test_a_shipped_checkpoint_that_cannot_be_read_is_restored_from_git(monkeypat
 
     monkeypatch.setattr(torch, "load", truncated)
     with pytest.raises(ValueError) as err:      # the CLI's main reports it in one line
-        zoo.load_system("resnet8")
+        zoo.load_system(workspace.builtin(), "resnet8")
     assert isinstance(err.value, zoo.CheckpointError) and str(err.value) == (
         f"cannot read {shipped}: truncated or corrupt (PytorchStreamReader failed reading zip "
         "archive: failed finding central directory); restore it with "

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dynviz import budget, data, operating_points, settings, zoo
+from dynviz import budget, operating_points, settings, uploads, workspace, zoo
 from dynviz import policy as P
 from tests.helpers import app_variables
 
@@ -132,13 +132,15 @@ def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_roo
     # reference: the upload through the masked path of the same checkpoint, outside the app
     for var, value in app_variables(app_root).items():
         monkeypatch.setenv(var, value)
-    model = zoo.load_system("lcnet_resnet20", torch.device("cpu"))
+    ws = workspace.builtin()
+    model = zoo.load_system(ws, "lcnet_resnet20", torch.device("cpu"))
+    image = uploads.preprocess_upload(buf.getvalue(), ws.data.image_size)
     with torch.no_grad():
-        out = model(data.to_tensor(data.preprocess_upload(buf.getvalue())[None]))
+        out = model(ws.data.to_tensor(image[None]))
         logits, trace = out.logits, out.trace
     metrics = page.locator('[data-testid="stMetric"]')
     shown = metrics.filter(has_text="Prediction").inner_text().split("\n")
-    assert shown[-1].strip() == data.CLASSES[int(logits.argmax())]
+    assert shown[-1].strip() == ws.data.classes[int(logits.argmax())]
     assert f"{int(trace.macs[0]) / 1e6:.1f} M" in metrics.filter(has_text="MACs").inner_text()
     ran = int(trace.blocks_executed.sum())
     page.get_by_text(f"Blocks: {ran} of {len(model.blocks)} ran").first.wait_for()
@@ -149,9 +151,10 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
     for var, value in app_variables(app_root).items():
         monkeypatch.setenv(var, value)
     name = "cascade_r8_r20_r56"
-    cached = zoo.outputs(name, data.get_split("val"), progress=False)
+    ws = workspace.builtin()
+    cached = zoo.outputs(ws, name, ws.split("val"), progress=False)
     # the slider starts at the shipped ≤0.5% point's cost on fit, rounded up
-    shipped = P.Policy.from_json(operating_points.policy_path(name, 0.005).read_text())
+    shipped = P.Policy.from_json(operating_points.policy_path(ws, name, 0.005).read_text())
     start = max(5, math.ceil(100 * P.simulate(shipped, cached.half("fit")).cost.mean()
                              / cached.half("fit").reference_cost))
     page.goto(f"{server}/budget")
@@ -179,7 +182,7 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
 
     def reference(percent: int) -> dict:   # the policy the library learns for that budget
         return budget.solve(cached.half("fit"), cached.half("check"), budget.BudgetQuery(
-            shipped.family, shipped.feature, zoo.spec(name).topology, percent / 100)).check
+            shipped.family, shipped.feature, ws.spec(name).topology, percent / 100)).check
 
     # key presses still landing start more reruns: wait until the page shows the figures of
     # the slider's last value (or give up after a minute, and let the assertions below fail)

@@ -19,8 +19,8 @@ def _answer(result: live.InspectResult) -> dict:
 
 
 @pytest.mark.parametrize("name", ["lcnet_resnet20", "cascade_r8_r20_r56"])
-def test_eight_threads_through_one_live_system_get_their_sequential_answers(app_env, name):
-    system = live.build(name)
+def test_eight_threads_through_one_live_system_get_their_sequential_answers(app_env, ws, name):
+    system = live.build(ws, name)
     images = [np.asarray(img) for img in app_env.images()[:8]]
     expected = [_answer(live.inspect_image(system, img, timing_repeats=1)) for img in images]
     assert len({str(a) for a in expected}) > 1            # the images get different answers

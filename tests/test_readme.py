@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from dynviz import data, learn, policy, settings, zoo
+from dynviz import learn, policy, settings, zoo
 
 README = settings.PROJECT_ROOT / "README.md"
 
@@ -27,16 +27,16 @@ def test_the_library_example_is_about_ten_lines():
 
 
 @pytest.mark.slow
-def test_the_library_example_runs_and_prints_what_the_library_computes(real_cifar):
+def test_the_library_example_runs_and_prints_what_the_library_computes(real_cifar, ws):
     run = subprocess.run([sys.executable, "-c", library_example()], capture_output=True,
                          text=True, cwd=settings.PROJECT_ROOT, timeout=600)
     assert run.returncode == 0, run.stderr
     first, second = run.stdout.strip().splitlines()[-2:]
     prediction, share, path = first.split(" ", 2)
-    assert prediction in data.CLASSES and 0 < float(share) <= 1
+    assert prediction in ws.data.classes and 0 < float(share) <= 1
     assert set(ast.literal_eval(path)) == {"blocks_executed", "blocks"}
     # reference: the budget's policy re-learned here and judged on the check half
-    cached = zoo.outputs("cascade_r8_r20_r56", data.get_split("val"), progress=False)
+    cached = zoo.outputs(ws, "cascade_r8_r20_r56", ws.split("val"), progress=False)
     fit, check = cached.half("fit"), cached.half("check")
     rule = learn.target_budget(fit, 0.4, topology="jump")
     expected = policy.simulate(rule, check).summary(check.reference_cost, check.n_stages)

@@ -20,12 +20,14 @@ def test_device_override(monkeypatch):
 
 
 def test_paths_follow_the_environment(monkeypatch, tmp_path):
+    from dynviz import workspace
+
     monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "c"))
     monkeypatch.setenv("DYNVIZ_CHECKPOINTS", str(tmp_path / "k"))
     monkeypatch.setenv("DYNVIZ_DATA", str(tmp_path / "d"))
     assert settings.cache_dir() == tmp_path / "c"
     assert settings.checkpoint_dir() == tmp_path / "k"
-    assert settings.data_candidates()[0] == tmp_path / "d"
+    assert workspace.builtin().data.roots == (tmp_path / "d",)
     monkeypatch.delenv("DYNVIZ_CACHE")
     assert settings.cache_dir() == settings.PROJECT_ROOT / ".cache"
 

@@ -25,15 +25,15 @@ def _shipped(system: str) -> cache.CachedOutputs:
     return cache.load(found[0])
 
 
-def test_shipped_caches_belong_to_the_committed_checkpoints():
-    for system in zoo.available():
+def test_shipped_caches_belong_to_the_committed_checkpoints(ws):
+    for system in zoo.available(ws):
         manifest = _shipped(system).manifest
-        assert manifest["checkpoint_sha256"] == zoo.checkpoint_sha(system), (
+        assert manifest["checkpoint_sha256"] == zoo.checkpoint_sha(ws, system), (
             f"{system}: assets/outputs is stale; run `python -m dynviz ship`")
 
 
-def test_results_are_what_the_shipped_caches_and_policies_give(rows):
-    reference = _shipped(zoo.REFERENCE).half("check")
+def test_results_are_what_the_shipped_caches_and_policies_give(rows, ws):
+    reference = _shipped(ws.reference).half("check")
     ref_macs = reference.stage_costs.sum(1).mean()
     for row in rows:
         system = row["system"].removesuffix(" oracle")
@@ -49,7 +49,8 @@ def test_results_are_what_the_shipped_caches_and_policies_give(rows):
         assert row["macs_reduction"] == pytest.approx(ref_macs / cost.mean(), abs=5e-4)
     staged = {r["system"] for r in rows if r["kind"] in ("exits", "cascade")}
     for system in staged:              # the policies in the rows are the shipped ones
-        shipped = [operating_points.load_policy(system, loss) for loss in operating_points.LOSSES]
+        shipped = [operating_points.load_policy(ws, system, loss)
+                   for loss in operating_points.LOSSES]
         in_rows = [P.Policy.from_json(json.dumps(r["policy"])) for r in rows
                    if r["system"] == system]
         assert in_rows == shipped
@@ -61,8 +62,8 @@ def test_readme_results_table_is_the_shipped_results(rows):
     assert table in readme, "README.md's results table differs from assets/results.json"
 
 
-def test_every_system_is_in_the_results(rows):
+def test_every_system_is_in_the_results(rows, ws):
     names = {r["system"] for r in rows}
-    assert set(zoo.available()) <= names
-    reference = [r["macs_reduction"] for r in rows if r["system"] == zoo.REFERENCE]
+    assert set(zoo.available(ws)) <= names
+    reference = [r["macs_reduction"] for r in rows if r["system"] == ws.reference]
     assert reference == [1.0]

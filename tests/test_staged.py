@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-from dynviz import data, policy as P
+from dynviz import policy as P
 from dynviz.adaptive import NOT_REACHED, AdaptiveClassifier
 from tests.helpers import colour_images, confident_system, flops_macs, randomize
 
@@ -35,9 +35,9 @@ def test_exit_heads_read_the_backbone_unchanged():
     assert torch.equal(out.logits, out.stage_logits[:, -1])   # the answer: the last exit's
 
 
-def test_cascade_that_always_exits_is_its_first_model():
+def test_cascade_that_always_exits_is_its_first_model(ws):
     system = confident_system("cascade_r8_r20_r56", members=("resnet8", "resnet8", "resnet20"))
-    x = data.to_tensor(colour_images(6))
+    x = ws.data.to_tensor(colour_images(6))
     always = P.Policy("constant", "max_prob", "chain", 0.0, (P.ALWAYS, P.ALWAYS))
     with torch.no_grad():
         out = AdaptiveClassifier(system, always)(x)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from dynviz import data, decode
+from dynviz import decode, uploads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,32 +63,33 @@ def test_streamlit_refuses_what_the_page_refuses():
 
 def test_file_suffixes_name_the_formats_the_decoder_opens():
     extensions = Image.registered_extensions()   # PIL's own suffix -> format table
-    for fmt, suffixes in data.IMAGE_FORMATS.items():
+    for fmt, suffixes in decode.IMAGE_FORMATS.items():
         for suffix in suffixes:
             assert extensions[f".{suffix}"] == fmt
-    assert set(data.IMAGE_SUFFIXES) == {f".{s}" for v in data.IMAGE_FORMATS.values() for s in v}
+    suffixes = {f".{s}" for v in decode.IMAGE_FORMATS.values() for s in v}
+    assert set(decode.IMAGE_SUFFIXES) == suffixes
 
 
 @pytest.mark.parametrize("fmt", ["ICO", "TGA", "PCX", "PPM", "QOI"])
 def test_formats_pil_reads_but_the_page_does_not_accept_are_refused(fmt):
     raw = _encode(Image.new("RGB", (16, 16), (1, 2, 3)), fmt)
     assert Image.open(io.BytesIO(raw)).format == fmt          # PIL would open it
-    with pytest.raises(data.InvalidImageError, match="not an image format we can read"):
-        data.preprocess_upload(raw)
+    with pytest.raises(uploads.InvalidImageError, match="not an image format we can read"):
+        uploads.preprocess_upload(raw, 32)
 
 
 def test_a_large_jpeg_is_accepted_at_the_scale_it_decodes_to():
     """8000×6000 is above MAX_UPLOAD_PIXELS, but decodes at 1/8: 1000×750."""
-    assert 8000 * 6000 > data.MAX_UPLOAD_PIXELS
+    assert 8000 * 6000 > uploads.MAX_UPLOAD_PIXELS
     raw = _encode(_smooth_rgb(800, 600).resize((8000, 6000)), "JPEG", quality=85)
-    assert data.preprocess_upload(raw).shape == (32, 32, 3)
+    assert uploads.preprocess_upload(raw, 32).shape == (32, 32, 3)
 
 
 def test_a_jpeg_too_large_even_at_one_eighth_is_refused(monkeypatch):
-    monkeypatch.setattr(data, "MAX_UPLOAD_PIXELS", 100 * 75 - 1)
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_PIXELS", 100 * 75 - 1)
     raw = _encode(_smooth_rgb(800, 600), "JPEG")
-    with pytest.raises(data.InvalidImageError, match=r"800×600 pixels \(100×75 as decoded\)"):
-        data.preprocess_upload(raw)
+    with pytest.raises(uploads.InvalidImageError, match=r"800×600 pixels \(100×75 as decoded\)"):
+        uploads.preprocess_upload(raw, 32)
 
 
 @pytest.mark.parametrize("kw", [dict(lossless=True), dict(quality=80)])
@@ -104,18 +105,18 @@ def test_webp_size_is_read_from_its_header(mode, kw):
 
 
 def test_webp_has_its_own_lower_limit():
-    side = int(data.MAX_WEBP_PIXELS ** 0.5) + 1
+    side = int(uploads.MAX_WEBP_PIXELS ** 0.5) + 1
     raw = _encode(Image.new("RGB", (side, side)), "WEBP", lossless=True)
-    with pytest.raises(data.InvalidImageError, match="limit for WebP is 10 megapixels"):
-        data.preprocess_upload(raw)
+    with pytest.raises(uploads.InvalidImageError, match="limit for WebP is 10 megapixels"):
+        uploads.preprocess_upload(raw, 32)
     small = _encode(Image.new("RGB", (side - 2, side - 2), (0, 0, 255)), "WEBP", lossless=True)
-    assert data.preprocess_upload(small)[16, 16].tolist() == [0, 0, 255]
+    assert uploads.preprocess_upload(small, 32)[16, 16].tolist() == [0, 0, 255]
 
 
 # ---------------------------------------------------------------------------- high bit depth
 def test_16_bit_gradient_keeps_its_high_byte():
     v = np.arange(256 * 256, dtype=np.uint16).reshape(256, 256)   # every 16-bit value / 1
-    out = data.preprocess_upload(_encode(Image.fromarray(v), "PNG"), size=256)
+    out = uploads.preprocess_upload(_encode(Image.fromarray(v), "PNG"), size=256)
     assert out.dtype == np.uint8
     assert np.abs(out[..., 0].astype(int) - (v >> 8)).max() <= 1
     assert (out[..., 0] == out[..., 2]).all()
@@ -124,7 +125,7 @@ def test_16_bit_gradient_keeps_its_high_byte():
 def test_16_bit_gradient_shrunk_from_4096_pixels():
     x = np.arange(4096, dtype=np.uint16) * 16                      # 0 .. 65520 along x
     v = np.broadcast_to(x, (4096, 4096))
-    out = data.preprocess_upload(_encode(Image.fromarray(np.ascontiguousarray(v)), "PNG"))
+    out = uploads.preprocess_upload(_encode(Image.fromarray(np.ascontiguousarray(v)), "PNG"), 32)
     centres = (np.arange(32) + 0.5) * 4096 / 32                    # output column centres
     expected = (centres * 16).astype(int) >> 8                     # linear: mean = centre
     assert np.abs(out[16, 2:30, 0].astype(int) - expected[2:30]).max() <= 1
@@ -132,13 +133,13 @@ def test_16_bit_gradient_shrunk_from_4096_pixels():
 
 def test_float_image_within_0_1_maps_to_0_255():
     v = np.random.default_rng(0).random((48, 48), dtype=np.float32)
-    out = data.preprocess_upload(_encode(Image.fromarray(v, "F"), "TIFF"), size=48)
+    out = uploads.preprocess_upload(_encode(Image.fromarray(v, "F"), "TIFF"), size=48)
     assert np.abs(out[..., 1].astype(int) - np.round(v * 255)).max() <= 1
 
 
 def test_float_image_of_any_range_maps_min_max():
     v = np.random.default_rng(1).uniform(-3, 7, (48, 48)).astype(np.float32)
-    out = data.preprocess_upload(_encode(Image.fromarray(v, "F"), "TIFF"), size=48)
+    out = uploads.preprocess_upload(_encode(Image.fromarray(v, "F"), "TIFF"), size=48)
     expected = np.round((v - v.min()) / (v.max() - v.min()) * 255)
     assert np.abs(out[..., 0].astype(int) - expected).max() <= 1
 
@@ -149,7 +150,7 @@ def test_large_float_image_maps_its_own_range_after_shrinking():
     values = np.array([[-2.0, 0.5], [3.0, 10.0]], dtype=np.float32)
     v = np.kron(values, np.ones((512, 512), dtype=np.float32))
     raw = _encode(Image.fromarray(v, "F"), "TIFF", compression="tiff_deflate")
-    out = data.preprocess_upload(raw)[..., 0].astype(int)
+    out = uploads.preprocess_upload(raw, 32)[..., 0].astype(int)
     expected = np.round((values + 2) / 12 * 255)
     for (i, j), value in np.ndenumerate(expected):
         quadrant = out[16 * i:16 * i + 16, 16 * j:16 * j + 16][3:-3, 3:-3]
@@ -162,14 +163,15 @@ def test_jpeg_drafted_decode_matches_the_full_decode():
     full = Image.open(io.BytesIO(raw))
     full.load()                                                     # no draft: full size
     assert full.size == (2400, 1800)
-    diff = np.abs(data.preprocess_upload(raw).astype(int) - _reference(full))
+    diff = np.abs(uploads.preprocess_upload(raw, 32).astype(int) - _reference(full))
     assert diff.mean() < 1.0 and diff.max() <= 6, (diff.mean(), diff.max())
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF", "BMP"])
 def test_shrunk_image_matches_one_lanczos_step(fmt):
     img = _smooth_rgb(1900, 1300, seed=2)
-    diff = np.abs(data.preprocess_upload(_encode(img, fmt)).astype(int) - _reference(img))
+    out = uploads.preprocess_upload(_encode(img, fmt), 32)
+    diff = np.abs(out.astype(int) - _reference(img))
     assert diff.mean() < 1.0 and diff.max() <= 6, (diff.mean(), diff.max())
 
 
@@ -179,7 +181,7 @@ def test_transparency_is_composited_like_the_full_image():
     img.putalpha(Image.fromarray(alpha))
     white = Image.new("RGBA", img.size, (255, 255, 255, 255))
     reference = _reference(Image.alpha_composite(white, img).convert("RGB"))
-    diff = np.abs(data.preprocess_upload(_encode(img, "PNG")).astype(int) - reference)
+    diff = np.abs(uploads.preprocess_upload(_encode(img, "PNG"), 32).astype(int) - reference)
     assert diff.mean() < 1.0 and diff.max() <= 6, (diff.mean(), diff.max())
 
 
@@ -190,7 +192,7 @@ def test_every_exif_orientation_after_shrinking(orientation):
     exif[0x0112] = orientation
     raw = _encode(img, "PNG", exif=exif)
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(raw)))   # PIL's reading of it
-    diff = np.abs(data.preprocess_upload(raw).astype(int) - _reference(upright))
+    diff = np.abs(uploads.preprocess_upload(raw, 32).astype(int) - _reference(upright))
     assert diff.mean() < 1.0 and diff.max() <= 6, (diff.mean(), diff.max())
 
 
@@ -198,7 +200,7 @@ def test_every_exif_orientation_after_shrinking(orientation):
 # Inputs and the measurement are scripts/upload_memory.py's: a fresh process per decode, peak
 # RSS over the RSS before it. Every accepted input costs at most one decoded copy at its own
 # bit depth plus SLACK_MB (bands of rows, PIL's block rounding); WebP holds four (see
-# data.MAX_WEBP_PIXELS); a refused one, SLACK_MB. The inputs a server has met stay under
+# uploads.MAX_WEBP_PIXELS); a refused one, SLACK_MB. The inputs a server has met stay under
 # 128 MB.
 SLACK_MB = 24
 UNDER_128_MB = {"16-bit PNG 6300×6300", "float TIFF 4500×4500",
@@ -214,7 +216,7 @@ REFUSED = {"ICO (says 16×16) holding a 6000×6000 PNG": "not an image format",
 def test_decoding_peak_memory(kind, tmp_path):
     path = upload_memory.write_inputs(tmp_path, [kind])[kind]
     result = upload_memory.measure(path)
-    assert Path(result["module"]).resolve() == (ROOT / "dynviz" / "data.py").resolve()
+    assert Path(result["module"]).resolve() == (ROOT / "dynviz" / "uploads.py").resolve()
     if kind in REFUSED:
         assert result["outcome"].startswith("refused") and REFUSED[kind] in result["outcome"]
     else:

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 import models
-from dynviz import data, runtime, settings
+from dynviz import data, runtime, settings, zoo
 from dynviz.runtime import native
 from dynviz.runtime.folded import FoldedBlock, FoldedConv
 from dynviz.runtime.sparse import FoldedGatedResNet, SparsePlan
+from dynviz.workspace import Workspace
 from models.lcnet import GatedResNet
 
 log = logging.getLogger(__name__)
@@ -171,48 +172,47 @@ def _inputs(model: GatedResNet, n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=g) + torch.randn(n, 3, 1, 1, generator=g)
 
 
-def _validation_images(n: int, size: int) -> torch.Tensor | None:
-    """The first ``n`` validation images as the models see them; None without the data or
-    when the model takes another input size."""
+def _validation_images(ws: Workspace, n: int) -> torch.Tensor | None:
+    """The first ``n`` validation images of the workspace as the models see them (repeated
+    when it has fewer); None without the data."""
     try:
-        images = data.get_split("val").images()
+        images = ws.split("val").images()
     except data.DatasetNotFoundError:
         return None
-    if images.shape[1] != size:
-        return None
-    return data.to_tensor(np.ascontiguousarray(images[:n]))
+    return ws.data.to_tensor(np.ascontiguousarray(images[np.arange(n) % len(images)]))
 
 
-def bench_gated(name: str = "lcnet_resnet56", *, placement: str = "sequential",
+def bench_gated(ws: Workspace, name: str = "lcnet_resnet56", *, placement: str = "sequential",
                 blocks_off: float = 0.5, channels_off: float = 0.0,
                 batch_sizes: tuple[int, ...] = (1, 256), repeats: int = 10,
                 checkpoint: str | None = None, calibrate: bool = True,
                 same_channels: bool = False, seed: int = 0,
                 use_native: bool | None = None) -> list[GatedBenchRow]:
-    """Time dense vs masked vs sparse for a gated model with a chosen gate sparsity.
+    """Time dense vs masked vs sparse for a gated model (for the workspace's classes and input
+    size) with a chosen gate sparsity.
 
     Batch 1 is timed over 32 different images (each its own pattern), larger batches over
     one batch; both as medians of ``repeats`` after warm-up. ``checkpoint`` loads trained
-    weights and keeps their gates (``blocks_off``/``channels_off`` are then ignored); the
-    images are then CIFAR-10 validation images, as trained gates decide on real inputs.
+    weights from the workspace's checkpoints and keeps their gates (``blocks_off`` and
+    ``channels_off`` are then ignored); the images are then the workspace's validation
+    images, as trained gates decide on real inputs.
     ``use_native``: both networks folded blocks, and the sparse path, run from C++
     (``runtime.fold``; None: when the runner can be built).
     """
     device = settings.device()
+    shape = {"num_classes": ws.data.n_classes, "input_size": ws.data.image_size}
     with torch.random.fork_rng(devices=[]):   # the same random weights, hence patterns,
         torch.manual_seed(seed)              # in either placement
-        gated = models.create(name, placement=placement).eval()
+        gated = models.create(name, placement=placement, **shape).eval()
     if checkpoint:
-        state = torch.load(settings.checkpoint_dir() / f"{checkpoint}.pt", map_location="cpu",
-                           weights_only=True)
-        gated.load_state_dict(state)
-    plain = models.create(name.removeprefix("lcnet_")).eval()
+        zoo.load_weights(gated, zoo.checkpoint_path(ws, checkpoint))
+    plain = models.create(name.removeprefix("lcnet_"), **shape).eval()
     plain.load_state_dict(gated.state_dict(), strict=False)
     n_images = max(max(batch_sizes), 256)
-    pool = _validation_images(n_images, gated.cfg.input_size) if checkpoint else None
+    pool = _validation_images(ws, n_images) if checkpoint else None
     if pool is None:
         if checkpoint:
-            log.warning("no CIFAR-10 validation images: timing trained gates on noise")
+            log.warning("no validation images: timing trained gates on noise")
         pool = _inputs(gated, n_images, seed)
     pool = pool.to(device).contiguous(memory_format=torch.channels_last)
     gated = gated.to(device, memory_format=torch.channels_last)

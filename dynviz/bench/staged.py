@@ -8,7 +8,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from dynviz import data, runtime, zoo
+from dynviz import runtime, zoo
+from dynviz.workspace import Workspace
 
 
 @dataclass
@@ -36,7 +37,7 @@ def _replay(system: nn.Module, x: torch.Tensor, decisions: np.ndarray, jumped: b
 
 
 @torch.no_grad()
-def bench_staged(name: str = "exits_resnet56", *, loss: float = 0.005, n_images: int = 64,
+def bench_staged(ws: Workspace, name: str, *, loss: float = 0.005, n_images: int = 64,
                  repeats: int = 9) -> list[StagedBenchRow]:
     """Where a staged system's batch-1 time goes, by the stage its images leave at: the dense
     network, the stages the images ran (network work only) and the system under its shipped
@@ -49,17 +50,17 @@ def bench_staged(name: str = "exits_resnet56", *, loss: float = 0.005, n_images:
     """
     from dynviz import live, operating_points
 
-    staged = zoo.staged(list(zoo.SYSTEMS))
+    staged = zoo.staged(ws, list(ws.systems))
     if name not in staged:
         raise ValueError(f"{name} is not a staged system; choose from {', '.join(staged)}")
-    policy = operating_points.load_policy(name, loss)
+    policy = operating_points.load_policy(ws, name, loss)
     if policy is None:
         raise FileNotFoundError(f"no shipped ≤{loss * 100:g}% policy for {name}; run "
-                                "`python -m dynviz policies`")
-    live_system = live.build(name, policy)
+                                f"`{live.policies_command(ws)}`")
+    live_system = live.build(ws, name, policy)
     system = live_system.system.system   # the folded stages, without the policy
-    images = data.get_split("check").images()[:n_images]
-    xs = [data.to_tensor(np.ascontiguousarray(images[i:i + 1]), live_system.device)
+    images = ws.split("check").images()[:n_images]
+    xs = [ws.data.to_tensor(np.ascontiguousarray(images[i:i + 1]), live_system.device)
           for i in range(len(images))]
     traces = [live_system.system(x).trace for x in xs]
     groups: dict[str, list[int]] = {}

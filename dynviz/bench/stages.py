@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import models
 from dynviz import runtime, settings
+from dynviz.workspace import Workspace
 from models.lcnet import GatedResNet
 from models.macs import linear_macs
 from models.resnet import ResNet
@@ -48,12 +49,16 @@ def network_parts(model: nn.Module, run: nn.Module | None = None
 
 
 @torch.no_grad()
-def bench_stages(name: str = "resnet56", *, batch_sizes: tuple[int, ...] = (1, 256),
+def bench_stages(ws: Workspace, name: str = "resnet56", *,
+                 batch_sizes: tuple[int, ...] = (1, 256),
                  repeats: int = 10) -> list[StageBenchRow]:
-    """Where the time of a plain ResNet goes, stage by stage, against where its MACs go
-    (random weights, BN folded, channels_last: timing does not depend on the weights)."""
+    """Where the time of a plain ResNet (for the workspace's classes and input size) goes,
+    stage by stage, against where its MACs go (random weights, BN folded, channels_last:
+    timing does not depend on the weights)."""
     device = settings.device()
-    model = models.create(name).eval().to(device, memory_format=torch.channels_last)
+    model = models.create(name, num_classes=ws.data.n_classes,
+                          input_size=ws.data.image_size).eval()
+    model = model.to(device, memory_format=torch.channels_last)
     parts = network_parts(model, runtime.fold(model))
     total_macs = sum(macs for _, macs, _ in parts)
     size = model.cfg.input_size

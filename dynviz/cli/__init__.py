@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from dynviz.cli import bench, data, predict, ship, train
+from dynviz.cli import bench, data, init, predict, ship, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the workspace (a directory with a dynviz.toml) to work on "
                              "(default: $DYNVIZ_WORKSPACE, else the built-in CIFAR-10 zoo)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (data, train, bench, ship, predict):
+    for group in (init, data, train, bench, ship, predict):
         group.add_parser(sub)
     return parser
 

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
         description="Times the plain ResNet, the gated model's masked path and its sparse "
                     "path (calibrated per block) at each batch size; medians after warm-up.")
     p.add_argument("--model", default="lcnet_resnet56", help="gated model (registry name)")
-    p.add_argument("--checkpoint", help="trained weights to load (keeps their gates)")
+    p.add_argument("--checkpoint",
+                   help="trained weights in the workspace to load (keeps their gates)")
     p.add_argument("--placement", nargs="+", default=["sequential"],
                    choices=["parallel", "sequential"])
     p.add_argument("--blocks-off", type=float, default=0.5,
@@ -37,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=int, default=2500, help="images (default: the fit half)")
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
-    p.set_defaults(func=_cmd_bench_policy)
+    p.set_defaults(func=_cmd_bench_policy, needs_workspace=False)   # synthetic outputs
 
     p = bench_sub.add_parser("stages", help="time vs MACs, stage by stage, of a plain ResNet",
                              description="Median time of the stem, every stage and the head "
@@ -54,8 +55,8 @@ def add_parser(sub) -> None:
                     "the shipped operating point: the dense network, the stages they ran "
                     "(network work only) and the system deciding as it goes; medians of "
                     "round-robin runs.")
-    p.add_argument("--system", nargs="+", default=["exits_resnet56", "cascade_r8_r20_r56"],
-                   help="staged systems (default: %(default)s)")
+    p.add_argument("--system", nargs="+",
+                   help="staged systems (default: every trained one of the workspace)")
     p.add_argument("--loss", type=float, default=0.5, choices=[0.5, 1.0],
                    help="operating point: max accuracy loss in %% (default %(default)s)")
     p.add_argument("--images", type=int, default=64, help="check images, one at a time")
@@ -69,8 +70,8 @@ def _cmd_bench_gated(args: argparse.Namespace) -> int:
 
     rows = []
     for placement in args.placement:
-        rows += gated.bench_gated(args.model, placement=placement, blocks_off=args.blocks_off,
-                                  channels_off=args.channels_off,
+        rows += gated.bench_gated(args.ws, args.model, placement=placement,
+                                  blocks_off=args.blocks_off, channels_off=args.channels_off,
                                   batch_sizes=tuple(args.batch), repeats=args.repeats,
                                   checkpoint=args.checkpoint, calibrate=not args.no_calibrate,
                                   same_channels=args.same_channels,
@@ -92,18 +93,23 @@ def _cmd_bench_stages(args: argparse.Namespace) -> int:
     from dynviz import bench
     from dynviz.bench import stages
 
-    print(bench.format_rows(stages.bench_stages(args.model, batch_sizes=tuple(args.batch),
+    print(bench.format_rows(stages.bench_stages(args.ws, args.model,
+                                               batch_sizes=tuple(args.batch),
                                                repeats=args.repeats)))
     return 0
 
 
 def _cmd_bench_staged(args: argparse.Namespace) -> int:
-    from dynviz import bench
+    from dynviz import bench, zoo
     from dynviz.bench import staged
 
+    systems = args.system or zoo.staged(args.ws, zoo.available(args.ws))
+    if not systems:
+        raise ValueError("the workspace has no trained staged system (early exits or a "
+                         "cascade) to time")
     rows = []
-    for system in args.system:
-        rows += staged.bench_staged(system, loss=args.loss / 100, n_images=args.images,
+    for system in systems:
+        rows += staged.bench_staged(args.ws, system, loss=args.loss / 100, n_images=args.images,
                                    repeats=args.repeats)
     print(bench.format_rows(rows))
     return 0

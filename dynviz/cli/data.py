@@ -1,4 +1,5 @@
-"""``data`` and ``native``: the dataset and the native block runner this machine has."""
+"""``data`` and ``native``: the workspace's dataset and the native block runner this machine
+has."""
 from __future__ import annotations
 
 import argparse
@@ -7,13 +8,16 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="find CIFAR-10, show the splits, decode the image cache",
-                       description="Locate CIFAR-10 ($DYNVIZ_DATA, ./data, "
-                                   "../shared/datasets/cifar10-jpeg), print the splits and "
-                                   "their fingerprints.")
-    p.add_argument("--root", help="dataset root (default: search the usual places)")
+    p = sub.add_parser("data", help="find the workspace's dataset, show the splits, decode "
+                                    "the image cache",
+                       description="Locate the workspace's dataset (data.root of its "
+                                   "dynviz.toml; the built-in CIFAR-10: $DYNVIZ_DATA, ./data, "
+                                   "../shared/datasets/cifar10-jpeg), print its classes, the "
+                                   "splits and their fingerprints.")
+    p.add_argument("--root", help="dataset root (default: the workspace's data.root)")
     p.add_argument("--download", action="store_true",
-                   help="download CIFAR-10 with torchvision first (needs internet)")
+                   help="download CIFAR-10 with torchvision first (the built-in workspace "
+                        "only; needs internet)")
     p.add_argument("--dest", help="download destination (default: $DYNVIZ_DATA or ./data)")
     p.add_argument("--decode", action="store_true", help="build the decoded uint8 cache now")
     p.set_defaults(func=_cmd_data)
@@ -22,17 +26,25 @@ def add_parser(sub) -> None:
                        description="Compiles models/csrc/blocks.cpp into the cache (once, about "
                                    "a minute) and says where it is; exit status 1 when it "
                                    "cannot be built here (Python blocks then run).")
-    p.set_defaults(func=_cmd_native)
+    p.set_defaults(func=_cmd_native, needs_workspace=False)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from dynviz import data
 
+    ws, root = args.ws, args.root
     if args.download:
-        dest = download_cifar10(args.dest)
+        if not ws.builtin:
+            raise ValueError(f"--download fetches CIFAR-10 for the built-in workspace only; "
+                             f"{ws.root} reads its images from data.root of its dynviz.toml")
+        dest = download_cifar10(args.dest or ws.data.roots[0])
         print(f"CIFAR-10 is in {dest}")
-    dataset = data.open_cifar10(args.root)
-    splits = {name: data.get_split(name, dataset) for name in data.SPLITS}
+        root = root or dest
+    dataset = data.open_dataset(ws.data, root)
+    splits = {name: ws.split(name, dataset) for name in data.SPLITS}
+    print(f"workspace: {ws.name} ({ws.root})")
+    print(f"classes: {ws.data.n_classes} ({', '.join(ws.data.classes)}), "
+          f"{ws.data.image_size}x{ws.data.image_size} pixels")
     print(f"dataset: {dataset.root} ({dataset.kind}, {len(dataset)} images, "
           f"fingerprint {dataset.fingerprint})")
     for name, split in splits.items():
@@ -59,13 +71,13 @@ def _cmd_native(args: argparse.Namespace) -> int:
     return 0
 
 
-def download_cifar10(dest: str | Path | None = None) -> Path:
+def download_cifar10(dest: str | Path) -> Path:
     """Fetch torchvision's CIFAR-10 into ``dest``; a clear error where there is no network."""
     import torchvision
 
-    from dynviz import data, settings
+    from dynviz import data
 
-    dest = Path(dest) if dest is not None else settings.download_dir()
+    dest = Path(dest)
     try:
         torchvision.datasets.CIFAR10(root=str(dest), train=True, download=True)
     except Exception as err:  # urllib raises several unrelated types

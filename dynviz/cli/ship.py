@@ -1,5 +1,6 @@
-"""``cache``, ``policies``, ``evaluate`` and ``ship`` (all three into assets/): what a model
-answered on a split, the operating points chosen on it, and the results table."""
+"""``cache``, ``policies``, ``evaluate`` and ``ship`` (all three into the workspace's results
+directory, assets/ for the built-in one): what a model answered on a split, the operating
+points chosen on it, and the results table."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dynviz.data import Split
+    from dynviz.workspace import Workspace
 
 SPLIT_CHOICES = ["train", "val", "fit", "check"]
 
@@ -19,33 +21,35 @@ def add_parser(sub) -> None:
                                    "per-image MACs and gate scores (rebuilt when stale).")
     p.add_argument("--model", default="all", help="system name or 'all' (default)")
     p.add_argument("--split", default="val", choices=SPLIT_CHOICES,
-                   help="CIFAR-10 split (default: %(default)s)")
+                   help="split of the workspace's dataset (default: %(default)s)")
     p.add_argument("--data", help="an ImageFolder directory to use as a test split instead")
     p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("policies", help="choose and ship the default operating points",
                        description="For every staged system, the cheapest policy within 0.5% "
-                                   "and 1% accuracy of resnet56 on the fit half (one paired "
-                                   "standard error kept in reserve) -> assets/policies; then "
-                                   "the learned policies against one global threshold on the "
-                                   "check half.")
+                                   "and 1% accuracy of the reference network on the fit half "
+                                   "(one paired standard error kept in reserve) -> the "
+                                   "workspace's results/policies (assets/policies for the "
+                                   "built-in one); then the learned policies against one "
+                                   "global threshold on the check half.")
     _add_policy_kind(p)
     p.set_defaults(func=_cmd_policies)
 
-    p = sub.add_parser("ship", help="rebuild assets/: cached outputs, policies, results",
+    p = sub.add_parser("ship", help="rebuild the results: cached outputs, policies, table",
                        description="Cache every trained system's outputs on the validation "
-                                   "split into assets/outputs, choose the default operating "
-                                   "points (assets/policies) and write assets/results.json.")
+                                   "split into the workspace's results directory (assets/ "
+                                   "for the built-in one) under outputs/, choose the default "
+                                   "operating points (policies/) and write results.json.")
     _add_policy_kind(p)
     _add_timing(p)
     p.set_defaults(func=_cmd_ship)
 
     p = sub.add_parser("evaluate", help="the results table of every default system",
                        description="Accuracy, MACs, MAC reduction and measured speedups "
-                                   "(batch 1 and 256, against resnet56) of every trained "
-                                   "system, one JSON row each.")
+                                   "(batch 1 and 256, against the reference network) of "
+                                   "every trained system, one JSON row each.")
     p.add_argument("--split", default="check", choices=SPLIT_CHOICES,
-                   help="CIFAR-10 split (default: %(default)s)")
+                   help="split of the workspace's dataset (default: %(default)s)")
     p.add_argument("--data", help="an ImageFolder directory to evaluate instead")
     p.add_argument("--out", default="results.json", help="JSON output (default: %(default)s)")
     _add_timing(p)
@@ -64,40 +68,43 @@ def _add_policy_kind(p: argparse.ArgumentParser) -> None:
 
 
 def _add_timing(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-timing", action="store_true", help="skip latency measurements")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip latency measurements (speedups are then null)")
     p.add_argument("--repeats", type=int, default=7,
                    help="timed rounds; a speedup is the median of their ratios")
 
 
-def _split(name: str, directory: str | None) -> Split:
-    """The named CIFAR-10 split, or every image of ``directory`` (an ImageFolder)."""
+def _split(ws: Workspace, name: str, directory: str | None) -> Split:
+    """The named split of the workspace's dataset, or every image of ``directory`` (an
+    ImageFolder with the workspace's classes)."""
     from dynviz import data
 
-    return data.test_split(directory) if directory else data.get_split(name)
+    return data.test_split(directory, ws.data) if directory else ws.split(name)
 
 
-def report_policies(family: str, feature: str) -> None:
+def report_policies(ws: Workspace, family: str, feature: str) -> None:
     """Choose and write the shipped operating points, then print how every staged system's
     learned policies compare with one global threshold and with the oracle on check."""
-    from dynviz import data, operating_points, policy_report, zoo
+    from dynviz import operating_points, policy_report, zoo
 
-    for path in operating_points.ship(family, feature):
+    val = ws.split("val")
+    for path in operating_points.ship(ws, family, feature, val):
         print(f"wrote {path}")
-    val = data.get_split("val")
     print("\nOn the check half (learned policy vs one global threshold, and vs the oracle):")
     print("Baseline: the global threshold chosen on fit for the same budget; hindsight: the "
           "best threshold on check at the learned policy's cost there;\n± one paired "
           "standard error of the gap.")
-    print(policy_report.markdown([policy_report.report(name, val, family, feature)
-                                  for name in zoo.staged(zoo.available())]))
+    print(policy_report.markdown([policy_report.report(ws, name, val, family, feature)
+                                  for name in zoo.staged(ws, zoo.available(ws))]))
 
 
-def write_results(split: Split, out: Path, *, time_it: bool, repeats: int) -> None:
+def write_results(ws: Workspace, split: Split, out: Path, *, time_it: bool,
+                  repeats: int) -> None:
     """The results table of every available system on ``split``: JSON to ``out``, Markdown
     to stdout."""
     from dynviz import evaluate
 
-    rows = evaluate.evaluate(split, time_it=time_it, repeats=repeats)
+    rows = evaluate.evaluate(ws, split, time_it=time_it, repeats=repeats)
     evaluate.write(rows, out)
     print(evaluate.markdown(rows))
     print(f"\nwrote {out} ({split.name}, {len(split)} images)")
@@ -106,40 +113,42 @@ def write_results(split: Split, out: Path, *, time_it: bool, repeats: int) -> No
 def _cmd_cache(args: argparse.Namespace) -> int:
     from dynviz import zoo
 
-    split = _split(args.split, args.data)
-    names = list(zoo.SYSTEMS) if args.model == "all" else [args.model]
+    ws = args.ws
+    split = _split(ws, args.split, args.data)
+    names = list(ws.systems) if args.model == "all" else [ws.spec(args.model).name]
     for name in names:
-        missing = zoo.missing(name)
+        missing = zoo.missing(ws, name)
         if missing:
             print(f"{name}: skipped, untrained checkpoints: {', '.join(missing)} "
-                  f"(train with: {zoo.train_command(missing[0])})", file=sys.stderr)
+                  f"(train with: {zoo.train_command(ws, missing[0])})", file=sys.stderr)
             continue
-        cached = zoo.outputs(name, split)
+        cached = zoo.outputs(ws, name, split)
         print(f"{name}: {len(cached)} images of {split.name} -> {cached.directory}")
     return 0
 
 
 def _cmd_policies(args: argparse.Namespace) -> int:
-    report_policies(args.family, args.feature)
+    report_policies(args.ws, args.family, args.feature)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    write_results(_split(args.split, args.data), Path(args.out), time_it=not args.no_timing,
-                  repeats=args.repeats)
+    write_results(args.ws, _split(args.ws, args.split, args.data), Path(args.out),
+                  time_it=not args.no_timing, repeats=args.repeats)
     return 0
 
 
 def _cmd_ship(args: argparse.Namespace) -> int:
-    """Rebuild everything under assets/: caches, policies, results."""
-    from dynviz import cache, data, settings, zoo
+    """Rebuild everything under the workspace's results: caches, policies, the table."""
+    from dynviz import cache, zoo
 
-    val = data.get_split("val")
-    for name in zoo.available():
-        shipped = cache.ensure(name, zoo.load_system(name), val, zoo.checkpoint_sha(name),
-                               root=settings.assets_dir() / "outputs")
+    ws = args.ws
+    val = ws.split("val")
+    for name in zoo.available(ws):
+        shipped = cache.ensure(ws, name, lambda n=name: zoo.load_system(ws, n), val,
+                               zoo.checkpoint_sha(ws, name), root=ws.results / "outputs")
         print(f"{name}: {shipped.directory}")
-    report_policies(args.family, args.feature)
-    write_results(data.get_split("check"), settings.assets_dir() / "results.json",
+    report_policies(ws, args.family, args.feature)
+    write_results(ws, ws.split("check", val.dataset), ws.results / "results.json",
                   time_it=not args.no_timing, repeats=args.repeats)
     return 0

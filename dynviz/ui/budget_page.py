@@ -6,6 +6,7 @@ import streamlit as st
 
 from dynviz import budget, data, operating_points, plots, policy as P, zoo
 from dynviz.ui import state
+from dynviz.workspace import Workspace
 
 METRICS = {"MACs": "macs", "measured latency (batch 1)": "latency"}
 
@@ -13,16 +14,21 @@ METRICS = {"MACs": "macs", "measured latency (batch 1)": "latency"}
 @state.broken_files_shown()
 def render() -> None:
     st.title("Budget")
-    staged = zoo.staged(zoo.available())
+    ws = state.workspace()
+    if not zoo.staged(ws, list(ws.systems)):
+        st.info(f"The workspace {ws.name} has no early-exit or cascade system: the budget "
+                f"trades the cost of the stages a policy runs.")
+        return
+    staged = zoo.staged(ws, zoo.available(ws))
     if not staged:
         st.info("No early-exit or cascade system is trained yet.\n\n"
-                + state.missing_systems_message())
+                + state.missing_systems_message(ws))
         return
     c1, c2, c3, c4 = st.columns(4)
     name = c1.selectbox("System", staged, key="budget_system")
     if st.session_state.get("budget_kind_for") != name:
         # a system just chosen: start with the kind of policy it ships
-        shipped = operating_points.load_policy(name, operating_points.LOSSES[0])
+        shipped = operating_points.load_policy(ws, name, operating_points.LOSSES[0])
         st.session_state["budget_family"] = shipped.family if shipped else "threshold"
         st.session_state["budget_feature"] = shipped.feature if shipped else "max_prob"
         st.session_state["budget_kind_for"] = name
@@ -30,17 +36,18 @@ def render() -> None:
     feature = c3.selectbox("Feature", P.FEATURES, key="budget_feature",
                            disabled=family != "threshold")
     metric = METRICS[c4.selectbox("Cost", list(METRICS), key="budget_metric")]
-    if state.outputs(name) is None:
-        st.warning("This system's validation outputs are not cached and CIFAR-10 is absent: "
-                   + "\n\n" + data.missing_data_message())
+    if state.outputs(ws, name) is None:
+        st.warning("This system's validation outputs are not cached and the dataset is "
+                   "absent: \n\n" + data.missing_data_message(ws.data))
         return
-    panel(name, family, feature, zoo.spec(name).topology, metric)
+    panel(ws, name, family, feature, ws.spec(name).topology, metric)
 
 
 @st.fragment
 @state.broken_files_shown()
-def panel(name: str, family: str, feature: str, topology: str, metric: str) -> None:
-    shipped = state.shipped_percent(name, metric)
+def panel(ws: Workspace, name: str, family: str, feature: str, topology: str,
+          metric: str) -> None:
+    shipped = state.shipped_percent(ws, name, metric)
     if st.session_state.get("budget_slider_for") != (name, metric):
         # a system (or cost) just chosen: start at its shipped ≤0.5%-loss operating point
         st.session_state["budget_slider"] = shipped or 50
@@ -49,22 +56,22 @@ def panel(name: str, family: str, feature: str, topology: str, metric: str) -> N
                         key="budget_slider",
                         help=None if shipped is None else
                         f"Starts at {shipped}%, what the shipped operating point within 0.5% "
-                        f"of {zoo.REFERENCE}'s accuracy spends on the fit half. Each position "
+                        f"of {ws.reference}'s accuracy spends on the fit half. Each position "
                         f"re-learns the most accurate policy on fit within its budget, which "
                         f"can differ a little from the shipped one (the cheapest within the "
                         f"loss).")
     query = budget.BudgetQuery(family, feature, topology, percent / 100)
-    fit, check = state.halves(name, metric)
+    fit, check = state.halves(ws, name, metric)
     result = budget.solve(fit, check, query)
     cols = st.columns(5)
     for col, half, summary in ((cols[0], "check", result.check), (cols[1], "fit", result.fit)):
-        # the loss budgets are in points of resnet56's accuracy on the same half
-        ref = state.reference_accuracy(half)
+        # the loss budgets are in points of the reference's accuracy on the same half
+        ref = state.reference_accuracy(ws, half)
         col.metric(f"Accuracy ({half})", f"{summary['accuracy']:.2%}",
                    None if ref is None else
-                   f"{(summary['accuracy'] - ref) * 100:+.2f} pt vs {zoo.REFERENCE}",
+                   f"{(summary['accuracy'] - ref) * 100:+.2f} pt vs {ws.reference}",
                    delta_arrow="off",
-                   help=None if ref is None else f"{zoo.REFERENCE}: {ref:.2%} on the {half} half")
+                   help=None if ref is None else f"{ws.reference}: {ref:.2%} on the {half} half")
     unit = "M" if metric == "macs" else "ms"
     scale = 1e-6 if metric == "macs" else 1e3
     cols[2].metric("Mean cost (check)", f"{result.check['cost_mean'] * scale:.1f} {unit}",
@@ -78,7 +85,7 @@ def panel(name: str, family: str, feature: str, topology: str, metric: str) -> N
                    help="dense network's mean MACs / this policy's" if metric == "macs"
                    else "dense network's measured batch-1 time / this policy's")
     cols[4].metric("Refit", f"{result.refit_ms:.1f} ms")
-    c = state.curves(name, family, feature, topology, metric)
+    c = state.curves(ws, name, family, feature, topology, metric)
     points = {"oracle": c.oracle} | c.statics | {
         "this policy (fit)": (result.fit["cost_fraction"], result.fit["accuracy"]),
         "this policy (check)": (result.check["cost_fraction"], result.check["accuracy"])}

@@ -11,55 +11,64 @@ from dynviz.ui import state
 N_SHOWN = 8
 
 
-def gallery(title: str, order: np.ndarray, cost, pred, labels, images) -> None:
+def gallery(title: str, order: np.ndarray, cost, pred, labels, images,
+            classes: tuple[str, ...]) -> None:
     st.subheader(title)
     cols = st.columns(N_SHOWN)
     for col, i in zip(cols, order[:N_SHOWN]):
         ok = "✓" if pred[i] == labels[i] else "✗"
         col.image(images[i], width=96,
-                  caption=f"{data.CLASSES[labels[i]]} → {data.CLASSES[pred[i]]} {ok} "
+                  caption=f"{classes[labels[i]]} → {classes[pred[i]]} {ok} "
                           f"{cost[i] / 1e6:.1f}M")
 
 
 @state.broken_files_shown()
 def render() -> None:
     st.title("Galleries")
-    names = zoo.dynamic(zoo.available())
+    ws = state.workspace()
+    if not zoo.dynamic(ws, list(ws.systems)):
+        st.info(f"The workspace {ws.name} has only static systems, which spend the same on "
+                f"every image: there is nothing to rank.")
+        return
+    names = zoo.dynamic(ws, zoo.available(ws))
     if not names:   # a static network spends the same on every image: nothing to rank
-        st.info("No dynamic system is trained yet.\n\n" + state.missing_systems_message())
+        st.info("No dynamic system is trained yet.\n\n" + state.missing_systems_message(ws))
         return
-    split = state.val_split()
+    split = state.val_split(ws)
     if split is None:
-        st.warning(data.missing_data_message())
+        st.warning(data.missing_data_message(ws.data))
         return
-    name = st.selectbox("System", names, index=state.start_index(names), key="gallery_system",
+    classes = ws.data.classes
+    name = st.selectbox("System", names, index=state.start_index(ws, names),
+                        key="gallery_system",
                         help="Dynamic systems only: a static network spends the same on "
                              "every image.")
-    cached = state.outputs(name)
-    cost, pred, reference = G.per_image_cost(name, cached)
+    cached = state.outputs(ws, name)
+    cost, pred, reference = G.per_image_cost(ws, name, cached)
     labels = cached.arrays["labels"].astype(int)
     images = split.images()
-    cls = st.selectbox("Class", ["all"] + list(data.CLASSES), key="gallery_class")
+    cls = st.selectbox("Class", ["all"] + list(classes), key="gallery_class")
     members = np.arange(len(labels)) if cls == "all" else \
-        np.flatnonzero(labels == data.CLASSES.index(cls))
+        np.flatnonzero(labels == classes.index(cls))
     order = members[np.argsort(cost[members], kind="stable")]
-    gallery("Cheapest", order, cost, pred, labels, images)
-    gallery("Costliest", order[::-1], cost, pred, labels, images)
-    per_class = np.array([cost[labels == c].mean() for c in range(len(data.CLASSES))])
-    st.plotly_chart(plots.class_cost(per_class, reference), key="gallery_class_cost")
+    gallery("Cheapest", order, cost, pred, labels, images, classes)
+    gallery("Costliest", order[::-1], cost, pred, labels, images, classes)
+    per_class = np.array([cost[labels == c].mean() for c in range(len(classes))])
+    st.plotly_chart(plots.class_cost(per_class, classes, reference), key="gallery_class_cost")
     if "block_scores" in cached.arrays:
         names_b = cached.manifest["block_names"]
         if st.session_state.get("gallery_block_for") != name or \
                 "gallery_block" not in st.session_state:
             # a system just chosen (or the picker just back after a system without one):
             # start on its block whose firing differs most by class
-            st.session_state["gallery_block"] = state.class_specific_block(name)
+            st.session_state["gallery_block"] = state.class_specific_block(ws, name)
             st.session_state["gallery_block_for"] = name
         block = st.selectbox("Block", range(len(names_b)), format_func=lambda i: names_b[i],
                              key="gallery_block",
                              help="Starts on the block whose channels fire most differently "
                                   "from class to class.")
-        st.plotly_chart(plots.class_firing(G.class_firing_rates(cached, block), names_b[block]),
+        rates = G.class_firing_rates(cached, block, len(classes))
+        st.plotly_chart(plots.class_firing(rates, classes, names_b[block]),
                         key="gallery_firing")
 
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from dynviz import data, operating_points, plots, zoo
+from dynviz import decode, live, operating_points, plots, uploads, zoo
 from dynviz.ui import state
+from dynviz.workspace import Workspace
 
 MAX_UPLOAD_MB = 20   # .streamlit/config.toml's server.maxUploadSize refuses larger ones first
 
@@ -19,17 +20,17 @@ class InspectInputs:
     image: np.ndarray | None
 
 
-def choose_policy(name: str) -> str | None:
-    if zoo.spec(name).kind not in ("exits", "cascade"):
+def choose_policy(ws: Workspace, name: str) -> str | None:
+    if ws.spec(name).kind not in ("exits", "cascade"):
         return None
-    options = {f"≤{loss * 100:g}% accuracy loss": operating_points.load_policy(name, loss)
+    options = {f"≤{loss * 100:g}% accuracy loss": operating_points.load_policy(ws, name, loss)
                for loss in operating_points.LOSSES}
     from_budget = st.session_state.get("budget_policy", {}).get(name)
     if from_budget:
         options["from the Budget page"] = from_budget
     options = {k: v for k, v in options.items() if v is not None}
     if not options:
-        st.warning(f"No operating point for {name} yet: run `python -m dynviz policies` "
+        st.warning(f"No operating point for {name} yet: run `{live.policies_command(ws)}` "
                    "or pick one on the Budget page.")
         st.stop()
     label = st.selectbox("Operating point", list(options), key="inspect_point")
@@ -37,15 +38,16 @@ def choose_policy(name: str) -> str | None:
     return chosen if isinstance(chosen, str) else chosen.to_json()
 
 
-def choose_image() -> np.ndarray | None:
-    split = state.val_split()
+def choose_image(ws: Workspace) -> np.ndarray | None:
+    size = ws.data.image_size
+    split = state.val_split(ws)
     sources = ["Upload an image"] + (["A validation image"] if split is not None else [])
     source = st.radio("Image", sources, index=len(sources) - 1, horizontal=True,
                       key="inspect_source")   # a validation image when there is one
     if source == "Upload an image":
-        upload = st.file_uploader("Image file", type=list(data.IMAGE_SUFFIXES),
+        upload = st.file_uploader("Image file", type=list(decode.IMAGE_SUFFIXES),
                                   key="inspect_upload",
-                                  help=f"Up to {MAX_UPLOAD_MB} MB; resized to 32×32.")
+                                  help=f"Up to {MAX_UPLOAD_MB} MB; resized to {size}×{size}.")
         if upload is None:
             return None
         if upload.size > MAX_UPLOAD_MB * 2**20:
@@ -53,24 +55,28 @@ def choose_image() -> np.ndarray | None:
                      f"{MAX_UPLOAD_MB} MB.")
             return None
         try:
-            return data.preprocess_upload(upload.getvalue())
-        except data.InvalidImageError as err:
+            return uploads.preprocess_upload(upload.getvalue(), size)
+        except uploads.InvalidImageError as err:
             st.error(f"Cannot use {upload.name}: {err}")
             return None
-    check = data.get_split("check", split.dataset)
-    cls = st.selectbox("Class", data.CLASSES, key="inspect_class")
-    members = np.flatnonzero(check.labels == data.CLASSES.index(cls))
-    k = st.slider("Image of that class (check half)", 0, len(members) - 1, 0,
-                  key="inspect_index")
+    check = ws.split("check", split.dataset)
+    classes = ws.data.classes
+    cls = st.selectbox("Class", classes, key="inspect_class")
+    members = np.flatnonzero(check.labels == classes.index(cls))
+    # every class has one check image at least (data.split_indices); a slider needs two
+    k = 0 if len(members) == 1 else st.slider(
+        "Image of that class (check half)", 0, len(members) - 1, 0, key="inspect_index")
     return np.asarray(check.images()[members[k]])
 
 
 def render_result(result) -> None:
     left, right = st.columns([1, 2])
     with left:
-        st.image(result.image, caption="as the model sees it (32×32)", width=192)
+        height, width = result.image.shape[:2]
+        st.image(result.image, caption=f"as the model sees it ({width}×{height})",
+                 width=max(192, width))
         st.metric("Prediction", result.prediction)
-        st.plotly_chart(plots.top_k(result.probs), key="inspect_top5")
+        st.plotly_chart(plots.top_k(result.probs, result.classes), key="inspect_top5")
     with right:
         c1, c2, c3 = st.columns(3)
         c1.metric("MACs", f"{result.macs / 1e6:.1f} M",
@@ -92,19 +98,20 @@ def render_result(result) -> None:
 
 @state.broken_files_shown()
 def render() -> None:
-    from dynviz import live
-
     st.title("Inspect")
-    names = zoo.available()
+    ws = state.workspace()
+    names = zoo.available(ws)
     if not names:
-        st.info(state.missing_systems_message())
+        st.info(state.missing_systems_message(ws))
         return
-    name = st.selectbox("System", names, index=state.start_index(names), key="inspect_system")
-    inputs = InspectInputs(name, choose_policy(name), choose_image())
+    name = st.selectbox("System", names, index=state.start_index(ws, names),
+                        key="inspect_system")
+    inputs = InspectInputs(name, choose_policy(ws, name), choose_image(ws))
     if inputs.image is None:
         st.caption("Pick or upload an image to see its compute path.")
         return
-    result = live.inspect_image(state.live_system(inputs.system, inputs.policy_json), inputs.image)
+    result = live.inspect_image(state.live_system(ws, inputs.system, inputs.policy_json),
+                                inputs.image)
     render_result(result)
 
 

@@ -6,8 +6,9 @@ import json
 import pandas as pd
 import streamlit as st
 
-from dynviz import settings, zoo
+from dynviz import zoo
 from dynviz.ui import state
+from dynviz.workspace import Workspace
 
 PAPER_ROWS = [
     {"source": "LC-Net, Table I", "system": "ResNet-18 (CIFAR-10) baseline",
@@ -42,9 +43,9 @@ def _height(n_rows: int) -> int:
     return 35 * (n_rows + 1) + 3
 
 
-def results_rows() -> list[dict]:
-    """From ``assets/results.json`` (python -m dynviz evaluate --out assets/results.json)."""
-    path = settings.assets_dir() / "results.json"
+def results_rows(ws: Workspace) -> list[dict]:
+    """From the workspace's ``results.json`` (``python -m dynviz ship`` writes it)."""
+    path = ws.results / "results.json"
     if not path.exists():
         return []
     return [{"system": r["system"], "operating point": r["operating_point"],
@@ -53,9 +54,10 @@ def results_rows() -> list[dict]:
              "speedup b256": r["speedup_b256"]} for r in json.loads(path.read_text())]
 
 
-def checkpoint_rows() -> list[dict]:
+def checkpoint_rows(ws: Workspace) -> list[dict]:
+    """From the manifests (``NAME.json``) beside the workspace's checkpoints."""
     rows = []
-    for manifest in sorted(settings.checkpoint_dir().glob("*.json")):
+    for manifest in sorted(ws.checkpoints.glob("*.json")):
         meta = json.loads(manifest.read_text())
         check = meta.get("metrics", {}).get("check", {})
         acc = check.get("accuracy")
@@ -68,22 +70,24 @@ def checkpoint_rows() -> list[dict]:
     return rows
 
 
+@state.broken_files_shown()
 def render() -> None:
     st.title("Models")
-    rows = results_rows()
+    ws = state.workspace()
+    rows = results_rows(ws)
     if rows:
-        st.subheader("Results on the check half (vs resnet56)")
+        st.subheader(f"Results on the check half (vs {ws.reference})")
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="results",
                      height=_height(len(rows)), column_config=RESULT_COLUMNS, placeholder="—")
-        st.caption("Speedups are measured wall-clock against resnet56 on this machine; an "
-                   "oracle is a bound, not a runnable system, so it has none.")
+        st.caption(f"Speedups are measured wall-clock against {ws.reference} on this "
+                   f"machine; an oracle is a bound, not a runnable system, so it has none.")
     st.subheader("Trained checkpoints")
-    ckpts = checkpoint_rows()
+    ckpts = checkpoint_rows(ws)
     if ckpts:
         st.dataframe(pd.DataFrame(ckpts), hide_index=True, key="checkpoints",
                      height=_height(len(ckpts)), column_config=CHECKPOINT_COLUMNS)
-    if any(zoo.missing(n) for n in zoo.SYSTEMS):
-        st.info(state.missing_systems_message())
+    if any(zoo.missing(ws, n) for n in ws.systems):
+        st.info(state.missing_systems_message(ws))
     st.subheader("The papers' figures")
     st.dataframe(pd.DataFrame(PAPER_ROWS), hide_index=True, key="papers",
                  column_config=PAPER_COLUMNS)

@@ -1,0 +1,160 @@
+"""``dynviz init``: a starter workspace for an ImageFolder — its classes, input size,
+normalisation and split, and the default systems, each with the command that trains it."""
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dynviz import data, decode, workspace
+
+log = logging.getLogger(__name__)
+
+MAX_IMAGE_SIZE = 64       # the default input side is capped: the default systems train on CPU
+SIZE_SAMPLE = 20          # images per class whose sides set the default input size
+STATS_SAMPLE = 5000       # at most this many train images (evenly spaced) set mean and std
+
+
+def classes_of(root: Path) -> tuple[str, ...]:
+    """The class folders of the ImageFolder ``root``, sorted by name; one clear error for a
+    folder that is not one (missing, fewer than 2 classes, a class without enough images)."""
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    classes = tuple(sorted(p.name for p in root.iterdir()
+                           if p.is_dir() and not p.name.startswith(".")))
+    if len(classes) < 2:
+        raise ValueError(f"{root} has {len(classes)} class folder(s); an ImageFolder needs at "
+                         f"least 2 (<root>/<class>/<image>)")
+    for name in classes:
+        n = len(data.image_files(root / name))
+        if n < data.MIN_PER_CLASS:
+            raise ValueError(f"class {name} has {n} images in {root / name}; every class needs "
+                             f"at least {data.MIN_PER_CLASS} ({', '.join(decode.IMAGE_SUFFIXES)})")
+    return classes
+
+
+def median_side(root: Path, classes: tuple[str, ...]) -> int:
+    """The median short side of the first ``SIZE_SAMPLE`` images of every class (headers
+    only: nothing is decoded)."""
+    sides = []
+    for name in classes:
+        for entry in data.image_files(root / name)[:SIZE_SAMPLE]:
+            try:
+                with Image.open(entry.path) as img:
+                    sides.append(min(img.size))
+            except OSError:
+                continue                       # unreadable files fail later, when decoded
+    if not sides:
+        raise ValueError(f"no readable image in {root}")
+    return int(np.median(sides))
+
+
+def channel_stats(dataset: data.Dataset, indices: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images scaled to [0, 1], over ``indices`` (at most
+    ``STATS_SAMPLE`` of them, evenly spaced)."""
+    if len(indices) > STATS_SAMPLE:
+        indices = indices[np.linspace(0, len(indices) - 1, STATS_SAMPLE).astype(int)]
+    images = data.load_images(dataset)
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    for start in range(0, len(indices), 512):
+        chunk = np.asarray(images[indices[start:start + 512]], dtype=np.float64) / 255.0
+        total += chunk.sum(axis=(0, 1, 2))
+        squares += (chunk ** 2).sum(axis=(0, 1, 2))
+    count = len(indices) * images.shape[1] * images.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 1e-12))
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+def starter(directory: str | Path, data_root: str | Path, image_size: int | None = None,
+            force: bool = False) -> Path:
+    """Write ``directory/dynviz.toml`` for the ImageFolder ``data_root`` and return its path.
+
+    Reads the classes (folder names), sets the input size (``image_size``, default the
+    median short side capped at ``MAX_IMAGE_SIZE``), decodes the images once into the
+    workspace's cache and computes mean and std on the train split.
+
+    Raises:
+        ValueError: not an ImageFolder of at least 2 classes of at least 20 images, a size
+            out of range, or a ``dynviz.toml`` already there (without ``force``).
+    """
+    directory = Path(directory).expanduser().resolve()
+    data_root = Path(data_root).expanduser().resolve()
+    target = directory / workspace.FILE
+    if target.exists() and not force:
+        raise ValueError(f"{target} exists; add --force to write over it")
+    classes = classes_of(data_root)
+    size = image_size or min(MAX_IMAGE_SIZE, max(8, median_side(data_root, classes)))
+    if not 8 <= size <= 1024:
+        raise ValueError(f"--image-size {size} is outside 8..1024")
+    spec = data.DataSpec((data_root,), classes, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                         decoded_cache=directory / ".cache" / "images")
+    dataset = data.open_dataset(spec)
+    splits = data.split_indices(dataset.labels, spec)
+    mean, std = channel_stats(dataset, splits["train"])
+    directory.mkdir(parents=True, exist_ok=True)
+    target.write_text(_toml(directory, data_root, classes, size, mean, std,
+                            {k: len(v) for k, v in splits.items()}), encoding="utf-8")
+    workspace.load(directory)        # what was written reads back
+    return target
+
+
+def _shown(path: Path, directory: Path) -> str:
+    """``path`` relative to the workspace when it lies inside it, else absolute."""
+    try:
+        return path.relative_to(directory).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _list(values) -> str:
+    return "[" + ", ".join(_quoted(v) if isinstance(v, str) else repr(v) for v in values) + "]"
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml(directory: Path, root: Path, classes, size, mean, std, counts) -> str:
+    command = f"dynviz --workspace {shlex.quote(str(directory))} train"
+    systems = [
+        ("resnet8", "static", 'model = "resnet8"\ncheckpoint = "resnet8"',
+         f"{command} resnet8"),
+        ("resnet20", "static", 'model = "resnet20"\ncheckpoint = "resnet20"',
+         f"{command} resnet20"),
+        ("resnet56", "static", 'model = "resnet56"\ncheckpoint = "resnet56"',
+         f"{command} resnet56"),
+        ("lcnet_resnet56", "gated",
+         'model = "lcnet_resnet56"\ncheckpoint = "lcnet_resnet56_kd16"',
+         f"{command} lcnet_resnet56_kd16     (after resnet56: it starts from it)"),
+        ("exits_resnet56", "exits", 'model = "exits_resnet56"\ncheckpoint = "exits_resnet56"',
+         f"{command} exits_resnet56          (after resnet56: it starts from it)"),
+        ("cascade_r8_r20_r56", "cascade",
+         'members = ["resnet8", "resnet20", "resnet56"]\ntopology = "jump"',
+         "no training of its own: it runs its members"),
+    ]
+    blocks = "\n".join(
+        f"# {how}\n[systems.{name}]\nkind = \"{kind}\"\n{body}\n"
+        for name, kind, body, how in systems)
+    return f"""# A dynviz workspace, written by `dynviz init`. Relative paths are relative to this file.
+# Train a system with the command above it, then `{command.removesuffix(" train")} ship`
+# (or serve the app with DYNVIZ_WORKSPACE set to this directory).
+name = {_quoted(directory.name)}
+reference = "resnet56"        # speedups and accuracy losses are measured against this system
+
+[data]
+root = {_quoted(_shown(root, directory))}
+classes = {_list(classes)}
+image_size = {size}
+# per channel, over the train split (images scaled to [0, 1])
+mean = {_list(mean)}
+std = {_list(std)}
+# validation: the last 10% of every class's files by sorted name, halved into fit/check
+# (train {counts['train']}, fit {counts['fit']}, check {counts['check']} images)
+val_fraction = 0.1
+
+{blocks}"""
