@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (idempotently) and run dynviz:  scripts/run.sh app | test [pytest args]
-# Creates .venv if missing, installs requirements.txt when it changed, then starts the app
-# or runs the whole test suite. Browser tests need Debian's chromium; `test` installs it
-# with apt-get when it is missing and we are root.
+# Creates .venv if missing, installs requirements.txt and then dynviz itself (editable) when
+# they changed, then starts the app or runs the whole test suite. Browser tests need Debian's
+# chromium; `test` installs it with apt-get when it is missing and we are root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -13,9 +13,19 @@ fi
 stamp=.venv/.requirements.sha256
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet --upgrade pip setuptools  # setuptools builds dynviz below
   .venv/bin/python -m pip install --quiet -r requirements.txt
   echo "$want" > "$stamp"
+fi
+
+# dynviz itself, editable: `import dynviz, models` from any directory and a `dynviz` command.
+# Built by the venv's setuptools (no isolated build env to download); reinstalled when
+# pyproject.toml changes or another checkout installed itself here since.
+install_stamp=.venv/.install.sha256
+install_want="$(sha256sum pyproject.toml | cut -d' ' -f1) $PWD"
+if [ "$(cat "$install_stamp" 2>/dev/null)" != "$install_want" ]; then
+  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+  echo "$install_want" > "$install_stamp"
 fi
 
 # The native (C++) block runner: compiled once per source version (about a minute), before

@@ -2,14 +2,21 @@
 and zoos. Fixtures built on them live in conftest.py."""
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-from dynviz import data
+from dynviz import data, settings
 from dynviz.policy import StageOutputs
+
+INSTALL_HINT = ("dynviz must be installed from this checkout into the venv: scripts/run.sh "
+                "does it (pip install --no-deps --no-build-isolation -e .)")
 
 
 def model_input(model: nn.Module, batch: int, size: int | None = None, seed: int = 0):
@@ -165,3 +172,11 @@ def stage_outputs_of(system, x) -> StageOutputs:
     labels = logits[:, -1].argmax(1).numpy()                     # the last stage is "right"
     labels[::7] = (labels[::7] + 1) % 10                          # ... mostly
     return StageOutputs(logits.numpy(), labels, macs.numpy().astype(float), jump)
+
+
+def run_outside(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``args`` run in ``cwd``, outside the repository, without PYTHONPATH: whatever they
+    import of dynviz comes from the venv's install, not from the source tree."""
+    assert not cwd.resolve().is_relative_to(settings.PROJECT_ROOT), cwd
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

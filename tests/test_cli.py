@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from PIL import Image
 
 from dynviz import settings, workspace, zoo
 from dynviz.cli import build_parser, main
-from tests.helpers import write_random_checkpoints
+from tests.helpers import INSTALL_HINT, run_outside, write_random_checkpoints
 
 
 COMMANDS = ("init", "data", "native", "train", "bench", "cache", "policies", "ship", "evaluate",
@@ -24,6 +26,20 @@ def test_help_lists_subcommands():
     listed = [line.split()[0] for line in out.split("COMMAND\n", 1)[1].splitlines()
               if line.startswith("    ") and line[4] != " "]      # not a wrapped help line
     assert tuple(listed) == COMMANDS
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "no_such_recipe"]])
+def test_the_dynviz_command_is_python_m_dynviz(args, tmp_path):
+    """The installed console script prints and exits as ``python -m dynviz`` does (``train``
+    with an unknown recipe: main's return value 2 becomes the exit status)."""
+    script = Path(sysconfig.get_path("scripts")) / "dynviz"     # the venv's bin/
+    assert script.exists(), INSTALL_HINT
+    command = run_outside([str(script), *args], tmp_path)
+    module = subprocess.run([sys.executable, "-m", "dynviz", *args], capture_output=True,
+                            text=True, cwd=settings.PROJECT_ROOT)
+    assert (command.returncode, command.stdout, command.stderr) == \
+        (module.returncode, module.stdout, module.stderr)
+    assert module.returncode == (0 if args == ["--help"] else 2)
 
 
 @pytest.mark.parametrize("command", [[c] for c in COMMANDS] + [

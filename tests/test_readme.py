@@ -1,16 +1,18 @@
-"""The README's library example runs as written, and says what the library computes."""
+"""The README's library example runs as written from outside the repository (dynviz is
+installed), and says what the library computes."""
 from __future__ import annotations
 
 import ast
 import json
 import re
-import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dynviz import learn, policy, settings, zoo
+from tests.helpers import INSTALL_HINT, run_outside
 
 README = settings.PROJECT_ROOT / "README.md"
 
@@ -26,11 +28,20 @@ def test_the_library_example_is_about_ten_lines():
     assert len(code) <= 12
 
 
+def test_the_library_imports_from_outside_the_repository(tmp_path):
+    run = run_outside([sys.executable, "-c",
+                       "import dynviz, models; print(dynviz.__file__); print(models.__file__)"],
+                      tmp_path)
+    assert run.returncode == 0, f"{run.stderr}\n{INSTALL_HINT}"
+    homes = [Path(file).resolve().parents[1] for file in run.stdout.splitlines()]
+    assert homes == [settings.PROJECT_ROOT] * 2, f"{INSTALL_HINT}; imported from {homes}"
+
+
 @pytest.mark.slow
-def test_the_library_example_runs_and_prints_what_the_library_computes(real_cifar, ws):
-    run = subprocess.run([sys.executable, "-c", library_example()], capture_output=True,
-                         text=True, cwd=settings.PROJECT_ROOT, timeout=600)
-    assert run.returncode == 0, run.stderr
+def test_the_library_example_runs_and_prints_what_the_library_computes(real_cifar, ws,
+                                                                       tmp_path):
+    run = run_outside([sys.executable, "-c", library_example()], tmp_path)
+    assert run.returncode == 0, f"{run.stderr}\n{INSTALL_HINT}"
     first, second = run.stdout.strip().splitlines()[-2:]
     prediction, share, path = first.split(" ", 2)
     assert prediction in ws.data.classes and 0 < float(share) <= 1
