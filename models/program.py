@@ -31,6 +31,8 @@ class ProgramClassifier(nn.Module):
     Args:
         program: the runnable module of an ``ExportedProgram`` (``.module()``), mapping
             (B, 3, S, S) images to (B, ``num_classes``) logits.
+        image_size: S, the side of the images it was checked and counted on.
+        num_classes: its logits per image.
         macs: MACs of one image at ``image_size``.
         batched: whether the program takes a batch of any size; if not (exported with a
             fixed batch of 1), ``forward`` runs it image by image.
