@@ -74,22 +74,47 @@ def test_dense_macs_equal_flop_counter(name):
         assert model.macs() == flops_macs(lambda: model(x))
 
 
-def test_resnet50_is_4_09_gmacs_and_loads_torchvision_weights():
-    reference = torchvision.models.resnet50().eval()
-    ours = models.create("resnet50").eval()
-    ours.load_state_dict(reference.state_dict())  # unchanged keys and shapes
-    x = torch.randn(1, 3, 224, 224)
+def test_resnet50_is_4_09_gmacs():
+    """The figure of torchvision's table and LC-Net's (ImageNet, 224²)."""
+    assert abs(models.create("resnet50").macs() / 4.09e9 - 1) < 0.005
+
+
+TORCHVISION = ["resnet18", "resnet50"]     # a basic-block and a bottleneck layout
+
+
+def _torchvision(name: str, seed: int) -> nn.Module:
+    """torchvision's ``name`` for 7 classes, random weights and BN statistics, eval mode."""
+    return randomize(getattr(torchvision.models, name)(num_classes=7).eval(), seed=seed)
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_resnets_load_unchanged(name):
+    reference = _torchvision(name, seed=4)
+    ours = models.create(name, num_classes=7, input_size=64).eval()
+    ours.load_state_dict(reference.state_dict())    # strict: the same keys and shapes
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(ours(x).logits, reference(x), atol=1e-5)
-        assert ours.macs() == flops_macs(lambda: reference(x))
-    assert abs(ours.macs() / 4.09e9 - 1) < 0.005
+        torch.testing.assert_close(ours(x).logits, reference(x), atol=1e-5, rtol=1e-5)
+        assert ours.macs() == flops_macs(lambda: reference(x[:1]))
 
 
-def test_gated_resnet50_takes_torchvision_weights_non_strict():
-    gated = models.create("lcnet_resnet50")
-    result = gated.load_state_dict(torchvision.models.resnet50().state_dict(), strict=False)
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_weights_under_gates_that_start_open(name):
+    """A user's torchvision checkpoint can be gated: only the gates are missing, and the
+    gates a model is built with (zero weights, bias 1: S_L = S_C = 1) compute it unchanged."""
+    reference = _torchvision(name, seed=5)
+    gated = models.create(f"lcnet_{name}", num_classes=7, input_size=64).eval()
+    result = gated.load_state_dict(reference.state_dict(), strict=False)
     assert not result.unexpected_keys
-    assert result.missing_keys and all("_gate." in k for k in result.missing_keys)
+    gates = {f"{b}.{gate}_gate.fc.{p}" for b in gated.block_names()
+             for gate in ("block", "channel") for p in ("weight", "bias")}
+    assert set(result.missing_keys) == gates
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = gated(x)
+        assert (out.trace.block_scores == 1).all()
+        assert all((s == 1).all() for s in out.trace.channel_scores)
+        torch.testing.assert_close(out.logits, reference(x), atol=1e-5, rtol=1e-5)
 
 
 def test_open_gates_trace_the_full_cost():
