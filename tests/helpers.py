@@ -12,7 +12,7 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-from dynviz import data, settings
+from dynviz import settings
 from dynviz.policy import StageOutputs
 
 INSTALL_HINT = ("dynviz must be installed from this checkout into the venv: scripts/run.sh "
