@@ -51,7 +51,8 @@ class Recipe:
 
     def __post_init__(self):
         if self.cycles < 1 or self.epochs % self.cycles:
-            raise ValueError(f"{self.epochs} epochs do not split into {self.cycles} cycles")
+            raise ValueError(f"{self.epochs} epochs do not split into the recipe's {self.cycles} "
+                             f"one-cycle schedules: use a multiple of {self.cycles}")
         if self.mac_weight and self.mac_target <= 0:
             raise ValueError("a MAC weight needs a positive mac_target")
         if self.teacher and not 0 < self.distill <= 1:
