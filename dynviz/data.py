@@ -194,6 +194,12 @@ def image_files(directory: Path) -> list[os.DirEntry]:
                   key=lambda e: e.name)
 
 
+def class_folders(directory: Path) -> list[str]:
+    """The sub-folders of an ImageFolder, sorted; hidden ones (``.ipynb_checkpoints``) are
+    not classes."""
+    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def open_imagefolder(directory: str | Path, spec: DataSpec,
                      every_class: bool = False) -> Dataset:
     """Every image under ``directory/<class>/``; the class folders must be among
@@ -201,7 +207,7 @@ def open_imagefolder(directory: str | Path, spec: DataSpec,
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetNotFoundError(f"{directory} is not a directory")
-    class_dirs = sorted(p.name for p in directory.iterdir() if p.is_dir())
+    class_dirs = class_folders(directory)
     unknown = [name for name in class_dirs if name not in spec.classes]
     if unknown or not class_dirs:
         raise ValueError(f"{directory}: expected sub-folders named after the classes "
@@ -304,8 +310,11 @@ def test_split(directory: str | Path, spec: DataSpec) -> Split:
 
 # ---------------------------------------------------------------------------- decoding
 def _decode_file(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as img:
-        return decode.to_rgb_array(img, size)
+    try:
+        with Image.open(path) as img:
+            return decode.to_rgb_array(img, size)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path}: not a readable image ({err}); remove or replace it") from None
 
 
 def _decode_all(dataset: Dataset, size: int) -> np.ndarray:

@@ -53,9 +53,9 @@ def sparsity_penalty(trace, recipe: Recipe, ramp: float = 1.0) -> torch.Tensor:
     ``ramp``·μ·max(0, E[MACs]/T − 1)², a squared hinge on the batch's mean MACs (T =
     ``mac_target``, μ = ``mac_weight``): it fades out smoothly at the target, as
     ConvNet-AIG's target-rate loss does (Veit & Belongie, ECCV 2018). E[MACs] counts a
-    block or channel with score s as min(1, s/ε) of it (ε = ``mac_eps``): trained gates
-    run most blocks at small S_L (median 0.22 in kd16), so the scores themselves would count
-    a sixth of the MACs spent (docs/lcnet.md); the ramp makes it count them all.
+    block or channel with score s as min(1, s/ε) of it (ε = ``mac_eps``): trained gates run
+    blocks at small scores, so the scores themselves would count a fraction of the MACs
+    spent (docs/lcnet.md, trial 2a). ``ramp`` in [0, 1] scales μ while it rises.
 
     With a ``mac_budget`` the L1 terms pull only while the batch's mean MACs exceed it, so
     that once the gates spend within the budget the rest of the run trains for accuracy alone.

@@ -23,8 +23,7 @@ def classes_of(root: Path) -> tuple[str, ...]:
     folder that is not one (missing, fewer than 2 classes, a class without enough images)."""
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
-    classes = tuple(sorted(p.name for p in root.iterdir()
-                           if p.is_dir() and not p.name.startswith(".")))
+    classes = tuple(data.class_folders(root))
     if len(classes) < 2:
         raise ValueError(f"{root} has {len(classes)} class folder(s); an ImageFolder needs at "
                          f"least 2 (<root>/<class>/<image>)")

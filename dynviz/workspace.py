@@ -9,11 +9,15 @@ command (``--workspace``, else ``$DYNVIZ_WORKSPACE``, else the built-in one).
 """
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
+import models
 from dynviz import data as _data
 from dynviz import settings
 from dynviz.data import DataSpec
@@ -99,8 +103,8 @@ class Workspace:
 def resolve(directory: str | Path | None = None) -> Workspace:
     """The workspace at ``directory``, else ``$DYNVIZ_WORKSPACE``, else the built-in one."""
     directory = directory or os.environ.get("DYNVIZ_WORKSPACE")
-    if not directory:
-        return builtin()
+    if not directory or Path(directory).expanduser().resolve() == settings.PROJECT_ROOT:
+        return builtin()           # the repository itself: its overrides and guards apply
     return load(directory)
 
 
@@ -135,6 +139,7 @@ def load(directory: str | Path) -> Workspace:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise WorkspaceError(f"{path} is not valid TOML: {err}") from None
     read = _Reader(path)
+    read.known(doc, ("name", "reference", "featured", "data", "paths", "systems", "recipes"))
     data_table = read.table(doc, "data")
     data = _data_spec(read, root, data_table)
     systems_table = read.table(doc, "systems")
@@ -142,6 +147,8 @@ def load(directory: str | Path) -> Workspace:
         raise WorkspaceError(f"{path}: [systems] lists no system")
     systems = {name: _system(read, name, read.table(systems_table, name, f"systems.{name}"))
                for name in systems_table}
+    for spec in systems.values():
+        _check_model(read, spec, data)
     for spec in systems.values():
         for member in spec.members:
             if member not in systems:
@@ -153,13 +160,14 @@ def load(directory: str | Path) -> Workspace:
     reference = read.string(doc, "reference", default=next(iter(systems)))
     if reference not in systems:
         raise WorkspaceError(f"{path}: reference = {reference!r} is not a system here")
-    if systems[reference].kind == "cascade":
-        raise WorkspaceError(f"{path}: reference = {reference!r} is a cascade; the reference "
-                             f"is a single network")
+    if systems[reference].kind not in ("static", "gated"):
+        raise WorkspaceError(f"{path}: reference = {reference!r} is a {systems[reference].kind} "
+                             f"system; the reference is a static (or gated) network")
     featured = read.string(doc, "featured", default=None)
     if featured is not None and featured not in systems:
         raise WorkspaceError(f"{path}: featured = {featured!r} is not a system here")
     paths = read.table(doc, "paths", default={})
+    read.known(paths, ("checkpoints", "results", "cache"), "paths.")
     cache = _path(root, read.string(paths, "cache", ".cache", "paths.cache"))
     return Workspace(
         root, replace(data, decoded_cache=cache / "images"), systems, reference, featured,
@@ -246,6 +254,35 @@ def _system(read: _Reader, name: str, table: dict) -> SystemSpec:
     return SystemSpec(name, kind, model, pairs, args)
 
 
+def _check_model(read: _Reader, spec: SystemSpec, data: DataSpec) -> None:
+    """Build ``spec``'s registry model without memory (meta tensors): an unknown model, an
+    argument it does not take, or a model of another kind fails here, naming the key."""
+    if spec.model is None:
+        return
+    where = f"systems.{spec.name}"
+    if spec.model not in models.names():
+        raise WorkspaceError(f"{read.path}: {where}.model = {spec.model!r} is not a registered "
+                             f"model (python -c 'import models; print(models.names())')")
+    args = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.model_args)
+    try:
+        kind = _kind_of(spec.model, args, data.n_classes, data.image_size)
+    except (TypeError, ValueError, KeyError) as err:
+        raise WorkspaceError(f"{read.path}: {where}.args do not fit {spec.model} "
+                             f"({' '.join(str(err).split())})") from None
+    if kind != spec.kind:
+        raise WorkspaceError(f"{read.path}: {where}.kind = {spec.kind!r}, but {spec.model} is "
+                             f"a {kind} model")
+
+
+@functools.lru_cache(maxsize=256)
+def _kind_of(model: str, args: tuple, n_classes: int, image_size: int) -> str:
+    with torch.device("meta"):
+        net = models.create(model, num_classes=n_classes, input_size=image_size, **dict(args))
+    if hasattr(net, "plain_macs"):                  # a GatedResNet
+        return "gated"
+    return "exits" if net.n_stages > 1 else "static"
+
+
 class _Reader:
     """Typed reads of a parsed TOML document that name the key on failure."""
 
@@ -260,6 +297,12 @@ class _Reader:
         if default is self._MISSING:
             raise WorkspaceError(f"{self.path}: {where} is missing")
         return default
+
+    def known(self, table: dict, keys: tuple[str, ...], prefix: str = "") -> None:
+        unknown = sorted(set(table) - set(keys))
+        if unknown:
+            raise WorkspaceError(f"{self.path}: unknown key {prefix}{unknown[0]} (known: "
+                                 f"{', '.join(keys)})")
 
     def table(self, table: dict, key: str, where: str | None = None, default=_MISSING) -> dict:
         value = self._get(table, key, where or key, default)

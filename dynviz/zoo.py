@@ -228,8 +228,27 @@ def _load_single(ws: Workspace, s: SystemSpec) -> nn.Module:
             raise CheckpointError(f"system {s.name}: {err}") from None
     model = create_model(ws, s)
     for path, ckpt in s.weights:
+        _check_trained_for(ws, checkpoint_path(ws, ckpt))
         load_weights(model.get_submodule(path) if path else model, checkpoint_path(ws, ckpt))
     return model
+
+
+def _check_trained_for(ws: Workspace, path: Path) -> None:
+    """A checkpoint trained on other classes or another input size (its manifest, when
+    ``train`` wrote one, says) is refused: the same number of classes would load silently
+    with the wrong labels."""
+    try:
+        manifest = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return                        # no manifest (weights from elsewhere): nothing to check
+    classes = manifest.get("classes") if isinstance(manifest, dict) else None
+    if classes is not None and tuple(classes) != ws.data.classes:
+        raise CheckpointError(f"{path} was trained on the classes {', '.join(classes)}, not "
+                              f"this workspace's {', '.join(ws.data.classes)}")
+    size = manifest.get("image_size")
+    if size is not None and size != ws.data.image_size:
+        raise CheckpointError(f"{path} was trained on {size}×{size} images, not this "
+                              f"workspace's {ws.data.image_size}×{ws.data.image_size}")
 
 
 def load_system(ws: Workspace, name: str, device: torch.device | None = None) -> nn.Module:

@@ -2,6 +2,7 @@
 and zoos. Fixtures built on them live in conftest.py."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -82,6 +83,34 @@ def make_imagefolder(root, per_class: int, size: int = 32, seed: int = 0, fmt: s
             pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i:04d}.png", fmt)
     return root
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)                  # a JSON string is a TOML basic string
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def workspace_toml(classes, image_size: int, systems: dict[str, dict], *, root="images",
+                   reference: str | None = None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                   extra: str = "", **data) -> str:
+    """A workspace's dynviz.toml as one writes it by hand: ``reference``, the [data] table
+    (``data``: further keys, e.g. ``val_fraction``), one [systems.NAME] table per entry of
+    ``systems`` (its keys as written in the file), then ``extra`` (e.g. [recipes.*]
+    tables). One ``key = value`` a line, lists as ``["a", "b"]``."""
+    lines = [f"reference = {_toml_value(reference)}"] if reference is not None else []
+    table = {"root": root, "classes": list(classes), "image_size": image_size,
+             "mean": list(mean), "std": list(std), **data}
+    lines += ["", "[data]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
+    for name, keys in systems.items():
+        lines += ["", f"[systems.{name}]", *(f"{k} = {_toml_value(v)}" for k, v in keys.items())]
+    return "\n".join(lines) + "\n" + extra
 
 
 def write_random_checkpoints(directory, checkpoints: dict[str, str]) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from dynviz import settings, workspace, zoo
 from dynviz.cli import build_parser, main
-from tests.helpers import INSTALL_HINT, run_outside, write_random_checkpoints
+from tests.helpers import INSTALL_HINT, run_outside, workspace_toml, write_random_checkpoints
 
 
 COMMANDS = ("init", "data", "native", "train", "bench", "cache", "policies", "ship", "evaluate",
@@ -102,27 +102,12 @@ def test_ship_without_timing_writes_results_with_null_speedups(app_env, tmp_path
     assert "| — | — |" in capsys.readouterr().out
 
 
-OWN_WORKSPACE = """
-reference = "big"
-[data]
-root = "images"
-classes = ["ant", "bee", "cow"]
-image_size = 16
-mean = [0.5, 0.5, 0.5]
-std = [0.25, 0.25, 0.25]
-[systems.small]
-kind = "static"
-model = "resnet8"
-checkpoint = "small"
-[systems.big]
-kind = "static"
-model = "resnet20"
-checkpoint = "big"
-[systems.exits]
-kind = "exits"
-model = "exits_resnet20"
-checkpoint = "exits"
-"""
+OWN_WORKSPACE = workspace_toml(
+    ("ant", "bee", "cow"), 16,
+    {"small": {"kind": "static", "model": "resnet8", "checkpoint": "small"},
+     "big": {"kind": "static", "model": "resnet20", "checkpoint": "big"},
+     "exits": {"kind": "exits", "model": "exits_resnet20", "checkpoint": "exits"}},
+    reference="big")
 
 
 def test_ship_and_predict_work_in_a_workspace_of_ones_own(tmp_path, capsys):

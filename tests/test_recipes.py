@@ -9,23 +9,13 @@ import pytest
 
 from dynviz import recipes, workspace
 from dynviz.recipes import RECIPES
+from tests.helpers import workspace_toml
 
-# a workspace of one's own, as one writes its dynviz.toml by hand
-WORKSPACE = """
-reference = "small"
-
-[data]
-root = "images"
-classes = ["kiwi", "emu", "moa"]
-image_size = 40
-mean = [0.5, 0.5, 0.5]
-std = [0.25, 0.25, 0.25]
-
-[systems.small]
-kind = "static"
-model = "resnet8"
-checkpoint = "resnet8"
-"""
+# a workspace of one's own
+WORKSPACE = workspace_toml(
+    ("kiwi", "emu", "moa"), 40,
+    {"small": {"kind": "static", "model": "resnet8", "checkpoint": "resnet8"}},
+    reference="small")
 
 THEIRS = """
 [recipes.theirs]
@@ -44,7 +34,7 @@ def _workspace(tmp_path, recipes_text: str) -> workspace.Workspace:
 
 
 def test_epochs_must_split_into_cycles():
-    with pytest.raises(ValueError, match="cycles"):
+    with pytest.raises(ValueError, match="use a multiple of"):
         dataclasses.replace(RECIPES["resnet8"], epochs=5, cycles=2)
 
 

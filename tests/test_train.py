@@ -20,7 +20,7 @@ import models
 from dynviz import recipes, settings, train, workspace, zoo
 from dynviz.cli import main
 from dynviz.recipes import RECIPES, Recipe
-from tests.helpers import flops_macs, make_imagefolder
+from tests.helpers import flops_macs, make_imagefolder, workspace_toml
 
 TINY = dataclasses.replace(RECIPES["resnet8"], epochs=2, batch_size=16, bf16=False)
 
@@ -440,29 +440,16 @@ def test_frozen_gates_keep_their_weights_while_the_backbone_trains(tws):
 # ---------------------------------------------------------------------------- own workspace
 KIWI_CLASSES = ("kiwi", "emu", "moa")
 
-# a workspace's dynviz.toml as one writes it by hand (compare the repository's own)
-OWN_WORKSPACE = """
-name = "birds"
-reference = "small"
-
-[data]
-root = "images"
-classes = ["kiwi", "emu", "moa"]
-image_size = 40
-mean = [0.5, 0.5, 0.5]
-std = [0.25, 0.25, 0.25]
-
-[systems.small]
-kind = "static"
-model = "resnet8"
-checkpoint = "resnet8"
-
+# a workspace of one's own, with a recipe of its own
+OWN_WORKSPACE = workspace_toml(
+    KIWI_CLASSES, 40, {"small": {"kind": "static", "model": "resnet8", "checkpoint": "resnet8"}},
+    reference="small", extra="""
 # the built-in resnet8, in batches this small dataset fills
 [recipes.resnet8]
 base = "resnet8"
 batch_size = 16
 bf16 = false
-"""
+""")
 
 
 @pytest.fixture

@@ -9,30 +9,14 @@ import pytest
 from PIL import Image
 
 from dynviz import data, scaffold, workspace
-from tests.helpers import make_imagefolder
+from tests.helpers import make_imagefolder, workspace_toml
 
 CLASSES = ("kiwi", "emu", "moa")
-
-GOOD = """
-reference = "small"
-[data]
-root = "images"
-classes = ["kiwi", "emu", "moa"]
-image_size = 40
-mean = [0.5, 0.5, 0.5]
-std = [0.25, 0.25, 0.25]
-[systems.small]
-kind = "static"
-model = "resnet8"
-checkpoint = "resnet8"
-[systems.theirs]
-kind = "static"
-program = "exported/theirs.pt2"
-[systems.both]
-kind = "cascade"
-members = ["small", "theirs"]
-topology = "jump"
-"""
+SYSTEMS = {"small": {"kind": "static", "model": "resnet8", "checkpoint": "resnet8"},
+           "theirs": {"kind": "static", "program": "exported/theirs.pt2"},
+           "both": {"kind": "cascade", "members": ["small", "theirs"], "topology": "jump"}}
+# the helper's mean and std: 0.5 and 0.25 a channel; the malformed-key tests edit its lines
+GOOD = workspace_toml(CLASSES, 40, SYSTEMS, reference="small")
 
 
 def _write(directory, text: str):
@@ -51,7 +35,8 @@ def test_a_workspace_reads_back_what_its_file_says(tmp_path):
     assert ws.program_path(ws.spec("theirs")) == tmp_path / "ws" / "exported" / "theirs.pt2"
     assert ws.spec("both").members == ("small", "theirs") and ws.spec("both").topology == "jump"
     assert ws.checkpoints == tmp_path / "ws" / "checkpoints" and not ws.builtin
-    absolute = GOOD.replace('root = "images"', f'root = "{tmp_path / "elsewhere"}"')
+    absolute = workspace_toml(CLASSES, 40, SYSTEMS, reference="small",
+                              root=str(tmp_path / "elsewhere"))
     assert workspace.load(_write(tmp_path / "abs", absolute)).data.roots == (
         tmp_path / "elsewhere",)
 
@@ -71,6 +56,14 @@ def test_a_workspace_reads_back_what_its_file_says(tmp_path):
      "systems.small.chekpoint"),
     (lambda t: t.replace('topology = "jump"', 'topology = "tree"'), "systems.both.topology"),
     (lambda t: t + "[data.extra]\n", "data.extra"),
+    (lambda t: "refrence = \"small\"\n" + t, "unknown key refrence"),
+    (lambda t: t + "[paths]\ncheckpoint = \"w\"\n", "unknown key paths.checkpoint"),
+    (lambda t: t.replace('model = "resnet8"', 'model = "resnet9"'), "systems.small.model"),
+    (lambda t: t.replace('model = "resnet8"', 'model = "resnet8"\nargs = { placment = 1 }'),
+     "systems.small.args"),
+    (lambda t: t.replace('model = "resnet8"', 'model = "lcnet_resnet8"'), "systems.small.kind"),
+    (lambda t: t.replace('kind = "static"\nmodel', 'kind = "exits"\nmodel'),
+     "systems.small.kind"),
     (lambda t: t.replace("[data]", "[data"), "not valid TOML"),
 ])
 def test_a_malformed_file_is_one_line_naming_the_key(tmp_path, edit, named):
@@ -93,6 +86,8 @@ def test_the_workspace_is_the_argument_else_the_environment_else_the_builtin(tmp
     monkeypatch.setenv("DYNVIZ_WORKSPACE", str(own))
     assert workspace.resolve().root == own.resolve()
     assert workspace.resolve(workspace.builtin().root).root == workspace.builtin().root
+    # the repository named as a directory is the built-in workspace, with its guards
+    assert workspace.resolve(workspace.builtin().root).builtin
 
 
 def test_the_builtin_workspace_is_the_cifar10_zoo():
@@ -159,3 +154,35 @@ def test_init_refuses_what_is_not_a_usable_imagefolder(tmp_path):
         scaffold.starter(tmp_path / "c", ok)
     assert workspace.load(tmp_path / "c").data.image_size == 24
     assert data.MIN_PER_CLASS == 20
+
+
+def test_init_skips_hidden_folders_and_names_an_unreadable_image(tmp_path):
+    root = _folder(tmp_path / "images")
+    (root / ".ipynb_checkpoints").mkdir()
+    ws = workspace.load(scaffold.starter(tmp_path / "ws", root).parent)
+    assert ws.data.classes == tuple(sorted(CLASSES)) and len(ws.dataset()) == 76
+    (root / "emu" / "999.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError) as err:
+        scaffold.starter(tmp_path / "ws2", root)
+    assert "999.png: not a readable image" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_trained_on_other_classes_is_refused(tmp_path):
+    import json
+
+    import torch
+
+    from dynviz import zoo
+
+    home = _write(tmp_path / "ws", GOOD)
+    ws = workspace.load(home)
+    ws.checkpoints.mkdir()
+    torch.save(zoo.create_model(ws, ws.spec("small")).state_dict(), ws.checkpoints / "resnet8.pt")
+    zoo.load_system(ws, "small", torch.device("cpu"))            # no manifest: loads
+    manifest = ws.checkpoints / "resnet8.json"
+    manifest.write_text(json.dumps({"classes": ["kiwi", "moa", "emu"], "image_size": 40}))
+    with pytest.raises(zoo.CheckpointError, match="trained on the classes kiwi, moa, emu"):
+        zoo.load_system(ws, "small", torch.device("cpu"))
+    manifest.write_text(json.dumps({"classes": list(CLASSES), "image_size": 32}))
+    with pytest.raises(zoo.CheckpointError, match="32×32"):
+        zoo.load_system(ws, "small", torch.device("cpu"))

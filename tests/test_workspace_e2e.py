@@ -43,6 +43,19 @@ base = "lcnet_resnet56"
 model = "lcnet_resnet18"
 init_from = "tv_resnet18"
 epochs = 1
+
+[systems.exits18]
+kind = "exits"
+model = "exits_resnet20"
+checkpoint = "exits18"
+args = { backbone = "resnet18", exits = [3, 5], head_convs = 1 }
+
+[recipes.exits18]
+base = "exits_resnet56"
+model = "exits_resnet20"
+model_args = { backbone = "resnet18", exits = [3, 5], head_convs = 1 }
+init_from = "tv_resnet18"
+epochs = 1
 """
 
 
@@ -93,7 +106,8 @@ def test_a_workspace_from_scratch(folder, tmp_path, monkeypatch, capsys):
     here = ["--workspace", str(home)]
     assert main(here + ["train", "resnet8", "--epochs", "1", "--limit-batches", "2"]) == 0
     assert main(here + ["train", "gated18", "--limit-batches", "2"]) == 0
-    assert set(zoo.available(ws)) == {"resnet8", "theirs", "both", "gated18"}
+    assert main(here + ["train", "exits18", "--limit-batches", "2"]) == 0
+    assert set(zoo.available(ws)) == {"resnet8", "theirs", "both", "gated18", "exits18"}
     # the gated net started from the torchvision weights: its convolutions moved only a
     # little in two steps, its gates are new
     gated = torch.load(home / "checkpoints" / "gated18.pt", weights_only=True)
@@ -101,19 +115,23 @@ def test_a_workspace_from_scratch(folder, tmp_path, monkeypatch, capsys):
     assert torch.allclose(gated["layer4.1.conv2.weight"], start["layer4.1.conv2.weight"],
                           atol=1e-2)
     assert any("_gate." in k for k in gated) and not any("_gate." in k for k in start)
+    # the exit heads trained on the torchvision backbone, which stayed as it was
+    exits = torch.load(home / "checkpoints" / "exits18.pt", weights_only=True)
+    assert all(torch.equal(exits[f"backbone.{k}"], v) for k, v in start.items()
+               if not k.startswith("fc.") and v.is_floating_point())
 
     capsys.readouterr()
     assert main(here + ["ship", "--no-timing"]) == 0
     results = json.loads((ws.results / "results.json").read_text())
     rows = {row["system"]: row for row in results["rows"]} if isinstance(results, dict) \
         else {row["system"]: row for row in results}
-    assert {"resnet8", "theirs", "both", "gated18"} <= set(rows)
+    assert {"resnet8", "theirs", "both", "gated18", "exits18"} <= set(rows)
     assert list((ws.results / "policies").glob("both-*.json"))
 
     # predict answers what the masked (reference) model answers on the same file
     image = folder / "toad" / sorted(p.name for p in (folder / "toad").iterdir())[0]
     x = ws.data.to_tensor(uploads.preprocess_upload(image.read_bytes(), SIZE)[None])
-    for name in ("gated18", "both"):
+    for name in ("gated18", "both", "exits18"):
         capsys.readouterr()
         assert main(here + ["predict", name, str(image)]) == 0
         answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -38,5 +38,6 @@ def main(argv: list[str] | None = None) -> int:
             args.ws = workspace.resolve(args.workspace)
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as err:  # incl. missing data/checkpoints
-        print(f"error: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from dynviz import live, operating_points, uploads
+    from dynviz import live, operating_points, uploads, zoo
 
     ws = args.ws
     images = []       # every file decoded before a model loads: a bad one fails at once
@@ -31,6 +31,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: {getattr(err, 'strerror', None) or err}") from None
     policy = (operating_points.load_policy(ws, args.system, args.loss / 100) if args.loss
               else None)
+    if args.loss and policy is None and zoo.staged(ws, [args.system]):
+        raise FileNotFoundError(f"no shipped ≤{args.loss:g}% loss point for {args.system}; run "
+                                f"`{live.policies_command(ws)}`")
     system = live.build(ws, args.system, policy)
     for path, image in zip(args.images, images):
         print(json.dumps({"image": path} | live.inspect_image(system, image).summary()))
