@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 RESTORE_SHIPPED = "git checkout -- assets/"
 
 
+def _restore_shipped(ws: Workspace) -> str:
+    """How to get a workspace's shipped caches back: git has the repository's; a workspace
+    of one's own ships them again."""
+    if ws.builtin:
+        return f"restore the shipped caches with `{RESTORE_SHIPPED}`"
+    return f"delete it and run `python -m dynviz --workspace {ws.root} ship`"
+
+
 class CorruptCacheError(ValueError):
     """A cache directory whose manifest or arrays cannot be read, or disagree."""
 
@@ -202,7 +210,7 @@ def find(ws: Workspace, system: str, split: data.Split | str,
             return load(directory)
         except CorruptCacheError as err:
             raise CorruptCacheError(directory, err.reason,
-                                    f"; restore the shipped caches with `{RESTORE_SHIPPED}`"
+                                    f"; {_restore_shipped(ws)}"
                                     ) from None
     for directory in sorted((ws.cache / "outputs").glob(pattern)):
         found = _load_or_set_aside(directory)
