@@ -88,3 +88,17 @@ def app_env(app_root, monkeypatch):
 def ws():
     """The built-in workspace as the environment (set by the other fixtures) redirects it."""
     return workspace.builtin()
+
+
+@pytest.fixture
+def fresh_caches():
+    """Empty the app's caches around a test that redirects the built-in workspace's
+    directories (the app resolves it once per process, and keys models by its root, which
+    stays)."""
+    import streamlit as st
+
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield
+    st.cache_resource.clear()
+    st.cache_data.clear()

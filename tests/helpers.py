@@ -209,3 +209,15 @@ def run_outside(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     assert not cwd.resolve().is_relative_to(settings.PROJECT_ROOT), cwd
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_page(page: str, **state):
+    """One of the app's pages (``inspect``, ``budget``, ``galleries``, ``models``) run
+    through Streamlit's AppTest, with ``state`` set in its session first."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(settings.PROJECT_ROOT / "dynviz" / "ui" / f"{page}_page.py"),
+                           default_timeout=120)
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at.run()

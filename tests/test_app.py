@@ -10,23 +10,13 @@ import shutil
 
 import numpy as np
 import pytest
-import streamlit as st
 import torch
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dynviz import budget, evaluate, gallery, operating_points, settings, workspace, zoo
+from dynviz import budget, evaluate, gallery, operating_points, runtime, workspace, zoo
 from dynviz import policy as P
-from tests.helpers import make_imagefolder
-
-PAGES = str(settings.PROJECT_ROOT / "dynviz" / "ui" / "{}_page.py")
-
-
-def _run(page: str, **state) -> AppTest:
-    at = AppTest.from_file(PAGES.format(page), default_timeout=120)
-    for key, value in state.items():
-        at.session_state[key] = value
-    return at.run()
+from tests.helpers import make_imagefolder, run_page, workspace_toml
 
 
 def _png(colour=(200, 30, 30), size=(48, 40)) -> bytes:
@@ -46,20 +36,9 @@ def _no_exception(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
 
-@pytest.fixture
-def fresh_caches():
-    """Empty the app's caches around a test that redirects the built-in workspace's directories
-    (the app resolves it once per process, and keys models by its root, which stays)."""
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    yield
-    st.cache_resource.clear()
-    st.cache_data.clear()
-
-
 @pytest.mark.parametrize("page", ["inspect", "budget", "galleries", "models"])
 def test_every_page_loads(app_env, page):
-    at = _run(page)
+    at = run_page(page)
     _no_exception(at)
     assert at.title[0].value.lower() == page
 
@@ -69,19 +48,19 @@ def test_pickers_start_on_a_dynamic_system_and_inspect_shows_an_image(app_env, w
     dynamic = [n for n in trained if ws.spec(n).kind in ("gated", "exits", "cascade")]
     start = ws.featured if ws.featured in trained else dynamic[0]
     assert ws.spec(start).kind != "static"
-    inspect = _run("inspect")
+    inspect = run_page("inspect")
     _no_exception(inspect)
     assert inspect.selectbox(key="inspect_system").value == start
     assert inspect.radio(key="inspect_source").value == "A validation image"
     assert [m for m in inspect.metric if m.label == "Prediction"]   # something on arrival
-    galleries = _run("galleries")
+    galleries = run_page("galleries")
     _no_exception(galleries)
     picker = galleries.selectbox(key="gallery_system")
     assert picker.value == start and picker.options == dynamic   # no static network
 
 
 def test_inspect_upload_good_then_broken_then_good(app_env, ws):
-    at = _run("inspect", inspect_system="resnet20", inspect_source="Upload an image")
+    at = run_page("inspect", inspect_system="resnet20", inspect_source="Upload an image")
     assert at.caption[-1].value.startswith("Pick or upload an image")
     at.file_uploader(key="inspect_upload").set_value(("red.png", _png(), "image/png")).run()
     _no_exception(at)
@@ -99,7 +78,7 @@ def test_inspect_upload_good_then_broken_then_good(app_env, ws):
 
 
 def test_inspect_gated_shows_what_the_masked_model_computes(app_env, ws):
-    at = _run("inspect", inspect_system="lcnet_resnet20", inspect_source="A validation image",
+    at = run_page("inspect", inspect_system="lcnet_resnet20", inspect_source="A validation image",
               inspect_class="ship", inspect_index=2)
     _no_exception(at)
     charts = at.get("plotly_chart")
@@ -119,7 +98,7 @@ def test_inspect_gated_shows_what_the_masked_model_computes(app_env, ws):
 
 
 def test_inspect_cascade_shows_the_stage_path(app_env, ws):
-    at = _run("inspect", inspect_system="cascade_r8_r20_r56",
+    at = run_page("inspect", inspect_system="cascade_r8_r20_r56",
               inspect_source="A validation image", inspect_class="ship", inspect_index=3)
     _no_exception(at)
     assert len(at.get("plotly_chart")) == 2  # top-5 and the stage path
@@ -164,7 +143,7 @@ def test_inspect_cascade_shows_the_stage_path(app_env, ws):
 
 
 def test_budget_slider_moves_the_operating_point_as_the_library_says(app_env, ws):
-    at = _run("budget", budget_system="cascade_r8_r20_r56")
+    at = run_page("budget", budget_system="cascade_r8_r20_r56")
     _no_exception(at)
     fit = zoo.outputs(ws, "cascade_r8_r20_r56", app_env, progress=False).half("fit")
     check = zoo.outputs(ws, "cascade_r8_r20_r56", app_env, progress=False).half("check")
@@ -194,7 +173,7 @@ def test_budget_slider_moves_the_operating_point_as_the_library_says(app_env, ws
 
 
 def test_budget_slider_starts_at_each_systems_shipped_point(app_env, ws):
-    at = _run("budget", budget_system="cascade_r8_r20_r56")
+    at = run_page("budget", budget_system="cascade_r8_r20_r56")
     starts = {}
     for name in ("exits_resnet56", "cascade_r8_r20_r56"):
         at.selectbox(key="budget_system").set_value(name).run()
@@ -218,7 +197,7 @@ def test_budget_slider_starts_at_each_systems_shipped_point(app_env, ws):
 
 
 def test_budget_policy_goes_to_inspect(app_env, ws):
-    at = _run("budget", budget_system="exits_resnet56")
+    at = run_page("budget", budget_system="exits_resnet56")
     at.button(key="budget_use").click().run()
     _no_exception(at)
     handed = at.session_state["budget_policy"]["exits_resnet56"]
@@ -231,7 +210,7 @@ def test_budget_policy_goes_to_inspect(app_env, ws):
     expected = budget.solve(cached.half("fit"), cached.half("check"), query)
     assert handed == expected.policy.to_json()
     # Inspect offers it, and runs the image with it
-    inspect = _run("inspect", inspect_system="exits_resnet56", budget_policy={
+    inspect = run_page("inspect", inspect_system="exits_resnet56", budget_policy={
         "exits_resnet56": handed}, inspect_source="A validation image")
     _no_exception(inspect)
     point = inspect.selectbox(key="inspect_point")
@@ -242,7 +221,7 @@ def test_budget_policy_goes_to_inspect(app_env, ws):
 
 
 def test_galleries_rank_a_class_by_what_the_model_spent(app_env, ws):
-    at = _run("galleries", gallery_system="lcnet_resnet20")
+    at = run_page("galleries", gallery_system="lcnet_resnet20")
     _no_exception(at)
     assert [s.value for s in at.subheader][:2] == ["Cheapest", "Costliest"]
     assert len(at.get("plotly_chart")) == 2  # class cost, channel firing
@@ -282,7 +261,7 @@ def test_galleries_firing_rates_and_their_starting_block_by_brute_force(app_env,
     assert max(spreads) > 0
     start = gallery.most_class_specific_block(cached, n_classes)
     assert spreads[start] == pytest.approx(max(spreads))
-    at = _run("galleries", gallery_system="lcnet_resnet20")
+    at = run_page("galleries", gallery_system="lcnet_resnet20")
     _no_exception(at)
     picker = at.selectbox(key="gallery_block")
     assert picker.value == start
@@ -311,7 +290,7 @@ def test_models_page_lists_results_checkpoints_and_papers(app_env, ws, tmp_path,
         "metrics": {"check": {"accuracy": 0.8156, "macs_mean": 12.5e6}}}))
     monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path / "assets"))
     monkeypatch.setenv("DYNVIZ_CHECKPOINTS", str(tmp_path / "ckpt"))
-    at = _run("models")
+    at = run_page("models")
     _no_exception(at)
     results, checkpoints, papers = (df.value for df in at.dataframe)
     assert results["system"].tolist() == [r.system for r in rows]
@@ -326,7 +305,7 @@ def test_models_page_lists_results_checkpoints_and_papers(app_env, ws, tmp_path,
 
 
 def test_budget_in_measured_latency(app_env):
-    at = _run("budget", budget_system="cascade_r8_r20_r56",
+    at = run_page("budget", budget_system="cascade_r8_r20_r56",
               budget_metric="measured latency (batch 1)")
     _no_exception(at)
     cost = [m for m in at.metric if m.label == "Mean cost (check)"][0]
@@ -350,7 +329,7 @@ def test_a_truncated_checkpoint_shows_how_to_restore_it(page, checkpoint, app_en
     shutil.copytree(app_root / "cache" / "images", tmp_path / "cache" / "images")
     monkeypatch.setenv("DYNVIZ_CHECKPOINTS", str(checkpoints))
     monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "cache"))
-    at = _run(page)
+    at = run_page(page)
     _no_exception(at)
     (error,) = at.error
     assert error.value.startswith(f"cannot read {checkpoints / checkpoint}.pt: truncated or "
@@ -360,22 +339,15 @@ def test_a_truncated_checkpoint_shows_how_to_restore_it(page, checkpoint, app_en
 
 
 OWN_CLASSES = ("cat_a", "dog_b", "emu")
-OWN_TOML = """\
-reference = "resnet20"            # not the first system: the pages must read it
-[data]
-root = "images"
-classes = ["cat_a", "dog_b", "emu"]
-image_size = 36                   # the files are 40×40
-mean = [0.5, 0.5, 0.5]
-std = [0.25, 0.25, 0.25]
-val_fraction = 0.25               # 6 of 24 a class: 3 in each half
-[systems]
-resnet8 = { kind = "static", model = "resnet8", checkpoint = "resnet8" }
-resnet20 = { kind = "static", model = "resnet20", checkpoint = "resnet20" }
-lcnet_resnet8 = { kind = "gated", model = "lcnet_resnet8", checkpoint = "lcnet_resnet8" }
-r8_r20 = { kind = "cascade", members = ["resnet8", "resnet20"] }
-resnet32 = { kind = "static", model = "resnet32", checkpoint = "resnet32" }   # untrained
-"""
+OWN_TOML = workspace_toml(
+    OWN_CLASSES, 36,                                         # the files are 40×40
+    {"resnet8": {"kind": "static", "model": "resnet8", "checkpoint": "resnet8"},
+     "resnet20": {"kind": "static", "model": "resnet20", "checkpoint": "resnet20"},
+     "lcnet_resnet8": {"kind": "gated", "model": "lcnet_resnet8", "checkpoint": "lcnet_resnet8"},
+     "r8_r20": {"kind": "cascade", "members": ["resnet8", "resnet20"]},
+     "resnet32": {"kind": "static", "model": "resnet32", "checkpoint": "resnet32"}},  # untrained
+    reference="resnet20",                   # not the first system: the pages must read it
+    val_fraction=0.25)                      # 6 of 24 a class: 3 in each half
 
 
 def test_every_page_serves_a_workspace_of_ones_own(tmp_path, monkeypatch):
@@ -398,7 +370,7 @@ def test_every_page_serves_a_workspace_of_ones_own(tmp_path, monkeypatch):
     trained = ["resnet8", "resnet20", "lcnet_resnet8", "r8_r20"]
 
     # Inspect: the workspace's systems, classes and size; the gated network's prediction
-    at = _run("inspect", inspect_class="emu", inspect_index=1)
+    at = run_page("inspect", inspect_class="emu", inspect_index=1)
     _no_exception(at)
     assert at.selectbox(key="inspect_system").options == trained
     assert at.selectbox(key="inspect_system").value == "lcnet_resnet8"   # the first dynamic
@@ -420,16 +392,23 @@ def test_every_page_serves_a_workspace_of_ones_own(tmp_path, monkeypatch):
     assert [c for el in at.get("image") for c in el.captions] == ["as the model sees it (36×36)"]
 
     # Budget: the one staged system, its losses against the workspace's reference
-    at = _run("budget")
+    at = run_page("budget")
     _no_exception(at)
     assert at.selectbox(key="budget_system").options == ["r8_r20"]
     deltas = [m.delta for m in at.metric if m.label.startswith("Accuracy (")]
     assert len(deltas) == 2 and all(d.endswith(" pt vs resnet20") for d in deltas)
     hist = json.loads(at.get("plotly_chart")[1].proto.spec)["data"][0]   # the cascade's stages
     assert hist["x"] == ["resnet8", "resnet20"]
+    real, sizes = runtime.stage_seconds, []     # in latency, its stages timed at 36×36 images
+    monkeypatch.setattr(runtime, "stage_seconds",
+                        lambda system, size, **kw: sizes.append(size) or real(system, size, **kw))
+    at.selectbox(key="budget_metric").set_value("measured latency (batch 1)").run()
+    _no_exception(at)
+    cost = [m.value for m in at.metric if m.label == "Mean cost (check)"]
+    assert sizes == [36] and cost[0].endswith(" ms") and float(cost[0].split()[0]) > 0
 
     # Galleries: dynamic systems only, the workspace's classes in pickers, captions and axes
-    at = _run("galleries", gallery_system="lcnet_resnet8", gallery_class="dog_b")
+    at = run_page("galleries", gallery_system="lcnet_resnet8", gallery_class="dog_b")
     _no_exception(at)
     assert at.selectbox(key="gallery_system").options == ["lcnet_resnet8", "r8_r20"]
     assert at.selectbox(key="gallery_class").options == ["all", *OWN_CLASSES]
@@ -439,7 +418,7 @@ def test_every_page_serves_a_workspace_of_ones_own(tmp_path, monkeypatch):
     assert list(cost["x"]) == list(OWN_CLASSES) and list(firing["y"]) == list(OWN_CLASSES)
 
     # Models: the workspace's results and checkpoints, and how to train what is missing
-    at = _run("models")
+    at = run_page("models")
     _no_exception(at)
     assert at.subheader[0].value == "Results on the check half (vs resnet20)"
     assert [df.value.iloc[:, 0].tolist() for df in at.dataframe[:2]] == [["resnet20"],

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from dynviz import settings, uploads, workspace, zoo
 from dynviz.cli import main
+from tests.helpers import run_page
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,7 @@ SHARED = settings.PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg" /
 RENAMED = {"airplane": "jet", "frog": "toad", "ship": "boat"}   # folder names, not CIFAR's
 PER_CLASS = 50     # 45 train images a class: one batch of 128
 SIZE = 36
-PAGES = ("inspect_page", "budget_page", "galleries_page", "models_page")
+PAGES = ("inspect", "budget", "galleries", "models")
 
 ADDED = """
 [systems.theirs]
@@ -142,13 +143,10 @@ def test_a_workspace_from_scratch(folder, tmp_path, monkeypatch, capsys):
             assert answer["prediction"] == ws.data.classes[int(logits.argmax())]
 
     # every page of the app serves this workspace
-    from streamlit.testing.v1 import AppTest
-
     monkeypatch.setenv("DYNVIZ_WORKSPACE", str(home))
     for page in PAGES:
-        at = AppTest.from_file(str(settings.PROJECT_ROOT / "dynviz" / "ui" / f"{page}.py"),
-                               default_timeout=120).run()
-        assert not at.exception, (page, [e.value for e in at.exception])
-        if page == "inspect_page":
+        at = run_page(page)
+        assert not at.exception and not at.error, (page, [e.value for e in at.exception])
+        if page == "inspect":
             classes = [box for box in at.selectbox if box.key == "inspect_class"]
             assert classes and list(classes[0].options) == list(ws.data.classes)

@@ -69,10 +69,11 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 
 @torch.no_grad()
-def stage_seconds(system: nn.Module, batch_size: int = 1, repeats: int = 5,
-                  input_size: int = 32) -> tuple[list[float], float]:
+def stage_seconds(system: nn.Module, input_size: int, batch_size: int = 1,
+                  repeats: int = 5) -> tuple[list[float], float]:
     """Measured seconds per image of every stage of a staged system (each given the state
-    the previous stages leave), and of its dense counterpart, at ``batch_size``."""
+    the previous stages leave), and of its dense counterpart, at ``batch_size`` images of
+    ``input_size``² pixels (the workspace's size: a system may run at no other)."""
     device = next(system.parameters()).device
     x = torch.randn(batch_size, 3, input_size, input_size, device=device).contiguous(
         memory_format=torch.channels_last)

@@ -11,13 +11,14 @@ from dynviz.ui import state
 N_SHOWN = 8
 
 
-def gallery(title: str, order: np.ndarray, cost, pred, labels, images,
+def gallery(title: str, shown: np.ndarray, cost, pred, labels, images,
             classes: tuple[str, ...]) -> None:
+    """``shown``: positions in the split; ``images``: (len(shown), S, S, 3), theirs."""
     st.subheader(title)
     cols = st.columns(N_SHOWN)
-    for col, i in zip(cols, order[:N_SHOWN]):
+    for col, i, image in zip(cols, shown, images):
         ok = "✓" if pred[i] == labels[i] else "✗"
-        col.image(images[i], width=96,
+        col.image(image, width=96,
                   caption=f"{classes[labels[i]]} → {classes[pred[i]]} {ok} "
                           f"{cost[i] / 1e6:.1f}M")
 
@@ -46,13 +47,12 @@ def render() -> None:
     cached = state.outputs(ws, name)
     cost, pred, reference = G.per_image_cost(ws, name, cached)
     labels = cached.arrays["labels"].astype(int)
-    images = split.images()
     cls = st.selectbox("Class", ["all"] + list(classes), key="gallery_class")
     members = np.arange(len(labels)) if cls == "all" else \
         np.flatnonzero(labels == classes.index(cls))
     order = members[np.argsort(cost[members], kind="stable")]
-    gallery("Cheapest", order, cost, pred, labels, images, classes)
-    gallery("Costliest", order[::-1], cost, pred, labels, images, classes)
+    for title, shown in (("Cheapest", order[:N_SHOWN]), ("Costliest", order[::-1][:N_SHOWN])):
+        gallery(title, shown, cost, pred, labels, state.shown_images(split, shown), classes)
     per_class = np.array([cost[labels == c].mean() for c in range(len(classes))])
     st.plotly_chart(plots.class_cost(per_class, classes, reference), key="gallery_class_cost")
     if "block_scores" in cached.arrays:

@@ -66,7 +66,7 @@ def choose_image(ws: Workspace) -> np.ndarray | None:
     # every class has one check image at least (data.split_indices); a slider needs two
     k = 0 if len(members) == 1 else st.slider(
         "Image of that class (check half)", 0, len(members) - 1, 0, key="inspect_index")
-    return np.asarray(check.images()[members[k]])
+    return state.shown_images(check, members[k:k + 1])[0]
 
 
 def render_result(result) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -44,25 +45,43 @@ def _height(n_rows: int) -> int:
 
 
 def results_rows(ws: Workspace) -> list[dict]:
-    """From the workspace's ``results.json`` (``python -m dynviz ship`` writes it)."""
+    """From the workspace's ``results.json`` (``python -m dynviz ship`` writes it).
+
+    Raises:
+        ValueError: the file is not such a table (named, with how to rebuild it).
+    """
     path = ws.results / "results.json"
     if not path.exists():
         return []
-    return [{"system": r["system"], "operating point": r["operating_point"],
-             "accuracy": 100 * r["accuracy"], "MACs (M)": r["macs_mean"] / 1e6,
-             "MAC reduction": r["macs_reduction"], "speedup b1": r["speedup_b1"],
-             "speedup b256": r["speedup_b256"]} for r in json.loads(path.read_text())]
+    try:
+        return [{"system": r["system"], "operating point": r["operating_point"],
+                 "accuracy": 100 * r["accuracy"], "MACs (M)": r["macs_mean"] / 1e6,
+                 "MAC reduction": r["macs_reduction"], "speedup b1": r["speedup_b1"],
+                 "speedup b256": r["speedup_b256"]} for r in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError) as err:   # not JSON, or not ship's rows
+        ship = "python -m dynviz" + ("" if ws.builtin else f" --workspace {ws.root}") + " ship"
+        raise ValueError(f"{path} is not a results table ({type(err).__name__}: {err}); "
+                         f"rebuild it with `{ship}`") from None
+
+
+def _manifest(path: Path) -> dict | None:
+    """A checkpoint's manifest, or None for a JSON file beside the checkpoints that is not
+    one (unreadable, or written by something else)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):           # ValueError: not UTF-8, or not JSON
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("name"), str) else None
 
 
 def checkpoint_rows(ws: Workspace) -> list[dict]:
     """From the manifests (``NAME.json``) beside the workspace's checkpoints."""
     rows = []
-    for manifest in sorted(ws.checkpoints.glob("*.json")):
-        meta = json.loads(manifest.read_text())
-        check = meta.get("metrics", {}).get("check", {})
+    for meta in filter(None, map(_manifest, sorted(ws.checkpoints.glob("*.json")))):
+        check = (meta.get("metrics") or {}).get("check") or {}
         acc = check.get("accuracy")
         acc = acc[-1] if isinstance(acc, list) else acc
-        rows.append({"checkpoint": meta["name"], "model": meta["model"],
+        rows.append({"checkpoint": meta["name"], "model": meta.get("model"),
                      "check accuracy": None if acc is None else 100 * acc,
                      "MACs (M)": (check.get("macs_mean") or 0) / 1e6,
                      "epochs": len(meta.get("history", [])),
@@ -74,7 +93,11 @@ def checkpoint_rows(ws: Workspace) -> list[dict]:
 def render() -> None:
     st.title("Models")
     ws = state.workspace()
-    rows = results_rows(ws)
+    try:
+        rows = results_rows(ws)
+    except ValueError as err:      # the rest of the page stands without the table
+        st.warning(str(err))
+        rows = []
     if rows:
         st.subheader(f"Results on the check half (vs {ws.reference})")
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="results",

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
 import streamlit as st
 
 from dynviz import (budget, cache, data, gallery, live, operating_points, policy as P,
                     runtime, zoo)
-from dynviz.workspace import Workspace, WorkspaceError, resolve
+from dynviz.workspace import Workspace, resolve
 
 # the cached functions below take the app's workspace, keyed by its root directory
 _BY_ROOT = {Workspace: lambda ws: str(ws.root)}
@@ -48,21 +49,39 @@ def _allocator_tuned() -> bool:
 
 @contextlib.contextmanager
 def broken_files_shown():
-    """Shows a workspace file, checkpoint or cache that cannot be read as one error line that
-    names it and says how to fix it, in place of a traceback (decorates a page's render)."""
+    """Shows what the library refuses (a workspace file, checkpoint, cache or dataset that
+    cannot be used: ``WorkspaceError``, ``zoo.CheckpointError``, ``cache.CorruptCacheError``
+    and the data layer's errors are ValueErrors; a checkpoint not trained yet) as one error
+    line that names it and says how to fix it, in place of a traceback (decorates a page's
+    render)."""
     try:
         yield
-    except (WorkspaceError, zoo.CheckpointError, cache.CorruptCacheError) as err:
+    except (ValueError, zoo.MissingCheckpointError) as err:
         st.error(str(err))
 
 
-@st.cache_resource(show_spinner="Reading the validation split…", hash_funcs=_BY_ROOT)
 def val_split(ws: Workspace) -> data.Split | None:
-    """The workspace's validation split, or None when its dataset is absent."""
+    """The workspace's validation split, or None when its dataset is absent; a dataset that
+    cannot be split (a class folder missing, a class too small) stops the page with one
+    error line."""
     try:
-        return ws.split("val")
+        return _val_split(ws)
     except data.DatasetNotFoundError:
         return None
+    except ValueError as err:
+        st.error(f"The dataset of {ws.name} cannot be split: {err}")
+        st.stop()
+
+
+@st.cache_resource(show_spinner="Reading the validation split…", hash_funcs=_BY_ROOT)
+def _val_split(ws: Workspace) -> data.Split:
+    return ws.split("val")
+
+
+def shown_images(split: data.Split, wanted: np.ndarray) -> np.ndarray:
+    """(len(wanted), S, S, 3) uint8: the images at positions ``wanted`` of ``split``, read
+    from the memory-mapped decoded cache (``split.images()`` would copy the whole split)."""
+    return np.asarray(data.load_images(split.dataset)[split.indices[wanted]])
 
 
 @st.cache_resource(show_spinner="Loading model…", hash_funcs=_BY_ROOT)
@@ -107,7 +126,8 @@ def live_system(ws: Workspace, name: str, policy_json: str | None) -> live.LiveS
 @st.cache_resource(show_spinner="Timing every stage…", max_entries=LIVE_SYSTEMS,
                    hash_funcs=_BY_ROOT)
 def stage_latency(ws: Workspace, name: str) -> tuple[list[float], float]:
-    return runtime.stage_seconds(runtime.fold(system(ws, name)), batch_size=1)
+    return runtime.stage_seconds(runtime.fold(system(ws, name)), ws.data.image_size,
+                                 batch_size=1)
 
 
 def halves(ws: Workspace, name: str, metric: str) -> tuple[P.StageOutputs, P.StageOutputs]:
@@ -119,10 +139,16 @@ def halves(ws: Workspace, name: str, metric: str) -> tuple[P.StageOutputs, P.Sta
     return fit, check
 
 
-@st.cache_data(show_spinner=False, hash_funcs=_BY_ROOT)
 def reference_accuracy(ws: Workspace, half: str) -> float | None:
     """``ws.reference``'s accuracy on a half of the validation split (the loss budgets are
-    measured against it), or None when its outputs are not there."""
+    measured against it), or None when it is not trained or its outputs are not there."""
+    if zoo.missing(ws, ws.reference):     # looked at on every call: it may be trained later
+        return None
+    return _reference_accuracy(ws, half)
+
+
+@st.cache_data(show_spinner=False, hash_funcs=_BY_ROOT)
+def _reference_accuracy(ws: Workspace, half: str) -> float | None:
     cached = outputs(ws, ws.reference)
     return None if cached is None else float(cached.half(half).correct[:, -1].mean())
 
