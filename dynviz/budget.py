@@ -44,11 +44,16 @@ def solve(fit: P.StageOutputs, check: P.StageOutputs, query: BudgetQuery) -> Bud
                         P.simulate(pol, check).summary(check.reference_cost, k), refit_ms)
 
 
+def whole_percent(fraction: float, lo: int = 5, hi: int = 100) -> int:
+    """A cost fraction of the reference as a budget of the slider: whole percent, rounded up
+    (a budget it fits in), within [lo, hi]."""
+    return min(hi, max(lo, math.ceil(round(float(fraction) * 100, 6))))
+
+
 def start_percent(policy: P.Policy, fit: P.StageOutputs, lo: int = 5, hi: int = 100) -> int:
-    """Where the budget slider starts for a shipped policy: its mean cost on the fit half,
-    in whole percent of the reference, rounded up (a budget it fits in), within [lo, hi]."""
-    fraction = float(P.simulate(policy, fit).cost.mean() / fit.reference_cost)
-    return min(hi, max(lo, math.ceil(round(fraction * 100, 6))))
+    """Where the budget slider starts for a shipped policy: its mean cost on the fit half
+    as a ``whole_percent``."""
+    return whole_percent(P.simulate(policy, fit).cost.mean() / fit.reference_cost, lo, hi)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dynviz import budget, data, operating_points, plots, policy as P, zoo
-from dynviz.ui import state
+from dynviz.ui import share, state
 from dynviz.workspace import Workspace
 
 METRICS = {"MACs": "macs", "measured latency (batch 1)": "latency"}
@@ -24,6 +24,9 @@ def render() -> None:
         st.info("No early-exit or cascade system is trained yet.\n\n"
                 + state.missing_systems_message(ws))
         return
+    link = share.arrived("budget")
+    if link is not None:    # a link just opened: its view, before the widgets are drawn
+        share.apply(share.parse_budget(link, staged))
     c1, c2, c3, c4 = st.columns(4)
     name = c1.selectbox("System", staged, key="budget_system")
     if st.session_state.get("budget_kind_for") != name:
@@ -52,6 +55,11 @@ def panel(ws: Workspace, name: str, family: str, feature: str, topology: str,
         # a system (or cost) just chosen: start at its shipped ≤0.5%-loss operating point
         st.session_state["budget_slider"] = shipped or 50
         st.session_state["budget_slider_for"] = (name, metric)
+    if "budget_from_link" in st.session_state:
+        st.session_state["budget_slider"] = st.session_state.pop("budget_from_link")
+    clicked = clicked_budget()
+    if clicked is not None:     # a point of the frontier clicked: the slider goes there
+        st.session_state["budget_slider"] = clicked
     percent = st.slider("Budget: mean cost, % of the dense network", 5, 100, step=1,
                         key="budget_slider",
                         help=None if shipped is None else
@@ -60,6 +68,7 @@ def panel(ws: Workspace, name: str, family: str, feature: str, topology: str,
                         f"re-learns the most accurate policy on fit within its budget, which "
                         f"can differ a little from the shipped one (the cheapest within the "
                         f"loss).")
+    share.write("budget", {"system": name, "budget": str(percent)})
     query = budget.BudgetQuery(family, feature, topology, percent / 100)
     fit, check = state.halves(ws, name, metric)
     result = budget.solve(fit, check, query)
@@ -93,7 +102,8 @@ def panel(ws: Workspace, name: str, family: str, feature: str, topology: str,
                           "one global threshold (check)": c.baseline}, points,
                           "mean cost / dense network")
     left, right = st.columns([3, 2])
-    left.plotly_chart(fig, key="budget_frontier")
+    left.plotly_chart(fig, key="budget_frontier", on_select="rerun", selection_mode="points")
+    left.caption("Click a point to spend its cost: the slider moves there.")
     right.plotly_chart(plots.exit_histogram(list(fit.stage_names),
                                             result.check["exit_histogram"],
                                             result.check["jumped"]), key="budget_hist")
@@ -106,6 +116,19 @@ def panel(ws: Workspace, name: str, family: str, feature: str, topology: str,
     if b2.button("Use this policy in Inspect", key="budget_use"):
         st.session_state.setdefault("budget_policy", {})[name] = result.policy.to_json()
         st.toast("Inspect will offer this policy as 'from the Budget page'.")
+
+
+def clicked_budget() -> int | None:
+    """The budget (whole %) of the frontier point just clicked, else None. A selection stays
+    in the chart's state over reruns: only a new one moves the slider."""
+    points = st.session_state.get("budget_frontier", {}).get("selection", {}).get("points")
+    picked = tuple((p["curve_number"], p["point_index"]) for p in points or ())
+    if picked == st.session_state.get("budget_clicked"):
+        return None
+    st.session_state["budget_clicked"] = picked     # () once deselected: a click again counts
+    if not picked:
+        return None
+    return budget.whole_percent(points[0]["x"])
 
 
 render()

@@ -6,21 +6,27 @@ import numpy as np
 import streamlit as st
 
 from dynviz import data, gallery as G, plots, zoo
-from dynviz.ui import state
+from dynviz.ui import explore, state
 
 N_SHOWN = 8
 
 
 def gallery(title: str, shown: np.ndarray, cost, pred, labels, images,
-            classes: tuple[str, ...]) -> None:
-    """``shown``: positions in the split; ``images``: (len(shown), S, S, 3), theirs."""
+            classes: tuple[str, ...]) -> tuple[int, np.ndarray] | None:
+    """``shown``: positions in the split; ``images``: (len(shown), S, S, 3), theirs. Returns
+    the (position, image) whose "Path" button was clicked, if one was."""
     st.subheader(title)
     cols = st.columns(N_SHOWN)
+    clicked = None
     for col, i, image in zip(cols, shown, images):
         ok = "✓" if pred[i] == labels[i] else "✗"
         col.image(image, width=96,
                   caption=f"{classes[labels[i]]} → {classes[pred[i]]} {ok} "
                           f"{cost[i] / 1e6:.1f}M")
+        if col.button("Path", key=f"gallery_open_{title}_{i}",
+                      help=f"Validation image {i} through the system, its compute path"):
+            clicked = (int(i), image)
+    return clicked
 
 
 @state.broken_files_shown()
@@ -52,7 +58,10 @@ def render() -> None:
         np.flatnonzero(labels == classes.index(cls))
     order = members[np.argsort(cost[members], kind="stable")]
     for title, shown in (("Cheapest", order[:N_SHOWN]), ("Costliest", order[::-1][:N_SHOWN])):
-        gallery(title, shown, cost, pred, labels, state.shown_images(split, shown), classes)
+        clicked = gallery(title, shown, cost, pred, labels, state.shown_images(split, shown),
+                          classes)
+        if clicked is not None:
+            explore.compute_path(ws, name, *clicked, labels)
     per_class = np.array([cost[labels == c].mean() for c in range(len(classes))])
     st.plotly_chart(plots.class_cost(per_class, classes, reference), key="gallery_class_cost")
     if "block_scores" in cached.arrays:

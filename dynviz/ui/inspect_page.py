@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dynviz import decode, live, operating_points, plots, uploads, zoo
-from dynviz.ui import state
+from dynviz.ui import share, state
 from dynviz.workspace import Workspace
 
 MAX_UPLOAD_MB = 20   # .streamlit/config.toml's server.maxUploadSize refuses larger ones first
@@ -104,9 +104,16 @@ def render() -> None:
     if not names:
         st.info(state.missing_systems_message(ws))
         return
+    link = share.arrived("inspect")
+    if link is not None:    # a link just opened: its view, before the widgets are drawn
+        share.apply(share.parse_inspect(link, names, share.check_counts(ws)))
     name = st.selectbox("System", names, index=state.start_index(ws, names),
                         key="inspect_system")
     inputs = InspectInputs(name, choose_policy(ws, name), choose_image(ws))
+    shown = st.session_state.get("inspect_source") == "A validation image"
+    share.write("inspect", share.inspect_params(
+        name, st.session_state.get("inspect_class") if shown else None,
+        st.session_state.get("inspect_index", 0)))
     if inputs.image is None:
         st.caption("Pick or upload an image to see its compute path.")
         return
