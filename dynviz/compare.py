@@ -85,7 +85,8 @@ class Batch:
     failures: list[tuple[str, str]]    # (file, why)
 
     def rows(self) -> list[dict]:
-        return [{"file": f} | row(r) for f, r in zip(self.files, self.results)]
+        return [{"file": f} | {k: v for k, v in row(r).items() if k not in ("system", "kind")}
+                for f, r in zip(self.files, self.results)]
 
 
 def run_batch(system: live.LiveSystem, files: Sequence[tuple[str, bytes]],
