@@ -75,6 +75,10 @@ class BlockPath:
         return {"blocks_executed": int((self.block_scores > 0).sum()),
                 "blocks": len(self.block_scores)}
 
+    def route(self) -> str:
+        """Where the image went, in a few words (a table cell)."""
+        return f"{int((self.block_scores > 0).sum())} of {len(self.block_scores)} blocks ran"
+
     def figures(self) -> dict:
         """Figures the Inspect page shows, by widget key."""
         from dynviz import plots
@@ -103,6 +107,11 @@ class StagePath:
 
     def summary(self) -> dict:
         return {"exit": self.stage_names[self.exit_stage], "jumped": self.jumped}
+
+    def route(self) -> str:
+        """Where the image went, in a few words (a table cell)."""
+        return (f"exited at {self.stage_names[self.exit_stage]}"
+                + (" (jumped to the last stage)" if self.jumped else ""))
 
     def figures(self) -> dict:
         from dynviz import plots
@@ -171,18 +180,20 @@ def _softmax(logits: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def inspect_image(live: LiveSystem, image: np.ndarray, timing_repeats: int = 3) -> InspectResult:
+def inspect_image(live: LiveSystem, image: np.ndarray, timing_repeats: int = 3,
+                  time_dense: bool = True) -> InspectResult:
     """``image``: (S, S, 3) uint8 at the workspace's image size, already preprocessed (see
     ``uploads.preprocess_upload``).
 
     The latencies are medians of ``timing_repeats`` interleaved runs of each path after one
-    warm-up run (few enough to keep Inspect's server time small: docs/benchmarks.md)."""
+    warm-up run (few enough to keep Inspect's server time small: docs/benchmarks.md); without
+    ``time_dense`` the dense path is not run and its latency is NaN."""
     x = live.data.to_tensor(image[None], live.device)
-    times = runtime.compare_times({"dynamic": lambda: live.system(x),
-                                   "dense": lambda: live.dense(x)},
-                                  repeats=timing_repeats, warmup=1, device=live.device)
+    paths = {"dynamic": lambda: live.system(x)} | (
+        {"dense": lambda: live.dense(x)} if time_dense else {})
+    times = runtime.compare_times(paths, repeats=timing_repeats, warmup=1, device=live.device)
     out = live.system(x)
     return InspectResult(live.name, live.kind, live.data.classes, image,
                          _softmax(out.logits[0]), int(out.macs[0]), live.dense.macs(),
-                         times["dynamic"] * 1e3, times["dense"] * 1e3,
+                         times["dynamic"] * 1e3, times.get("dense", float("nan")) * 1e3,
                          compute_path(out.trace, live.system))

@@ -7,7 +7,7 @@ import numpy as np
 import streamlit as st
 
 from dynviz import decode, live, operating_points, plots, uploads, zoo
-from dynviz.ui import share, state
+from dynviz.ui import compare_view, share, state
 from dynviz.workspace import Workspace
 
 MAX_UPLOAD_MB = 20   # .streamlit/config.toml's server.maxUploadSize refuses larger ones first
@@ -18,6 +18,7 @@ class InspectInputs:
     system: str
     policy_json: str | None
     image: np.ndarray | None
+    label: int | None = None      # the image's class when known (a validation image)
 
 
 def choose_policy(ws: Workspace, name: str) -> str | None:
@@ -38,27 +39,36 @@ def choose_policy(ws: Workspace, name: str) -> str | None:
     return chosen if isinstance(chosen, str) else chosen.to_json()
 
 
-def choose_image(ws: Workspace) -> np.ndarray | None:
+def choose_image(ws: Workspace, system: str, policy_json: str | None
+                 ) -> tuple[np.ndarray | None, int | None]:
+    """The image and its label (None for an upload); several uploads show their own table
+    and stop the page here."""
     size = ws.data.image_size
     split = state.val_split(ws)
     sources = ["Upload an image"] + (["A validation image"] if split is not None else [])
     source = st.radio("Image", sources, index=len(sources) - 1, horizontal=True,
                       key="inspect_source")   # a validation image when there is one
     if source == "Upload an image":
-        upload = st.file_uploader("Image file", type=list(decode.IMAGE_SUFFIXES),
-                                  key="inspect_upload",
-                                  help=f"Up to {MAX_UPLOAD_MB} MB; resized to {size}×{size}.")
-        if upload is None:
-            return None
+        files = st.file_uploader("Image files", type=list(decode.IMAGE_SUFFIXES),
+                                 key="inspect_upload", accept_multiple_files=True,
+                                 help=f"Up to {MAX_UPLOAD_MB} MB each; resized to "
+                                      f"{size}×{size}. Several give a table.")
+        if len(files) > 1:
+            compare_view.render_batch(files, state.live_system(ws, system, policy_json),
+                                      MAX_UPLOAD_MB, render_result)
+            st.stop()
+        if not files:
+            return None, None
+        upload = files[0]
         if upload.size > MAX_UPLOAD_MB * 2**20:
             st.error(f"{upload.name} is {upload.size / 2**20:.0f} MB; the limit is "
                      f"{MAX_UPLOAD_MB} MB.")
-            return None
+            return None, None
         try:
-            return uploads.preprocess_upload(upload.getvalue(), size)
+            return uploads.preprocess_upload(upload.getvalue(), size), None
         except uploads.InvalidImageError as err:
             st.error(f"Cannot use {upload.name}: {err}")
-            return None
+            return None, None
     check = ws.split("check", split.dataset)
     classes = ws.data.classes
     cls = st.selectbox("Class", classes, key="inspect_class")
@@ -66,7 +76,7 @@ def choose_image(ws: Workspace) -> np.ndarray | None:
     # every class has one check image at least (data.split_indices); a slider needs two
     k = 0 if len(members) == 1 else st.slider(
         "Image of that class (check half)", 0, len(members) - 1, 0, key="inspect_index")
-    return state.shown_images(check, members[k:k + 1])[0]
+    return state.shown_images(check, members[k:k + 1])[0], classes.index(cls)
 
 
 def render_result(result) -> None:
@@ -109,7 +119,8 @@ def render() -> None:
         share.apply(share.parse_inspect(link, names, share.check_counts(ws)))
     name = st.selectbox("System", names, index=state.start_index(ws, names),
                         key="inspect_system")
-    inputs = InspectInputs(name, choose_policy(ws, name), choose_image(ws))
+    policy_json = choose_policy(ws, name)
+    inputs = InspectInputs(name, policy_json, *choose_image(ws, name, policy_json))
     shown = st.session_state.get("inspect_source") == "A validation image"
     share.write("inspect", share.inspect_params(
         name, st.session_state.get("inspect_class") if shown else None,
@@ -120,6 +131,7 @@ def render() -> None:
     result = live.inspect_image(state.live_system(ws, inputs.system, inputs.policy_json),
                                 inputs.image)
     render_result(result)
+    compare_view.render_compare(ws, inputs.image, inputs.label)
 
 
 render()
