@@ -55,30 +55,31 @@ def block_chain(block_scores: np.ndarray, channel_share: np.ndarray, names: list
     """
     x, groups = _positions(names)
     ran = block_scores > 0
-    fig = go.Figure()
-    fig.add_shape(type="line", x0=x[0] - 0.8, x1=x[-1] + 0.8, y0=0.5, y1=0.5, layer="below",
-                  line=dict(color="#7f7f7f", width=1.5))   # the data flow
+    fig, shapes, notes = go.Figure(), [], []   # layout items set once: add_shape is slow
+    shapes.append(dict(type="line", x0=x[0] - 0.8, x1=x[-1] + 0.8, y0=0.5, y1=0.5, layer="below",
+                  line=dict(color="#7f7f7f", width=1.5)))   # the data flow
     for g in dict.fromkeys(groups):
         xs = x[[i for i, h in enumerate(groups) if h == g]]
-        fig.add_shape(type="rect", x0=xs[0] - 0.5, x1=xs[-1] + 0.5, y0=-0.15, y1=1.15,
-                      layer="below", fillcolor="#f4f6fa", line=dict(width=0))
-        fig.add_annotation(x=(xs[0] + xs[-1]) / 2, y=-0.25, text=g, showarrow=False,
-                           yanchor="top")
+        shapes.append(dict(type="rect", x0=xs[0] - 0.5, x1=xs[-1] + 0.5, y0=-0.15, y1=1.15,
+                      layer="below", fillcolor="#f4f6fa", line=dict(width=0)))
+        notes.append(dict(x=(xs[0] + xs[-1]) / 2, y=-0.25, text=g, showarrow=False,
+                           yanchor="top"))
     for xi, s, share, on, name in zip(x, block_scores, channel_share, ran, names):
-        fig.add_shape(type="rect", x0=xi - 0.38, x1=xi + 0.38, y0=0, y1=1, name=f"outline:{name}",
+        shapes.append(dict(type="rect", x0=xi - 0.38, x1=xi + 0.38, y0=0, y1=1, name=f"outline:{name}",
                       fillcolor="white", line=dict(color=ON if on else FADED, width=1,
-                                                   dash="solid" if on else "dot"))
+                                                   dash="solid" if on else "dot")))
         if on:
-            fig.add_shape(type="rect", x0=xi - 0.38, x1=xi + 0.38, y0=0, y1=float(share),
+            shapes.append(dict(type="rect", x0=xi - 0.38, x1=xi + 0.38, y0=0, y1=float(share),
                           name=f"ran:{name}", fillcolor=ON, opacity=float(np.clip(s, 0.1, 1)),
-                          line=dict(width=0))
+                          line=dict(width=0)))
         else:   # the identity path taken instead: an arc from the block's input to its output
-            fig.add_shape(type="path", name=f"skip:{name}", line=dict(color=SKIP, width=2),
-                          path=f"M {xi - 0.5},0.5 Q {xi},1.9 {xi + 0.5},0.5")
+            shapes.append(dict(type="path", name=f"skip:{name}", line=dict(color=SKIP, width=2),
+                          path=f"M {xi - 0.5},0.5 Q {xi},1.9 {xi + 0.5},0.5"))
     cells = np.column_stack([np.asarray(names, object), block_scores.astype(float),
                              channel_share.astype(float)])
     fig.add_trace(_block_trace("ran", x[ran], cells[ran], "circle", ON))
     fig.add_trace(_block_trace("skipped", x[~ran], cells[~ran], "x-thin-open", SKIP))
+    fig.update_layout(shapes=shapes, annotations=notes)
     return _layout(fig, title, height=260, showlegend=False, plot_bgcolor="white",
                    xaxis=dict(visible=False, range=[x[0] - 1, x[-1] + 1]),
                    yaxis=dict(visible=False, range=[-0.7, 1.6]))
@@ -121,31 +122,31 @@ def staged(stage_names: list[str], scores: np.ndarray, thresholds: np.ndarray,
     k = len(stage_names)
     x = np.arange(k) * 2.0
     reached = np.asarray(decisions) != -1
-    fig = go.Figure()
-    fig.add_shape(type="line", x0=x[0] - 1.2, x1=x[-1] + 1.2, y0=1, y1=1, layer="below",
-                  line=dict(color="#7f7f7f", width=1.5))
+    fig, shapes, notes = go.Figure(), [], []   # layout items set once: add_shape is slow
+    shapes.append(dict(type="line", x0=x[0] - 1.2, x1=x[-1] + 1.2, y0=1, y1=1, layer="below",
+                  line=dict(color="#7f7f7f", width=1.5)))
     for i, name in enumerate(stage_names):
         on = bool(reached[i])
-        fig.add_shape(type="rect", x0=x[i] - 0.6, x1=x[i] + 0.6, y0=0.7, y1=1.3,
+        shapes.append(dict(type="rect", x0=x[i] - 0.6, x1=x[i] + 0.6, y0=0.7, y1=1.3,
                       name=f"stage:{name}", fillcolor=ON if on else "white",
                       opacity=1 if on else 0.5,
-                      line=dict(color=ON if on else FADED, dash="solid" if on else "dot"))
-        fig.add_annotation(x=x[i], y=1, showarrow=False, text=f"<b>{name}</b>",
-                           font=dict(color="white" if on else "#7f7f7f"))
+                      line=dict(color=ON if on else FADED, dash="solid" if on else "dot")))
+        notes.append(dict(x=x[i], y=1, showarrow=False, text=f"<b>{name}</b>",
+                           font=dict(color="white" if on else "#7f7f7f")))
         if on:
-            fig.add_annotation(x=x[i], y=1.4, showarrow=False, yanchor="bottom",
-                               text=f"{stage_macs[i] / 1e6:.1f} M MACs")
+            notes.append(dict(x=x[i], y=1.4, showarrow=False, yanchor="bottom",
+                               text=f"{stage_macs[i] / 1e6:.1f} M MACs"))
     cells = []
     for i in range(k - 1):     # the last stage has no exit decision: it always answers
-        fig.add_shape(type="line", x0=x[i], x1=x[i], y0=0.7, y1=0.1, name=f"branch:{stage_names[i]}",
+        shapes.append(dict(type="line", x0=x[i], x1=x[i], y0=0.7, y1=0.1, name=f"branch:{stage_names[i]}",
                       line=dict(color=ON if reached[i] else FADED,
-                                dash="solid" if reached[i] else "dot"))
+                                dash="solid" if reached[i] else "dot")))
         cells.append([stage_names[i], float(scores[i]), float(thresholds[i]),
                       DECISIONS[int(decisions[i])]])
         if reached[i]:
-            fig.add_annotation(x=x[i], y=-0.05, yanchor="top", showarrow=False,
+            notes.append(dict(x=x[i], y=-0.05, yanchor="top", showarrow=False,
                                text=f"{scores[i]:.3f} {'≥' if scores[i] >= thresholds[i] else '<'}"
-                                    f" θ {thresholds[i]:.3f}<br>{DECISIONS[int(decisions[i])]}")
+                                    f" θ {thresholds[i]:.3f}<br>{DECISIONS[int(decisions[i])]}"))
     if cells:
         fig.add_trace(go.Scatter(
             x=x[:-1], y=[0.1] * (k - 1), mode="markers", name="exits", customdata=cells,
@@ -156,8 +157,8 @@ def staged(stage_names: list[str], scores: np.ndarray, thresholds: np.ndarray,
                            "<br>threshold %{customdata[2]:.3f} (leave at or above)"
                            "<br>%{customdata[3]}<extra></extra>")))
     if jumped:
-        fig.add_shape(type="path", name="jump", line=dict(color=LEFT, width=2, dash="dash"),
-                      path=f"M {x[0] + 0.6},1.2 Q {(x[0] + x[-1]) / 2},2.2 {x[-1] - 0.6},1.2")
+        shapes.append(dict(type="path", name="jump", line=dict(color=LEFT, width=2, dash="dash"),
+                      path=f"M {x[0] + 0.6},1.2 Q {(x[0] + x[-1]) / 2},2.2 {x[-1] - 0.6},1.2"))
     last = exit_stage == k - 1
     left_x, left_y = (x[-1] + 1.2, 1.0) if last else (x[exit_stage], 0.1)
     fig.add_trace(go.Scatter(
@@ -169,6 +170,7 @@ def staged(stage_names: list[str], scores: np.ndarray, thresholds: np.ndarray,
     title = (f"Compute path: left at {stage_names[exit_stage]}"
              f"{' (jumped to the last)' if jumped else ''}; exits compare {score_name} with "
              "the policy's threshold θ")
+    fig.update_layout(shapes=shapes, annotations=notes)
     return _layout(fig, title, height=300, showlegend=False, plot_bgcolor="white",
                    xaxis=dict(visible=False, range=[x[0] - 1.5, x[-1] + 2.6]),
                    yaxis=dict(visible=False, range=[-0.9, 2.3]))
