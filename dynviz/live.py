@@ -87,6 +87,11 @@ class BlockPath:
                 "inspect_channels": plots.channel_heatmap(self.channel_scores,
                                                           self.block_scores, self.block_names)}
 
+    def diagram(self):
+        from dynviz import diagram
+
+        return diagram.gated(self.block_scores, self.channel_scores, self.block_names)
+
     def caption(self) -> str | None:
         return None
 
@@ -119,6 +124,13 @@ class StagePath:
         return {"inspect_stages": plots.stage_path(self.stage_names, self.exit_scores,
                                                    self.exit_thresholds, self.decisions,
                                                    self.exit_stage, self.score_name)}
+
+    def diagram(self):
+        from dynviz import diagram
+
+        return diagram.staged(self.stage_names, self.exit_scores, self.exit_thresholds,
+                              self.decisions, self.exit_stage, self.jumped, self.score_name,
+                              self.stage_macs)
 
     def caption(self) -> str | None:
         return "MACs per stage: " + ", ".join(
@@ -173,6 +185,16 @@ class InspectResult:
                "mac_fraction": round(self.macs / self.macs_dense, 4),
                "ms_dynamic": round(self.ms_dynamic, 3), "ms_dense": round(self.ms_dense, 3)}
         return out | (self.path.summary() if self.path is not None else {})
+
+
+def path_diagram(live: LiveSystem, result: InspectResult):
+    """The compute-path figure of ``result``, one image through ``live``: its path drawn, or
+    for a static system the plain chain of its blocks (none known: one box)."""
+    from dynviz import diagram
+
+    if result.path is not None:
+        return result.path.diagram()
+    return diagram.static(getattr(live.dense, "block_names", list)())
 
 
 def _softmax(logits: torch.Tensor) -> np.ndarray:

@@ -82,7 +82,7 @@ def test_inspect_gated_shows_what_the_masked_model_computes(app_env, ws):
               inspect_class="ship", inspect_index=2)
     _no_exception(at)
     charts = at.get("plotly_chart")
-    assert len(charts) == 3  # top-5, block strip, channel heatmap
+    assert len(charts) == 4  # top-5, the diagram, block strip, channel heatmap
     # reference: the same image through the masked path of the checkpoint, outside the app
     check = ws.split("check", app_env.dataset)
     index = np.flatnonzero(check.labels == ws.data.classes.index("ship"))[2]
@@ -93,7 +93,7 @@ def test_inspect_gated_shows_what_the_masked_model_computes(app_env, ws):
     shown = {m.label: m.value for m in at.metric}
     assert shown["Prediction"] == ws.data.classes[int(logits.argmax())]
     assert shown["MACs"] == f"{int(trace.macs[0]) / 1e6:.1f} M"
-    strip = json.loads(charts[1].proto.spec)["data"][0]   # every block's S_L, as plotted
+    strip = json.loads(charts[2].proto.spec)["data"][0]   # every block's S_L, as plotted
     assert np.allclose(_plotted(strip["customdata"]), trace.block_scores[0].numpy(), atol=1e-5)
 
 
@@ -101,7 +101,7 @@ def test_inspect_cascade_shows_the_stage_path(app_env, ws):
     at = run_page("inspect", inspect_system="cascade_r8_r20_r56",
               inspect_source="A validation image", inspect_class="ship", inspect_index=3)
     _no_exception(at)
-    assert len(at.get("plotly_chart")) == 2  # top-5 and the stage path
+    assert len(at.get("plotly_chart")) == 3  # top-5, the diagram and the stage path
     # reference: every stage of the cascade on the image, outside the app, and the shipped
     # ≤0.5% policy simulated on those answers (the batch rule, not the app's batch-1 path)
     check = ws.split("check", app_env.dataset)
@@ -130,7 +130,7 @@ def test_inspect_cascade_shows_the_stage_path(app_env, ws):
     # the stage path plots what each early exit decided on: φ·w of the shipped policy at the
     # stages the image reached, beside θ; it left where φ·w >= θ, not before
     policy = operating_points.load_policy(ws, "cascade_r8_r20_r56", operating_points.LOSSES[0])
-    bars, marks = json.loads(at.get("plotly_chart")[1].proto.spec)["data"]
+    bars, marks = json.loads(at.get("plotly_chart")[2].proto.spec)["data"]
     reached = outcome.exit_stage[0] if not outcome.jumped[0] else 0
     for k, decision in enumerate(policy.exits):
         phi = answers.features[0, k]

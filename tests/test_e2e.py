@@ -126,7 +126,7 @@ def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_roo
     image.write_bytes(buf.getvalue())
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(image))
     page.get_by_text("Prediction").wait_for()
-    page.get_by_text("Blocks:").first.wait_for()   # the block strip's title
+    page.get_by_text("blocks ran").first.wait_for()   # the compute-path diagram's title
     _settle(page)
     _no_exception(page)
     # reference: the upload through the masked path of the same checkpoint, outside the app
@@ -143,7 +143,7 @@ def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_roo
     assert shown[-1].strip() == ws.data.classes[int(logits.argmax())]
     assert f"{int(trace.macs[0]) / 1e6:.1f} M" in metrics.filter(has_text="MACs").inner_text()
     ran = int(trace.blocks_executed.sum())
-    page.get_by_text(f"Blocks: {ran} of {len(model.blocks)} ran").first.wait_for()
+    page.get_by_text(f"{ran} of {len(model.blocks)} blocks ran").first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "inspect-upload.png"), full_page=True)
 
 

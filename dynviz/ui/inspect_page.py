@@ -79,7 +79,9 @@ def choose_image(ws: Workspace, system: str, policy_json: str | None
     return state.shown_images(check, members[k:k + 1])[0], classes.index(cls)
 
 
-def render_result(result) -> None:
+def render_result(result, diagram=None) -> None:
+    """``diagram``: the compute-path figure (``live.path_diagram``), drawn first under the
+    answer; the path's strip and heatmap go below it as detail views."""
     left, right = st.columns([1, 2])
     with left:
         height, width = result.image.shape[:2]
@@ -99,11 +101,14 @@ def render_result(result) -> None:
                   f"{result.ms_dense / result.ms_dynamic:.2f}× speedup", delta_color="off",
                   delta_arrow="off",
                   help=timing)
-        if result.path is not None:
+        if result.path is not None and result.path.caption():
+            st.caption(result.path.caption())
+    if diagram is not None:
+        st.plotly_chart(diagram, key="inspect_diagram")
+    if result.path is not None:
+        with st.expander("Detail: the path's scores"):
             for key, figure in result.path.figures().items():
                 st.plotly_chart(figure, key=key)
-            if result.path.caption():
-                st.caption(result.path.caption())
 
 
 @state.broken_files_shown()
@@ -128,9 +133,9 @@ def render() -> None:
     if inputs.image is None:
         st.caption("Pick or upload an image to see its compute path.")
         return
-    result = live.inspect_image(state.live_system(ws, inputs.system, inputs.policy_json),
-                                inputs.image)
-    render_result(result)
+    system = state.live_system(ws, inputs.system, inputs.policy_json)
+    result = live.inspect_image(system, inputs.image)
+    render_result(result, live.path_diagram(system, result))
     compare_view.render_compare(ws, inputs.image, inputs.label)
 
 
