@@ -93,6 +93,7 @@ def _table(page, which: int = 0) -> list[list[str]]:
     canvas draws them; glide-data-grid mirrors the visible ones as role=gridcell)."""
     grid = page.locator('[data-testid="stDataFrame"]').nth(which)
     grid.wait_for()
+    grid.locator('[role="gridcell"]').first.wait_for(state="attached")   # mirrored late
     rows = grid.locator('[role="row"]')
     cells = [[c.inner_text().strip() for c in row.locator('[role="gridcell"]').all()]
              for row in rows.all()]
@@ -179,5 +180,5 @@ def test_multi_upload_warns_about_the_bad_file_and_tables_the_others(server, pag
     _settle(page)
     shown = page.locator('[data-testid="stMetric"]').filter(has_text="Prediction")
     assert shown.inner_text().split("\n")[-1].strip() == rows[1][1]
-    page.get_by_text("Blocks:").first.wait_for()   # its compute path
+    page.locator(".gtitle").filter(has_text="blocks ran").first.wait_for()   # its diagram
     page.screenshot(path=str(ARTIFACTS / "inspect-batch-selected.png"), full_page=True)

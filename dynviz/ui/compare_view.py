@@ -85,4 +85,5 @@ def render_batch(files: Sequence, system: live.LiveSystem, max_mb: int,
         return
     chosen = batch.results[picked[0]]
     st.subheader(batch.files[picked[0]])
-    show_result(live.inspect_image(system, chosen.image))
+    result = live.inspect_image(system, chosen.image)
+    show_result(result, live.path_diagram(system, result))
