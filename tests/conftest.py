@@ -2,12 +2,14 @@
 Plain helpers live in tests/helpers.py."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from dynviz import data, workspace
-from tests.helpers import (app_variables, fake_outputs, make_imagefolder,
-                           write_random_checkpoints)
+from dynviz import data, settings, workspace
+from tests.helpers import (ARTIFACTS, BROWSER_WAIT_MS, CHROMIUM, app_variables, fake_outputs,
+                           make_imagefolder, write_random_checkpoints)
 
 
 @pytest.fixture(autouse=True)
@@ -102,3 +104,66 @@ def fresh_caches():
     yield
     st.cache_resource.clear()
     st.cache_data.clear()
+
+
+# ---------------------------------------------------------------------------- browser tests
+@pytest.fixture(scope="module")
+def server(app_root, request):
+    """``streamlit run app.py`` on localhost over the ``app_root`` zoo, one per test module;
+    its log goes to tests/artifacts/streamlit-<module>.log."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ) | app_variables(app_root)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log_path = ARTIFACTS / f"streamlit-{request.module.__name__.split('.')[-1]}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+         "--server.address", "127.0.0.1", "--server.port", str(port)],
+        cwd=settings.PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"streamlit did not start; see {log_path}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright (``executable_path``), headless."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1400})
+    pg = context.new_page()
+    pg.set_default_timeout(BROWSER_WAIT_MS)
+    yield pg
+    context.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from dynviz import settings
 from dynviz.policy import StageOutputs
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = settings.PROJECT_ROOT / "tests" / "artifacts"     # screenshots and server logs
+BROWSER_WAIT_MS = 240_000    # a live model calibrates first; slow on a loaded machine
 
 INSTALL_HINT = ("dynviz must be installed from this checkout into the venv: scripts/run.sh "
                 "does it (pip install --no-deps --no-build-isolation -e .)")
@@ -221,3 +226,11 @@ def run_page(page: str, **state):
     for key, value in state.items():
         at.session_state[key] = value
     return at.run()
+
+
+def settle(page) -> None:
+    """Wait until Streamlit has finished the current run of the page (Playwright)."""
+    page.wait_for_selector('[data-testid="stApp"]')
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+        timeout=BROWSER_WAIT_MS)

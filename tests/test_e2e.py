@@ -4,90 +4,19 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 import torch
 from PIL import Image
 
-from dynviz import budget, operating_points, settings, uploads, workspace, zoo
+from dynviz import budget, operating_points, uploads, workspace, zoo
 from dynviz import policy as P
-from tests.helpers import app_variables
+from tests.helpers import ARTIFACTS, CHROMIUM, app_variables, settle
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = settings.PROJECT_ROOT / "tests" / "artifacts"
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                                  "(scripts/run.sh test installs it with apt-get as root)")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(app_root):
-    port = _free_port()
-    env = dict(os.environ) | app_variables(app_root)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(ARTIFACTS / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
-         "--server.address", "127.0.0.1", "--server.port", str(port)],
-        cwd=settings.PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start; see tests/artifacts/streamlit.log")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    pg.set_default_timeout(90_000)
-    yield pg
-    context.close()
-
-
-def _settle(page) -> None:
-    """Wait until Streamlit has finished the current run."""
-    page.wait_for_selector('[data-testid="stApp"]')
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=90_000)
 
 
 def _no_exception(page) -> None:
@@ -104,7 +33,7 @@ def test_page_renders_its_content(server, page, path, title, content):
     page.get_by_role("heading", name=title).wait_for()
     for text in content:
         page.get_by_text(text).first.wait_for()
-    _settle(page)
+    settle(page)
     _no_exception(page)
     page.screenshot(path=str(ARTIFACTS / f"{path or 'inspect'}.png"), full_page=True)
 
@@ -113,13 +42,13 @@ def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_roo
                                                 monkeypatch):
     page.goto(server)  # Inspect is the default page
     page.get_by_role("heading", name="Inspect").wait_for()
-    _settle(page)
+    settle(page)
     box = page.locator('[data-testid="stSelectbox"]').first
     box.click()
     page.get_by_role("option", name="lcnet_resnet20").click()
-    _settle(page)
+    settle(page)
     page.get_by_text("Upload an image").click()
-    _settle(page)
+    settle(page)
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (30, 160, 40)).save(buf, "PNG")
     image = tmp_path / "green.png"
@@ -127,7 +56,7 @@ def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_roo
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(image))
     page.get_by_text("Prediction").wait_for()
     page.get_by_text("blocks ran").first.wait_for()   # the compute-path diagram's title
-    _settle(page)
+    settle(page)
     _no_exception(page)
     # reference: the upload through the masked path of the same checkpoint, outside the app
     for var, value in app_variables(app_root).items():
@@ -167,7 +96,7 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
     page.wait_for_function(
         "(v) => { const t = document.querySelector('[data-testid=\"stSliderThumbValue\"]');"
         " return t && t.innerText.trim() === v; }", arg=str(start), timeout=60_000)
-    _settle(page)
+    settle(page)
     before = metric.inner_text()
     thumb = page.locator('[data-testid="stSliderThumbValue"]')
     first_percent = int(thumb.inner_text())
@@ -188,7 +117,7 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
     # the slider's last value (or give up after a minute, and let the assertions below fail)
     deadline = time.monotonic() + 60
     while True:
-        _settle(page)
+        settle(page)
         percent = int(thumb.inner_text())
         expected = reference(percent)
         if f"{expected['cost_mean'] * 1e-6:.1f} M" in metric.inner_text() or \

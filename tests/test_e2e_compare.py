@@ -1,91 +1,19 @@
 """Inspect's two tables in Debian's Chromium (Playwright) against ``streamlit run app.py`` on
-the ``app_root`` zoo: "Compare systems" and a multi-file upload. The server, browser and page
-fixtures duplicate tests/test_e2e.py's (test files do not import each other)."""
+the ``app_root`` zoo: "Compare systems" and a multi-file upload (fixtures: tests/conftest.py)."""
 from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from PIL import Image
 
-from dynviz import settings, workspace, zoo
-from tests.helpers import app_variables
+from dynviz import workspace, zoo
+from tests.helpers import ARTIFACTS, CHROMIUM, app_variables, settle
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = settings.PROJECT_ROOT / "tests" / "artifacts"
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                                  "(scripts/run.sh test installs it with apt-get as root)")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(app_root):
-    port = _free_port()
-    env = dict(os.environ) | app_variables(app_root)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(ARTIFACTS / "streamlit-compare.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
-         "--server.address", "127.0.0.1", "--server.port", str(port)],
-        cwd=settings.PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start; see tests/artifacts/streamlit-compare.log")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1400})
-    pg = context.new_page()
-    pg.set_default_timeout(120_000)
-    yield pg
-    context.close()
-
-
-def _settle(page) -> None:
-    page.wait_for_selector('[data-testid="stApp"]')
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=180_000)
 
 
 def _table(page, which: int = 0) -> list[list[str]]:
@@ -121,17 +49,17 @@ def test_compare_shows_one_row_per_system_with_predicts_answer(server, page, tmp
                                                                app_root, monkeypatch, capsys):
     page.goto(server)
     page.get_by_role("heading", name="Inspect").wait_for()
-    _settle(page)
+    settle(page)
     page.get_by_text("Upload an image").click()
-    _settle(page)
+    settle(page)
     image = tmp_path / "orange.png"
     image.write_bytes(_png((230, 140, 20)))
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(image))
     page.get_by_text("Prediction").wait_for()
-    _settle(page)
+    settle(page)
     page.get_by_text("Compare systems").click()
     page.locator('[data-testid="stDataFrame"]').wait_for()
-    _settle(page)
+    settle(page)
     assert page.locator('[data-testid="stException"]').count() == 0
     page.screenshot(path=str(ARTIFACTS / "inspect-compare.png"), full_page=True)
     rows = _table(page)
@@ -148,12 +76,12 @@ def test_multi_upload_warns_about_the_bad_file_and_tables_the_others(server, pag
                                                                      capsys):
     page.goto(server)
     page.get_by_role("heading", name="Inspect").wait_for()
-    _settle(page)
+    settle(page)
     page.locator('[data-testid="stSelectbox"]').first.click()
     page.get_by_role("option", name="lcnet_resnet20").click()
-    _settle(page)
+    settle(page)
     page.get_by_text("Upload an image").click()
-    _settle(page)
+    settle(page)
     files = [tmp_path / "red.png", tmp_path / "notes.jpg", tmp_path / "blue.png"]
     files[0].write_bytes(_png((200, 30, 30)))
     files[1].write_bytes(b"this is text, not a picture")
@@ -161,7 +89,7 @@ def test_multi_upload_warns_about_the_bad_file_and_tables_the_others(server, pag
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
         [str(f) for f in files])
     page.locator('[data-testid="stDataFrame"]').wait_for()
-    _settle(page)
+    settle(page)
     assert page.locator('[data-testid="stException"]').count() == 0
     warnings = page.locator('[data-testid="stAlertContentWarning"]')
     assert warnings.count() == 1 and "notes.jpg" in warnings.inner_text()
@@ -177,7 +105,7 @@ def test_multi_upload_warns_about_the_bad_file_and_tables_the_others(server, pag
     row_height = 35   # streamlit's default row (and header) height, px
     page.mouse.click(box["x"] + 12, box["y"] + row_height + row_height * 1.5)   # blue.png
     page.get_by_role("heading", name="blue.png").wait_for()
-    _settle(page)
+    settle(page)
     shown = page.locator('[data-testid="stMetric"]').filter(has_text="Prediction")
     assert shown.inner_text().split("\n")[-1].strip() == rows[1][1]
     page.locator(".gtitle").filter(has_text="blocks ran").first.wait_for()   # its diagram

@@ -1,25 +1,15 @@
 """Shareable views and click to explore, end to end in Debian's Chromium (Playwright)
-against ``streamlit run app.py`` on the ``app_root`` fake zoo. The ``server``/``browser``/
-``page`` fixtures duplicate tests/test_e2e.py's (other files do not import test files)."""
+against ``streamlit run app.py`` on the ``app_root`` fake zoo (fixtures: tests/conftest.py)."""
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
 
-from dynviz import budget, data, gallery, live, operating_points, settings, workspace, zoo
-from tests.helpers import app_variables
+from dynviz import budget, data, gallery, live, operating_points, workspace, zoo
+from tests.helpers import ARTIFACTS, CHROMIUM, app_variables, settle
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = settings.PROJECT_ROOT / "tests" / "artifacts"
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                                  "(scripts/run.sh test installs it with apt-get as root)")]
@@ -27,73 +17,11 @@ STAGED = "exits_resnet56"
 GATED = "lcnet_resnet20"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(app_root):
-    port = _free_port()
-    env = dict(os.environ) | app_variables(app_root)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(ARTIFACTS / "streamlit-share.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
-         "--server.address", "127.0.0.1", "--server.port", str(port)],
-        cwd=settings.PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start; see tests/artifacts/streamlit-share.log")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    pg.set_default_timeout(240_000)   # a live model calibrates on a loaded machine
-    yield pg
-    context.close()
-
-
 @pytest.fixture
 def env_ws(app_root, monkeypatch):
     for var, value in app_variables(app_root).items():
         monkeypatch.setenv(var, value)
     return workspace.builtin()
-
-
-def _settle(page) -> None:
-    page.wait_for_selector('[data-testid="stApp"]')
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=240_000)
 
 
 def _no_exception(page) -> None:
@@ -131,7 +59,7 @@ def test_budget_link_restores_the_view(server, page, env_ws):
     page.goto(f"{server}/budget?system={STAGED}&budget=63")
     page.get_by_role("heading", name="Budget").wait_for()
     _thumb_is(page, 63)
-    _settle(page)
+    settle(page)
     _no_exception(page)
     assert _system_shown(page) == STAGED
     expected = _expected_check(env_ws, 63)
@@ -145,12 +73,12 @@ def test_malformed_links_show_the_note(server, page, env_ws):
     page.get_by_text("system='nope'").wait_for()
     page.get_by_text("budget='12x'").wait_for()
     _mean_cost(page).wait_for()                    # the default view is there under the note
-    _settle(page)
+    settle(page)
     _no_exception(page)
     page.goto(f"{server}/?system={GATED}&class=foo&index=zz")
     page.get_by_text("class='foo'").wait_for()
     page.get_by_text("Prediction").first.wait_for()
-    _settle(page)
+    settle(page)
     _no_exception(page)
     assert _query(page)["class"] == env_ws.data.classes[0]   # the default class, written back
 
@@ -172,7 +100,7 @@ def _prediction(page) -> str:
 def test_inspect_link_restores_the_image(server, page, env_ws):
     page.goto(f"{server}/?system={GATED}&class=ship&index=2")
     page.get_by_text("Prediction").first.wait_for()
-    _settle(page)
+    settle(page)
     _no_exception(page)
     assert _system_shown(page) == GATED
     _thumb_is(page, 2)
@@ -197,7 +125,7 @@ def test_click_on_the_frontier_moves_the_operating_point(server, page, env_ws):
     page.goto(f"{server}/budget?system={STAGED}&budget=90")
     _thumb_is(page, 90)
     page.get_by_text("Accuracy vs cost").first.wait_for()
-    _settle(page)
+    settle(page)
     traces = page.evaluate(_POINTS_JS)
     # reference: the learned curve of the library (MACs, the shipped policy's kind)
     ws = env_ws
@@ -224,7 +152,7 @@ def test_click_on_the_frontier_moves_the_operating_point(server, page, env_ws):
         "(v) => [...document.querySelectorAll('[data-testid=\"stMetric\"]')]"
         ".some(e => e.innerText.includes('Mean cost (check)') && e.innerText.includes(v))",
         arg=f"{expected['cost_mean'] * 1e-6:.1f} M", timeout=240_000)
-    _settle(page)
+    settle(page)
     _no_exception(page)
     accuracy = page.locator('[data-testid="stMetric"]').filter(has_text="Accuracy (check)")
     assert f"{expected['accuracy']:.2%}" in accuracy.inner_text()
@@ -236,11 +164,11 @@ def test_gallery_click_opens_the_images_path(server, page, env_ws):
     ws = env_ws
     page.goto(f"{server}/galleries")
     page.get_by_text("Cheapest").first.wait_for()
-    _settle(page)
+    settle(page)
     if _system_shown(page) != GATED:
         page.locator('[data-testid="stSelectbox"]').first.click()
         page.get_by_role("option", name=GATED).click()
-        _settle(page)
+        settle(page)
     # reference: the cheapest image as the library ranks it, through live.inspect_image
     split = ws.split("val")
     cached = zoo.outputs(ws, GATED, split, progress=False)
@@ -252,7 +180,7 @@ def test_gallery_click_opens_the_images_path(server, page, env_ws):
     dialog = page.get_by_role("dialog")
     dialog.get_by_text(f"validation image {first} ").wait_for()
     dialog.get_by_text("Prediction").wait_for()
-    _settle(page)
+    settle(page)
     _no_exception(page)
     shown = dialog.locator('[data-testid="stMetric"]').filter(has_text="Prediction")
     assert shown.inner_text().split("\n")[-1].strip() == expected.prediction
