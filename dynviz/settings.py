@@ -11,8 +11,9 @@ rely on:
 - ``DYNVIZ_CHECKPOINTS``: trained weights (default ``models/checkpoints/``).
 - ``DYNVIZ_ASSETS``: shipped caches and policies (default ``assets/``).
 
-``cache_dir``, ``checkpoint_dir`` and ``assets_dir`` are the built-in workspace's; library
-code uses the ``Workspace`` it is given (``ws.cache``, ``ws.checkpoints``, ``ws.results``).
+``workspace.builtin()`` applies these three; library code uses the ``Workspace`` it is given
+(``ws.cache``, ``ws.checkpoints``, ``ws.results``). ``cache_dir`` is only the fallback of a
+``DataSpec`` built without a workspace.
 For any workspace:
 
 - ``DYNVIZ_WORKSPACE``: the workspace commands and the app work on (``workspace.resolve``).
@@ -49,15 +50,6 @@ def native_dir() -> Path:
 
 def native_enabled() -> bool:
     return os.environ.get("DYNVIZ_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def checkpoint_dir() -> Path:
-    return env_path("DYNVIZ_CHECKPOINTS", BUILTIN_CHECKPOINTS)
-
-
-def assets_dir() -> Path:
-    """Shipped caches and policies (``DYNVIZ_ASSETS`` overrides, e.g. in tests)."""
-    return env_path("DYNVIZ_ASSETS", PROJECT_ROOT / "assets")
 
 
 def device() -> torch.device:

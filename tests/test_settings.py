@@ -25,9 +25,12 @@ def test_paths_follow_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DYNVIZ_CACHE", str(tmp_path / "c"))
     monkeypatch.setenv("DYNVIZ_CHECKPOINTS", str(tmp_path / "k"))
     monkeypatch.setenv("DYNVIZ_DATA", str(tmp_path / "d"))
+    monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path / "a"))
     assert settings.cache_dir() == tmp_path / "c"
-    assert settings.checkpoint_dir() == tmp_path / "k"
-    assert workspace.builtin().data.roots == (tmp_path / "d",)
+    ws = workspace.builtin()
+    assert (ws.cache, ws.checkpoints, ws.results) == (tmp_path / "c", tmp_path / "k",
+                                                      tmp_path / "a")
+    assert ws.data.roots == (tmp_path / "d",)
     monkeypatch.delenv("DYNVIZ_CACHE")
     assert settings.cache_dir() == settings.PROJECT_ROOT / ".cache"
 
