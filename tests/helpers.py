@@ -234,3 +234,22 @@ def settle(page) -> None:
     page.wait_for_function(
         "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
         timeout=BROWSER_WAIT_MS)
+
+
+def choose(page, option: str, box: int = 0, attempts: int = 4) -> None:
+    """Pick ``option`` in the page's ``box``-th selectbox and wait for the rerun (Playwright).
+
+    A click that lands while Streamlit is still redrawing the page can open a list that the
+    redraw closes again, so the click is retried until the option shows."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    for attempt in range(attempts):
+        settle(page)
+        page.locator('[data-testid="stSelectbox"]').nth(box).click()
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=15_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
+            page.keyboard.press("Escape")
+    settle(page)

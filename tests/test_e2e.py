@@ -12,7 +12,7 @@ from PIL import Image
 
 from dynviz import budget, operating_points, uploads, workspace, zoo
 from dynviz import policy as P
-from tests.helpers import ARTIFACTS, CHROMIUM, app_variables, settle
+from tests.helpers import ARTIFACTS, CHROMIUM, app_variables, choose, settle
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
@@ -43,10 +43,7 @@ def test_upload_shows_the_models_answer_and_path(server, page, tmp_path, app_roo
     page.goto(server)  # Inspect is the default page
     page.get_by_role("heading", name="Inspect").wait_for()
     settle(page)
-    box = page.locator('[data-testid="stSelectbox"]').first
-    box.click()
-    page.get_by_role("option", name="lcnet_resnet20").click()
-    settle(page)
+    choose(page, "lcnet_resnet20")
     page.get_by_text("Upload an image").click()
     settle(page)
     buf = io.BytesIO()
@@ -88,8 +85,7 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
                              / cached.half("fit").reference_cost))
     page.goto(f"{server}/budget")
     page.get_by_role("heading", name="Budget").wait_for()
-    page.locator('[data-testid="stSelectbox"]').first.click()
-    page.get_by_role("option", name=name).click()
+    choose(page, name)
     metric = page.locator('[data-testid="stMetric"]').filter(has_text="Mean cost (check)")
     metric.wait_for()
     # the rerun for the chosen system has drawn its slider (the first system's may still show)

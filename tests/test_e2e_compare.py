@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dynviz import workspace, zoo
-from tests.helpers import ARTIFACTS, CHROMIUM, app_variables, settle
+from tests.helpers import ARTIFACTS, CHROMIUM, app_variables, choose, settle
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
@@ -77,9 +77,7 @@ def test_multi_upload_warns_about_the_bad_file_and_tables_the_others(server, pag
     page.goto(server)
     page.get_by_role("heading", name="Inspect").wait_for()
     settle(page)
-    page.locator('[data-testid="stSelectbox"]').first.click()
-    page.get_by_role("option", name="lcnet_resnet20").click()
-    settle(page)
+    choose(page, "lcnet_resnet20")
     page.get_by_text("Upload an image").click()
     settle(page)
     files = [tmp_path / "red.png", tmp_path / "notes.jpg", tmp_path / "blue.png"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dynviz import live, zoo
-from tests.helpers import ARTIFACTS, CHROMIUM, settle
+from tests.helpers import ARTIFACTS, CHROMIUM, choose, settle
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
@@ -35,9 +35,7 @@ def _diagram_of(page, server, name: str, title_part: str) -> dict:
     page.goto(server)
     page.get_by_role("heading", name="Inspect").wait_for()
     settle(page)
-    page.locator('[data-testid="stSelectbox"]').first.click()
-    page.get_by_role("option", name=name).click()
-    settle(page)
+    choose(page, name)
     page.get_by_text(title_part).first.wait_for()
     settle(page)
     assert page.locator('[data-testid="stException"]').count() == 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dynviz import budget, data, gallery, live, operating_points, workspace, zoo
-from tests.helpers import ARTIFACTS, CHROMIUM, app_variables, settle
+from tests.helpers import ARTIFACTS, CHROMIUM, app_variables, choose, settle
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
@@ -166,9 +166,7 @@ def test_gallery_click_opens_the_images_path(server, page, env_ws):
     page.get_by_text("Cheapest").first.wait_for()
     settle(page)
     if _system_shown(page) != GATED:
-        page.locator('[data-testid="stSelectbox"]').first.click()
-        page.get_by_role("option", name=GATED).click()
-        settle(page)
+        choose(page, GATED)
     # reference: the cheapest image as the library ranks it, through live.inspect_image
     split = ws.split("val")
     cached = zoo.outputs(ws, GATED, split, progress=False)
