@@ -31,15 +31,18 @@ def default_policy_json(ws: Workspace, name: str) -> str | None:
     return policy.to_json()
 
 
-def row(result: live.InspectResult, label: int | None = None) -> dict:
-    """A table row of one answer; ``correct`` only when the image's label is known."""
+def row(result: live.InspectResult, label: int | None = None,
+        sketch: str | None = None) -> dict:
+    """A table row of one answer; ``correct`` only when the image's label is known,
+    ``sketch`` (the path drawn small, ``live.path_sketch``) when given."""
     out = {"system": result.system, "kind": result.kind, "prediction": result.prediction}
     if label is not None:
         out["correct"] = bool(int(result.probs.argmax()) == label)
-    return out | {"macs": int(result.macs),
-                  "mac_share": result.macs / result.macs_dense,
-                  "ms": result.ms_dynamic,
-                  "route": result.path.route() if result.path is not None else STATIC_ROUTE}
+    out |= {"macs": int(result.macs),
+            "mac_share": result.macs / result.macs_dense,
+            "ms": result.ms_dynamic,
+            "route": result.path.route() if result.path is not None else STATIC_ROUTE}
+    return out | ({"sketch": sketch} if sketch is not None else {})
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,10 @@ class Comparison:
     results: list[live.InspectResult]
     label: int | None
     skipped: dict[str, str]            # system -> reason
+    sketches: list[str]                # per result, ``live.path_sketch``
 
     def rows(self) -> list[dict]:
-        return [row(r, self.label) for r in self.results]
+        return [row(r, self.label, s) for r, s in zip(self.results, self.sketches)]
 
 
 def compare(ws: Workspace, image: np.ndarray, label: int | None = None,
@@ -65,7 +69,7 @@ def compare(ws: Workspace, image: np.ndarray, label: int | None = None,
     """
     live_for = live_for or (lambda name, policy_json: live.build(
         ws, name, None if policy_json is None else Policy.from_json(policy_json)))
-    results, skipped = [], {}
+    results, skipped, sketches = [], {}, []
     for name in zoo.available(ws):
         try:
             system = live_for(name, default_policy_json(ws, name))
@@ -73,7 +77,8 @@ def compare(ws: Workspace, image: np.ndarray, label: int | None = None,
             skipped[name] = str(err)
             continue
         results.append(live.inspect_image(system, image, timing_repeats, time_dense=False))
-    return Comparison(results, label, skipped)
+        sketches.append(live.path_sketch(system, results[-1]))
+    return Comparison(results, label, skipped, sketches)
 
 
 @dataclass(frozen=True)
@@ -83,10 +88,12 @@ class Batch:
     files: list[str]                   # of the answers, in upload order
     results: list[live.InspectResult]
     failures: list[tuple[str, str]]    # (file, why)
+    sketches: list[str]                # per answer, ``live.path_sketch``
 
     def rows(self) -> list[dict]:
-        return [{"file": f} | {k: v for k, v in row(r).items() if k not in ("system", "kind")}
-                for f, r in zip(self.files, self.results)]
+        return [{"file": f} | {k: v for k, v in row(r, None, s).items()
+                               if k not in ("system", "kind")}
+                for f, r, s in zip(self.files, self.results, self.sketches)]
 
 
 def run_batch(system: live.LiveSystem, files: Sequence[tuple[str, bytes]],
@@ -102,4 +109,4 @@ def run_batch(system: live.LiveSystem, files: Sequence[tuple[str, bytes]],
             continue
         names.append(name)
         results.append(live.inspect_image(system, image, timing_repeats, time_dense=False))
-    return Batch(names, results, failures)
+    return Batch(names, results, failures, [live.path_sketch(system, r) for r in results])

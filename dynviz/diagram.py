@@ -85,11 +85,16 @@ def block_chain(block_scores: np.ndarray, channel_share: np.ndarray, names: list
                    yaxis=dict(visible=False, range=[-0.7, 1.6]))
 
 
+def channel_share(block_scores: np.ndarray, channel_scores: list[np.ndarray]) -> np.ndarray:
+    """(n_blocks,) the fraction of each block's channels computed (0 for a skipped block)."""
+    return np.array([(c > 0).mean() if s > 0 else 0.0
+                     for s, c in zip(block_scores, channel_scores)])
+
+
 def gated(block_scores: np.ndarray, channel_scores: list[np.ndarray],
           names: list[str]) -> go.Figure:
     """The path of a gated network: S_L (n_blocks,) and per block its S_C (C_mid,)."""
-    share = np.array([(c > 0).mean() if s > 0 else 0.0
-                      for s, c in zip(block_scores, channel_scores)])
+    share = channel_share(block_scores, channel_scores)
     ran = int((block_scores > 0).sum())
     computed = sum(int((c > 0).sum()) for s, c in zip(block_scores, channel_scores) if s > 0)
     total = sum(len(c) for c in channel_scores)
@@ -98,13 +103,24 @@ def gated(block_scores: np.ndarray, channel_scores: list[np.ndarray],
     return block_chain(np.asarray(block_scores, float), share, names, title)
 
 
-def static(names: list[str]) -> go.Figure:
+def static(names: list[str], sketch: bool = False) -> go.Figure | str:
     """A static network: every block runs, every channel; ``names`` empty for a network
-    whose blocks are unknown (an exported program), drawn as one box."""
+    whose blocks are unknown (an exported program), drawn as one box. ``sketch``: as a
+    table cell's SVG (``sketch_blocks``)."""
     names = names or ["network"]
     ones = np.ones(len(names))
+    if sketch:
+        return sketch_blocks(ones, ones, names)
     return block_chain(ones, ones, names, f"Compute path: static, all {len(names)} "
                        f"block{'s' if len(names) > 1 else ''} run for every image")
+
+
+def _reached(decisions: np.ndarray, exit_stage: int) -> np.ndarray:
+    """(K,) which stages ran: those that decided, and the one the image left at (after a
+    jump, the last stage answers without a decision of its own)."""
+    reached = np.asarray(decisions) != -1
+    reached[exit_stage] = True
+    return reached
 
 
 def staged(stage_names: list[str], scores: np.ndarray, thresholds: np.ndarray,
@@ -121,7 +137,7 @@ def staged(stage_names: list[str], scores: np.ndarray, thresholds: np.ndarray,
     """
     k = len(stage_names)
     x = np.arange(k) * 2.0
-    reached = np.asarray(decisions) != -1
+    reached = _reached(decisions, exit_stage)
     fig, shapes, notes = go.Figure(), [], []   # layout items set once: add_shape is slow
     shapes.append(dict(type="line", x0=x[0] - 1.2, x1=x[-1] + 1.2, y0=1, y1=1, layer="below",
                   line=dict(color="#7f7f7f", width=1.5)))
@@ -174,3 +190,75 @@ def staged(stage_names: list[str], scores: np.ndarray, thresholds: np.ndarray,
     return _layout(fig, title, height=300, showlegend=False, plot_bgcolor="white",
                    xaxis=dict(visible=False, range=[x[0] - 1.5, x[-1] + 2.6]),
                    yaxis=dict(visible=False, range=[-0.9, 2.3]))
+
+
+# ---- sketches: the same drawings at the size of a table cell, as SVG data URLs ----------
+SKETCH_HEIGHT = 24   # px; a cell shows it scaled to its row
+SKETCH_PITCH = 5     # px per block (per stage: 4 pitches): resnet56 fits a 200 px cell
+DOTTED = ' stroke-dasharray="1.5 1"'
+
+
+def _svg(width: float, body: list[str]) -> str:
+    return ('<svg xmlns="http://www.w3.org/2000/svg" '
+            f'width="{width:.0f}" height="{SKETCH_HEIGHT}" viewBox="0 0 {width:.0f} '
+            f'{SKETCH_HEIGHT}">' + "".join(body) + "</svg>")
+
+
+def sketch_blocks(block_scores: np.ndarray, channel_share: np.ndarray,
+                  names: list[str]) -> str:
+    """``block_chain`` as a small SVG: a box per block, filled with opacity S_L up to the
+    share of its channels computed; a skipped block's box dotted under a red arc. Every box
+    carries ``data-block`` and the class ``ran`` or ``skipped``."""
+    x, _ = _positions(names)
+    px = (x + 0.5) * SKETCH_PITCH
+    top, bottom = 8, SKETCH_HEIGHT - 2
+    half = 0.38 * SKETCH_PITCH
+    body = [f'<line x1="0" x2="{px[-1] + SKETCH_PITCH:.1f}" y1="{(top + bottom) / 2}" '
+            f'y2="{(top + bottom) / 2}" stroke="#7f7f7f" stroke-width="1"/>']
+    for xi, s, share, name in zip(px, block_scores, channel_share, names):
+        on = s > 0
+        body.append(f'<rect class="{"ran" if on else "skipped"}" data-block="{name}" '
+                    f'x="{xi - half:.1f}" y="{top}" width="{2 * half:.1f}" '
+                    f'height="{bottom - top}" fill="white" stroke="{ON if on else FADED}" '
+                    f'stroke-width="0.8"{"" if on else DOTTED}/>')
+        if on:
+            h = (bottom - top) * float(share)
+            body.append(f'<rect x="{xi - half:.1f}" y="{bottom - h:.1f}" '
+                        f'width="{2 * half:.1f}" height="{h:.1f}" fill="{ON}" '
+                        f'fill-opacity="{float(np.clip(s, 0.1, 1)):.2f}"/>')
+        else:
+            step = SKETCH_PITCH / 2
+            body.append(f'<path d="M {xi - step:.1f} {(top + bottom) / 2} Q {xi:.1f} '
+                        f'{top - 8} {xi + step:.1f} {(top + bottom) / 2}" fill="none" '
+                        f'stroke="{SKIP}" stroke-width="1.2"/>')
+    return _svg(px[-1] + SKETCH_PITCH, body)
+
+
+def sketch_stages(stage_names: list[str], decisions: np.ndarray, exit_stage: int,
+                  jumped: bool) -> str:
+    """``staged`` as a small SVG: a box per stage, filled where the image reached it, dotted
+    where not, a green dot (class ``left``, ``data-stage``) where it left, a dashed arc for a
+    jump. Every box carries ``data-stage`` and the class ``reached`` or ``not-reached``."""
+    pitch = 4 * SKETCH_PITCH
+    mid = SKETCH_HEIGHT / 2
+    body = [f'<line x1="0" x2="{pitch * len(stage_names):.0f}" y1="{mid}" y2="{mid}" '
+            'stroke="#7f7f7f" stroke-width="1"/>']
+    for i, (name, on) in enumerate(zip(stage_names, _reached(decisions, exit_stage))):
+        body.append(f'<rect class="{"reached" if on else "not-reached"}" data-stage="{name}" '
+                    f'x="{i * pitch + 3}" y="{mid - 6}" width="{pitch - 8}" height="12" '
+                    f'fill="{ON if on else "white"}" stroke="{ON if on else FADED}" '
+                    f'stroke-width="0.8"{"" if on else DOTTED}/>')
+    if jumped:
+        body.append(f'<path d="M {pitch - 5} {mid - 6} Q {pitch * len(stage_names) / 2:.0f} -6 '
+                    f'{pitch * (len(stage_names) - 1) + 3} {mid - 6}" fill="none" '
+                    f'stroke="{LEFT}" stroke-width="1.2" stroke-dasharray="3 2"/>')
+    body.append(f'<circle class="left" data-stage="{stage_names[exit_stage]}" '
+                f'cx="{exit_stage * pitch + pitch - 3}" cy="{mid}" r="3" fill="{LEFT}"/>')
+    return _svg(pitch * len(stage_names) + 4, body)
+
+
+def data_url(svg: str) -> str:
+    """An SVG as a data URL (what a table's image column shows)."""
+    import base64
+
+    return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()

@@ -92,6 +92,14 @@ class BlockPath:
 
         return diagram.gated(self.block_scores, self.channel_scores, self.block_names)
 
+    def sketch(self) -> str:
+        """The diagram at the size of a table cell (SVG)."""
+        from dynviz import diagram
+
+        return diagram.sketch_blocks(
+            self.block_scores, diagram.channel_share(self.block_scores, self.channel_scores),
+            self.block_names)
+
     def caption(self) -> str | None:
         return None
 
@@ -131,6 +139,13 @@ class StagePath:
         return diagram.staged(self.stage_names, self.exit_scores, self.exit_thresholds,
                               self.decisions, self.exit_stage, self.jumped, self.score_name,
                               self.stage_macs)
+
+    def sketch(self) -> str:
+        """The diagram at the size of a table cell (SVG)."""
+        from dynviz import diagram
+
+        return diagram.sketch_stages(self.stage_names, self.decisions, self.exit_stage,
+                                     self.jumped)
 
     def caption(self) -> str | None:
         return "MACs per stage: " + ", ".join(
@@ -195,6 +210,15 @@ def path_diagram(live: LiveSystem, result: InspectResult):
     if result.path is not None:
         return result.path.diagram()
     return diagram.static(getattr(live.dense, "block_names", list)())
+
+
+def path_sketch(live: LiveSystem, result: InspectResult) -> str:
+    """``path_diagram`` at the size of a table cell: an SVG data URL."""
+    from dynviz import diagram
+
+    if result.path is not None:
+        return diagram.data_url(result.path.sketch())
+    return diagram.data_url(diagram.static(getattr(live.dense, "block_names", list)(), True))
 
 
 def _softmax(logits: torch.Tensor) -> np.ndarray:

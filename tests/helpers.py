@@ -253,3 +253,21 @@ def choose(page, option: str, box: int = 0, attempts: int = 4) -> None:
                 raise
             page.keyboard.press("Escape")
     settle(page)
+
+
+def sketch_marks(sketch: str) -> dict[str, list[str]]:
+    """What a path sketch (SVG, or its data URL) marks: the ``data-block`` / ``data-stage``
+    names by class (``ran``, ``skipped``, ``reached``, ``not-reached``, ``left``)."""
+    import base64
+    import xml.etree.ElementTree as ET
+
+    if sketch.startswith("data:"):
+        head, _, body = sketch.partition(",")
+        assert head == "data:image/svg+xml;base64", head
+        sketch = base64.b64decode(body).decode()
+    marks: dict[str, list[str]] = {}
+    for el in ET.fromstring(sketch).iter():
+        name = el.get("data-block") or el.get("data-stage")
+        if name is not None:
+            marks.setdefault(el.get("class"), []).append(name)
+    return marks

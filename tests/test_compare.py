@@ -14,7 +14,7 @@ from PIL import Image
 from dynviz import compare, live, operating_points, uploads, zoo
 from dynviz.adaptive import AdaptiveClassifier
 from dynviz.cli import main
-from tests.helpers import run_page
+from tests.helpers import run_page, sketch_marks
 
 
 def _png(colour, size=(48, 40)) -> bytes:
@@ -23,15 +23,30 @@ def _png(colour, size=(48, 40)) -> bytes:
     return buf.getvalue()
 
 
-def _trace_macs(ws, name: str, image: np.ndarray) -> int:
-    """MACs the unfolded checkpoint's own trace spends on ``image`` (staged systems under
-    the shipped ≤0.5% loss point, as compare runs them)."""
+def _traced(ws, name: str, image: np.ndarray) -> tuple[int, dict[str, list[str]]]:
+    """What the unfolded checkpoint's own trace says of ``image`` (staged systems under the
+    shipped ≤0.5% loss point, as compare runs them): its MACs, and the marks its sketch
+    should carry (``tests.helpers.sketch_marks``)."""
     model = zoo.load_system(ws, name, torch.device("cpu"))
     if model.n_stages > 1:
         model = AdaptiveClassifier(model, operating_points.load_policy(
             ws, name, operating_points.LOSSES[0]))
     with torch.no_grad():
-        return int(model(ws.data.to_tensor(image[None])).macs[0])
+        out = model(ws.data.to_tensor(image[None]))
+    trace = out.trace
+    if hasattr(trace, "exit_stage"):
+        ran = trace.stage_macs[0] > 0
+        marks = {"reached": [n for n, r in zip(trace.stage_names, ran) if r],
+                 "left": [trace.stage_names[int(trace.exit_stage[0])]]}
+        if not ran.all():
+            marks["not-reached"] = [n for n, r in zip(trace.stage_names, ran) if not r]
+    else:
+        scores = (trace.block_scores[0].numpy() if hasattr(trace, "block_scores")
+                  else np.ones(len(model.block_names())))
+        marks = {"ran": [n for n, s in zip(model.block_names(), scores) if s > 0]}
+        if (scores == 0).any():
+            marks["skipped"] = [n for n, s in zip(model.block_names(), scores) if s == 0]
+    return int(out.macs[0]), marks
 
 
 def test_compare_has_each_systems_predict_answer_and_trace_macs(app_env, ws, tmp_path,
@@ -51,7 +66,9 @@ def test_compare_has_each_systems_predict_answer_and_trace_macs(app_env, ws, tmp
         said = json.loads(capsys.readouterr().out)
         assert r["prediction"] == said["prediction"], r["system"]
         assert r["correct"] == (said["prediction"] == ws.data.classes[label])
-        assert r["macs"] == said["macs"] == _trace_macs(ws, r["system"], image), r["system"]
+        macs, marks = _traced(ws, r["system"], image)
+        assert r["macs"] == said["macs"] == macs, r["system"]
+        assert sketch_marks(r["sketch"]) == marks, r["system"]
         assert r["mac_share"] == pytest.approx(said["mac_fraction"], abs=1e-4)
         assert r["ms"] > 0
         if "blocks_executed" in said:
@@ -96,6 +113,7 @@ def test_run_batch_answers_the_good_files_and_names_the_bad_one(app_env, ws):
     for r, want in zip(rows, wanted):
         assert (r["prediction"], r["macs"]) == (want["prediction"], want["macs"])
         assert r["route"] == f"{want['blocks_executed']} of {want['blocks']} blocks ran"
+        assert len(sketch_marks(r["sketch"])["ran"]) == want["blocks_executed"]
 
 
 def test_inspect_page_multi_upload_with_a_bad_file(app_env, ws):
@@ -133,3 +151,11 @@ def test_inspect_page_compares_every_system_on_a_validation_image(app_env, ws):
     assert list(table["prediction"]) == wanted
     assert list(table["correct"]) == ["✓ right" if p == ws.data.classes[0] else "✗ wrong"
                                       for p in wanted]
+    for name, sketch in zip(table["system"], table["sketch"]):   # the path drawn small
+        result = live.inspect_image(live.build(ws, name), image, timing_repeats=1)
+        if result.path is None:
+            assert not sketch_marks(sketch).get("skipped")
+        elif hasattr(result.path, "block_scores"):
+            assert len(sketch_marks(sketch)["ran"]) == result.path.summary()["blocks_executed"]
+        else:
+            assert sketch_marks(sketch)["left"] == [result.path.summary()["exit"]]

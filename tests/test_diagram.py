@@ -4,13 +4,14 @@ outside the app, the shipped policy's own exit rule, and the app's page through 
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 import torch
 
 from dynviz import diagram, live, operating_points, zoo
-from tests.helpers import run_page
+from tests.helpers import run_page, sketch_marks
 
 
 def _trace(fig, name: str):
@@ -58,6 +59,34 @@ def test_a_static_network_is_a_plain_chain():
     assert _drawn(fig) == ({"layer1.0", "layer1.1", "layer2.0"}, set())
     assert not _shapes(fig, "skip:")
     assert _drawn(diagram.static([])) == ({"network"}, set())   # an exported program
+
+
+def test_a_written_path_is_sketched_block_by_block():
+    names = ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+    scores = np.array([0.9, 0.0, 0.4, 1.0])
+    share = np.array([0.5, 0.0, 0.25, 1.0])
+    svg = diagram.sketch_blocks(scores, share, names)
+    assert sketch_marks(svg) == {"ran": ["layer1.0", "layer2.0", "layer2.1"],
+                                 "skipped": ["layer1.1"]}
+    root = ET.fromstring(svg)
+    boxes = [e for e in root if e.tag.endswith("rect")]
+    fills = [e for e in boxes if e.get("class") is None]       # the filled part of a box
+    whole = float(boxes[0].get("height"))
+    assert [float(e.get("height")) / whole for e in fills] == pytest.approx([0.5, 0.25, 1.0])
+    assert [float(e.get("fill-opacity")) for e in fills] == pytest.approx([0.9, 0.4, 1.0])
+    assert sum(e.tag.endswith("path") for e in root) == 1      # one skip arc
+    assert sketch_marks(diagram.static([], sketch=True)) == {"ran": ["network"]}
+
+
+def test_a_written_stage_path_is_sketched():
+    names = ["r8", "r20", "r56"]
+    svg = diagram.sketch_stages(names, np.array([0, 1, -1]), 1, False)
+    assert sketch_marks(svg) == {"reached": ["r8", "r20"], "not-reached": ["r56"],
+                                 "left": ["r20"]}
+    jumped = diagram.sketch_stages(names, np.array([2, -1, 0]), 2, True)
+    assert sketch_marks(jumped)["left"] == ["r56"]
+    assert sum(e.tag.endswith("path") for e in ET.fromstring(jumped)) == 1   # the jump arc
+    assert not any(e.tag.endswith("path") for e in ET.fromstring(svg))
 
 
 @pytest.mark.parametrize("name", ["lcnet_resnet20"])   # the gated system of app_env
@@ -109,6 +138,12 @@ def test_staged_diagram_marks_the_exit_the_policy_takes(app_env, ws, name):
         for c, s, t in zip(exits, scores, thresholds):
             assert c[1] == pytest.approx(s, nan_ok=True) and c[2] == pytest.approx(t)
         assert bool(_shapes(fig, "jump")) == path.jumped
+        ran = {n for n, m in zip(path.stage_names, path.stage_macs) if m > 0}   # spent MACs
+        filled = {s.name.removeprefix("stage:") for s in fig.layout.shapes
+                  if s.name and s.name.startswith("stage:") and s.fillcolor != "white"}
+        assert filled == ran
+        assert sketch_marks(path.sketch())["reached"] == [n for n in path.stage_names
+                                                          if n in ran]
         exits_seen.add(want)
     assert exits_seen   # which exits the synthetic zoo reaches varies; each one is checked
 

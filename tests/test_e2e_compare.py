@@ -62,6 +62,8 @@ def test_compare_shows_one_row_per_system_with_predicts_answer(server, page, tmp
     settle(page)
     assert page.locator('[data-testid="stException"]').count() == 0
     page.screenshot(path=str(ARTIFACTS / "inspect-compare.png"), full_page=True)
+    page.locator('[data-testid="stDataFrame"]').screenshot(
+        path=str(ARTIFACTS / "inspect-compare-table.png"))
     rows = _table(page)
     for var, value in app_variables(app_root).items():
         monkeypatch.setenv(var, value)

@@ -23,6 +23,11 @@ COLUMNS = {   # a row of ``compare.row`` -> what the table shows
                                         help="Measured on this server: one run after a "
                                              "warm-up, so other load moves it."),
     "route": st.column_config.TextColumn("path"),
+    "sketch": st.column_config.ImageColumn(
+        "compute path", width="medium",
+        help="Blocks: filled where they ran (height: the share of channels computed), "
+             "dotted under a red arc where skipped. Stages: filled where reached; the "
+             "green dot is where the image left."),
 }
 
 
