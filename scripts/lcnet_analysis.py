@@ -22,6 +22,9 @@ Sections (Markdown tables on stdout, progress on stderr):
   LC-Net runs whose manifests are in git history.
 - ``frontier``: resnet8/20/56 and LC-Net on fit and check from the shipped caches, the
   static log-MAC interpolation at LC-Net's MACs and the paired standard error of the gap.
+  ``--checkpoint PT`` judges a training run's LC-Net instead of the shipped one:
+
+    python scripts/lcnet_analysis.py frontier --checkpoint .cache/runs/NAME/NAME.pt
 
 Nothing is written: re-estimated statistics live in copies of the model.
 """
@@ -44,7 +47,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dynviz import data, operating_points, workspace, zoo  # noqa: E402
+from dynviz import cache, data, operating_points, workspace, zoo  # noqa: E402
 from dynviz.workspace import Workspace  # noqa: E402
 
 SECTIONS = ("gates", "bn", "epochs", "frontier")
@@ -581,10 +584,23 @@ class Half:
     macs: dict[str, float]           # system -> mean MACs
 
 
-def halves(ws: Workspace) -> dict[str, Half]:
+def halves(ws: Workspace, candidate: Path | None = None) -> dict[str, Half]:
+    """Per image correct and mean MACs of the static networks and LC-Net on fit and check,
+    from the shipped caches; LC-Net's from the state dict ``candidate`` when given (a run's
+    ``.pt``, evaluated here in eval mode with hard gates)."""
     val = ws.split("val")
     out = {"fit": Half({}, {}), "check": Half({}, {})}
     for name in ("resnet8", "resnet20", "resnet56", SYSTEM):
+        if name == SYSTEM and candidate is not None:
+            model = zoo.create_model(ws, ws.spec(SYSTEM))
+            zoo.load_weights(model, candidate)
+            for half in out:
+                split = ws.split(half, val.dataset)
+                arrays = cache.compute_outputs(model, split.images(), ws.data,
+                                               device=torch.device("cpu"))
+                out[half].correct[name] = arrays["logits"][:, -1].argmax(-1) == split.labels
+                out[half].macs[name] = float(arrays["stage_macs"].sum(1).mean())
+            continue
         cached = zoo.outputs(ws, name, val)
         for half in out:
             s = cached.half(half)
@@ -607,14 +623,17 @@ def frontier_fn(h: Half):
     return at
 
 
-def frontier_section(ws: Workspace, hs: dict[str, Half]) -> None:
+def frontier_section(ws: Workspace, hs: dict[str, Half], candidate: Path | None) -> None:
     shipped = json.loads((ws.results / "results.json").read_text())
     results = {r["system"]: r for r in shipped if r["operating_point"] == "trained"}
     print("### The systems (shipped caches; check figures equal assets/results.json)\n")
+    if candidate is not None:
+        print(f"{SYSTEM}: the candidate {candidate.name}, not the shipped checkpoint.\n")
     rows = []
     for name in ("resnet8", "resnet20", "resnet56", SYSTEM):
         fit, check = hs["fit"], hs["check"]
-        same = abs(results[name]["accuracy"] - check.correct[name].mean()) < 1e-9
+        same = (abs(results[name]["accuracy"] - check.correct[name].mean()) < 1e-9
+                or (name == SYSTEM and candidate is not None))
         rows.append([name, pct(fit.correct[name].mean()), mega(fit.macs[name]),
                      pct(check.correct[name].mean()) + ("" if same else " (≠ results.json)"),
                      mega(check.macs[name])])
@@ -673,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of that draw (0)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    parser.add_argument("--checkpoint", type=Path, metavar="PT",
+                        help=f"frontier: judge this {SYSTEM} state dict (a training run's "
+                             ".pt) in place of the shipped checkpoint")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
@@ -683,7 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     ws = workspace.builtin()
     dataset = ws.dataset()
     fit = ws.split("fit", dataset)
-    hs = halves(ws)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    hs = halves(ws, args.checkpoint)
     fit_frontier = frontier_fn(hs["fit"])
     model = None
     if "gates" in sections or "bn" in sections:
@@ -708,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
     if "frontier" in sections:
         print("## The static frontier\n")
-        frontier_section(ws, hs)
+        frontier_section(ws, hs, args.checkpoint)
         print()
     return 0
 
