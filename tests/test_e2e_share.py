@@ -183,5 +183,6 @@ def test_gallery_click_opens_the_images_path(server, page, env_ws):
     shown = dialog.locator('[data-testid="stMetric"]').filter(has_text="Prediction")
     assert shown.inner_text().split("\n")[-1].strip() == expected.prediction
     ran = expected.path.summary()
-    dialog.get_by_text(f"Blocks: {ran['blocks_executed']} of {ran['blocks']} ran").first.wait_for()
+    dialog.get_by_text(f"Compute path: {ran['blocks_executed']} of {ran['blocks']} blocks ran"
+                       ).first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "gallery-path.png"), full_page=True)

@@ -28,14 +28,15 @@ def compute_path(ws: Workspace, name: str, position: int, image: np.ndarray,
     left.metric("Prediction", result.prediction)
     left.metric("MACs", f"{result.macs / 1e6:.1f} M",
                 f"{result.macs / result.macs_dense - 1:+.0%} vs dense", delta_color="inverse")
-    with right:
-        if result.path is not None:
-            for key, figure in result.path.figures().items():
-                st.plotly_chart(figure, key=f"explore_{key}")
-            if result.path.caption():
-                st.caption(result.path.caption())
+    with right:   # the diagram Inspect draws (the galleries show dynamic systems only)
+        st.plotly_chart(live.path_diagram(live_system, result), key="explore_diagram")
+        if result.path is not None and result.path.caption():
+            st.caption(result.path.caption())
     k = share.check_address(labels, position)
     if k is not None:
         st.page_link("dynviz/ui/inspect_page.py", label="Open in Inspect",
                      icon=":material/search:",
                      query_params=share.inspect_params(name, label, k))
+    else:
+        st.caption("A *fit*-half image: Inspect picks from the *check* half, where policies "
+                   "are judged, so it has no link to this one.")
