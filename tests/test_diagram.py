@@ -3,6 +3,7 @@ channels computed, the exit taken. References: hand-written paths, the unfolded 
 outside the app, the shipped policy's own exit rule, and the app's page through AppTest."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from dynviz import diagram, live, operating_points, zoo
+from dynviz import policy as P
 from tests.helpers import run_page, sketch_marks
 
 
@@ -146,6 +148,33 @@ def test_staged_diagram_marks_the_exit_the_policy_takes(app_env, ws, name):
                                                           if n in ran]
         exits_seen.add(want)
     assert exits_seen   # which exits the synthetic zoo reaches varies; each one is checked
+
+
+@pytest.mark.parametrize("name", ["exits_resnet56", "cascade_r8_r20_r56"])
+def test_an_image_that_leaves_early_is_drawn_leaving_there(app_env, ws, name):
+    """The synthetic zoo's images mostly run to the end; a policy that leaves at the second
+    stage (never at the first, never jumping) makes every image leave early."""
+    shipped = operating_points.load_policy(ws, name, operating_points.LOSSES[0])
+    k = len(shipped.exits) + 1
+    exits = (P.NEVER, P.ALWAYS) + (P.NEVER,) * (k - 3)
+    rule = dataclasses.replace(shipped, exits=exits,
+                               jumps=(P.NEVER,) * len(shipped.jumps))
+    system = live.build(ws, name, rule, calibrate=False)
+    result = live.inspect_image(system, np.asarray(app_env.images()[0]), timing_repeats=1)
+    names = result.path.stage_names
+    fig = live.path_diagram(system, result)
+    assert _cells(fig, "left here") == [[names[1]]]
+    filled = {s.name.removeprefix("stage:") for s in fig.layout.shapes
+              if s.name and s.name.startswith("stage:") and s.fillcolor != "white"}
+    assert filled == set(names[:2])
+    assert [c[3] for c in _cells(fig, "exits")] == ["continue", "exit"] + ["not reached"] * (k - 3)
+    assert sketch_marks(result.path.sketch()) == {"reached": names[:2], "left": [names[1]],
+                                                  "not-reached": names[2:]}
+    # reference for the MACs: the dense system's own first two stages
+    model = zoo.load_system(ws, name, torch.device("cpu"))
+    with torch.no_grad():
+        stage_macs = model(ws.data.to_tensor(np.asarray(app_env.images()[:1]))).stage_macs[0]
+    assert result.macs == int(stage_macs[:2].sum())
 
 
 def test_static_system_diagram_is_its_blocks(app_env, ws):
