@@ -273,9 +273,8 @@ def fit(ws: Workspace, name: str, recipe: Recipe, *, resume: bool = False,
                 loss = classification_loss(out.stage_logits, y, recipe.label_smoothing,
                                             recipe.distill, recipe.distill_temperature, target)
                 if recipe.l1_block or recipe.l1_channel or recipe.mac_weight:
-                    ramp = min(1.0, (epoch + step / steps_per_epoch) / recipe.mac_ramp) \
-                        if recipe.mac_ramp else 1.0
-                    loss = loss + sparsity_penalty(out.trace, recipe, ramp)
+                    loss = loss + sparsity_penalty(
+                        out.trace, recipe, recipe.pull(epoch + step / steps_per_epoch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

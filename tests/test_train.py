@@ -437,6 +437,23 @@ def test_frozen_gates_keep_their_weights_while_the_backbone_trains(tws):
     assert not all(torch.equal(before[k], after[k].cpu()) for k in weights)
 
 
+def test_the_mac_pull_waits_mac_delay_epochs_then_rises_over_mac_ramp(tws, monkeypatch):
+    seen = []
+    real = train.sparsity_penalty
+    monkeypatch.setattr(train, "sparsity_penalty",
+                        lambda trace, recipe, ramp=1.0: seen.append(ramp) or real(trace, recipe,
+                                                                                  ramp))
+    recipe = dataclasses.replace(TINY, model="lcnet_resnet20", epochs=4, mac_target=1e6,
+                                 mac_weight=1.0, mac_delay=1, mac_ramp=2)
+    train.fit(tws, "delayed", recipe, limit_batches=2, progress=False)
+    # by hand: step s of epoch e is at e + s/2 epochs; 0 before epoch 1, then (t − 1)/2 ≤ 1
+    want = [0, 0, 0, 0.25, 0.5, 0.75, 1, 1]
+    assert seen == pytest.approx(want)
+    assert [recipe.pull(t) for t in (0.99, 1, 2, 3, 9)] == [0, 0, 0.5, 1, 1]
+    assert dataclasses.replace(recipe, mac_ramp=0).pull(0.5) == 0
+    assert dataclasses.replace(recipe, mac_ramp=0).pull(1) == 1
+
+
 # ---------------------------------------------------------------------------- own workspace
 KIWI_CLASSES = ("kiwi", "emu", "moa")
 
