@@ -18,6 +18,8 @@ Sections (Markdown tables on stdout, progress on stderr):
   (PyTorch's train-mode pass; exact moments, layer by layer, from all images or only from
   the images and channels that run), each judged on *fit*, and resnet56 re-estimated the
   same way as a control.
+- ``soft``: the gates in their training form (leaky) against their inference form on *fit*:
+  accuracy, and the leaky scores of the blocks the hard gates skip.
 - ``epochs``: validation accuracy and MACs per epoch of the shipped run and of the earlier
   LC-Net runs whose manifests are in git history.
 - ``frontier``: resnet8/20/56 and LC-Net on fit and check from the shipped caches, the
@@ -50,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from dynviz import cache, data, operating_points, workspace, zoo  # noqa: E402
 from dynviz.workspace import Workspace  # noqa: E402
 
-SECTIONS = ("gates", "bn", "epochs", "frontier")
+SECTIONS = ("gates", "bn", "soft", "epochs", "frontier")
 SYSTEM = "lcnet_resnet56_seq"
 CHECKPOINT = "lcnet_resnet56_kd16"
 ALWAYS, NEVER = 0.99, 0.01   # runs on ≥ 99% (≤ 1%) of fit images: an always- (never-) run block
@@ -679,6 +681,32 @@ def frontier_section(ws: Workspace, hs: dict[str, Half], candidate: Path | None)
                 break
 
 
+# ---------------------------------------------------------------------------- soft
+@torch.no_grad()
+def soft_section(model: nn.Module, fit: data.Split, batch_size: int) -> None:
+    """The gates in their training form (leaky ReLU-1, BN in eval mode) against their
+    inference form on fit: accuracy, and what the leaky gates do where the hard ones skip."""
+    hard = gate_pass(model, fit.images(), fit.labels, fit.spec, batch_size, "hard gates")
+    set_leaky(model, True)
+    leaky_scores, correct = [], []
+    for x, y in data.batches(fit.images(), fit.labels, batch_size, fit.spec):
+        out = model(x)
+        correct.append((out.logits.argmax(1) == y).numpy())
+        leaky_scores.append(out.trace.block_scores.numpy())
+    set_leaky(model, False)
+    scores = np.concatenate(leaky_scores)                    # (N, n_blocks) S_L, leaky
+    skipped = ~hard.ran
+    negative = scores < 0
+    print(table(["gates", "fit accuracy", "blocks skipped (image × block)",
+                 "of those, leaky S_L < 0", "mean leaky S_L there"],
+                [["inference (clamp to [0, 1])", pct(hard.accuracy), pct(skipped.mean(), 1),
+                  "—", "—"],
+                 ["training (leaky ReLU-1)", pct(float(np.concatenate(correct).mean())), "—",
+                  pct(negative[skipped].mean(), 1) if skipped.any() else "—",
+                  f"{scores[skipped & negative].mean():.3f}" if (skipped & negative).any()
+                  else "—"]]))
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -693,8 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     parser.add_argument("--checkpoint", type=Path, metavar="PT",
-                        help=f"frontier: judge this {SYSTEM} state dict (a training run's "
-                             ".pt) in place of the shipped checkpoint")
+                        help=f"this {SYSTEM} state dict (a training run's .pt) in place of "
+                             "the shipped checkpoint, in every section but epochs")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
@@ -710,8 +738,10 @@ def main(argv: list[str] | None = None) -> int:
     hs = halves(ws, args.checkpoint)
     fit_frontier = frontier_fn(hs["fit"])
     model = None
-    if "gates" in sections or "bn" in sections:
+    if {"gates", "bn", "soft"} & set(sections):
         model = zoo.load_system(ws, SYSTEM, torch.device("cpu"))
+        if args.checkpoint is not None:
+            zoo.load_weights(model, args.checkpoint)
     shipped = None
     if "gates" in sections:
         print("## Gates\n")
@@ -725,6 +755,10 @@ def main(argv: list[str] | None = None) -> int:
         resnet56 = zoo.load_system(ws, "resnet56", torch.device("cpu"))
         bn_section(model, resnet56, fit, shipped, bn_image_sets(dataset, args.bn_images, args.seed),
                    args.batch_size)
+        print()
+    if "soft" in sections:
+        print("## Training-form gates against inference-form gates\n")
+        soft_section(model, fit, args.batch_size)
         print()
     if "epochs" in sections:
         print("## Accuracy against epochs\n")

@@ -242,9 +242,12 @@ def test_sparsity_penalty_is_lcnets_l1_formula():
 
 
 def test_the_mac_target_is_a_squared_hinge_on_the_macs_scores_at_least_eps_count_whole():
+    torch.manual_seed(0)
     model = models.create("lcnet_resnet8")
     for gate in (m for n, m in model.named_modules() if n.endswith("_gate.fc")):
         torch.nn.init.normal_(gate.weight, std=0.5)
+    closed = [m for n, m in model.named_modules() if n.endswith("block_gate.fc")][1]
+    torch.nn.init.constant_(closed.bias, -3.0)       # a leaky score below 0 in training
     trace = model(torch.randn(4, 3, 32, 32)).trace
     eps = 0.05
     # with every score 0 or ≥ ε the counted MACs are the MACs the trace says were spent
@@ -253,9 +256,11 @@ def test_the_mac_target_is_a_squared_hinge_on_the_macs_scores_at_least_eps_count
     hard = trace.cost.macs(trace.block_scores >= eps,
                            [c >= eps for c in trace.channel_scores])
     assert torch.equal(spent.round().long(), hard)
-    # the hinge, by hand: each block's cost table times min(1, s/ε), summed
+    # the hinge, by hand: each block's cost table times min(1, |s|/ε), summed; a negative
+    # training-time (leaky) score counts too, as its block's output still counts in training
+    assert (trace.block_scores < 0).any() and any((c < 0).any() for c in trace.channel_scores)
     costs = trace.cost.blocks
-    clip = lambda s: min(1.0, max(0.0, float(s) / eps))   # noqa: E731
+    clip = lambda s: min(1.0, abs(float(s)) / eps)   # noqa: E731
     by_hand = []
     for i in range(4):
         total = trace.cost.fixed + sum(b.always for b in costs)
