@@ -9,6 +9,8 @@ the one point of trace ``"left here"``.
 """
 from __future__ import annotations
 
+from html import escape
+
 import numpy as np
 import plotly.graph_objects as go
 
@@ -217,7 +219,7 @@ def sketch_blocks(block_scores: np.ndarray, channel_share: np.ndarray,
             f'y2="{(top + bottom) / 2}" stroke="#7f7f7f" stroke-width="1"/>']
     for xi, s, share, name in zip(px, block_scores, channel_share, names):
         on = s > 0
-        body.append(f'<rect class="{"ran" if on else "skipped"}" data-block="{name}" '
+        body.append(f'<rect class="{"ran" if on else "skipped"}" data-block="{escape(name)}" '
                     f'x="{xi - half:.1f}" y="{top}" width="{2 * half:.1f}" '
                     f'height="{bottom - top}" fill="white" stroke="{ON if on else FADED}" '
                     f'stroke-width="0.8"{"" if on else DOTTED}/>')
@@ -244,15 +246,15 @@ def sketch_stages(stage_names: list[str], decisions: np.ndarray, exit_stage: int
     body = [f'<line x1="0" x2="{pitch * len(stage_names):.0f}" y1="{mid}" y2="{mid}" '
             'stroke="#7f7f7f" stroke-width="1"/>']
     for i, (name, on) in enumerate(zip(stage_names, _reached(decisions, exit_stage))):
-        body.append(f'<rect class="{"reached" if on else "not-reached"}" data-stage="{name}" '
-                    f'x="{i * pitch + 3}" y="{mid - 6}" width="{pitch - 8}" height="12" '
+        body.append(f'<rect class="{"reached" if on else "not-reached"}" '
+                    f'data-stage="{escape(name)}" x="{i * pitch + 3}" y="{mid - 6}" width="{pitch - 8}" height="12" '
                     f'fill="{ON if on else "white"}" stroke="{ON if on else FADED}" '
                     f'stroke-width="0.8"{"" if on else DOTTED}/>')
     if jumped:
         body.append(f'<path d="M {pitch - 5} {mid - 6} Q {pitch * len(stage_names) / 2:.0f} -6 '
                     f'{pitch * (len(stage_names) - 1) + 3} {mid - 6}" fill="none" '
                     f'stroke="{LEFT}" stroke-width="1.2" stroke-dasharray="3 2"/>')
-    body.append(f'<circle class="left" data-stage="{stage_names[exit_stage]}" '
+    body.append(f'<circle class="left" data-stage="{escape(stage_names[exit_stage])}" '
                 f'cx="{exit_stage * pitch + pitch - 3}" cy="{mid}" r="3" fill="{LEFT}"/>')
     return _svg(pitch * len(stage_names) + 4, body)
 

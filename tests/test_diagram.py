@@ -85,6 +85,9 @@ def test_a_written_stage_path_is_sketched():
     svg = diagram.sketch_stages(names, np.array([0, 1, -1]), 1, False)
     assert sketch_marks(svg) == {"reached": ["r8", "r20"], "not-reached": ["r56"],
                                  "left": ["r20"]}
+    odd = ['a "big" <net> & co', "r20"]        # a workspace's own system names
+    assert sketch_marks(diagram.sketch_stages(odd, np.array([1, -1]), 0, False)) == {
+        "reached": odd[:1], "left": odd[:1], "not-reached": odd[1:]}
     jumped = diagram.sketch_stages(names, np.array([2, -1, 0]), 2, True)
     assert sketch_marks(jumped)["left"] == ["r56"]
     assert sum(e.tag.endswith("path") for e in ET.fromstring(jumped)) == 1   # the jump arc
