@@ -53,24 +53,31 @@ def sparsity_penalty(trace, recipe: Recipe, ramp: float = 1.0) -> torch.Tensor:
     ``ramp``·μ·max(0, E[MACs]/T − 1)², a squared hinge on the batch's mean MACs (T =
     ``mac_target``, μ = ``mac_weight``): it fades out smoothly at the target, as
     ConvNet-AIG's target-rate loss does (Veit & Belongie, ECCV 2018). E[MACs] counts a
-    block or channel with score s as min(1, |s|/ε) of it (ε = ``mac_eps``): trained gates run
-    blocks at small scores, so the scores themselves would count a fraction of the MACs
-    spent; and a negative score of the training-time leaky gates still scales its block's
-    output, so counting it as nothing let trial 2a compute in training with blocks that
-    inference skips (docs/lcnet.md). ``ramp`` in [0, 1] scales μ while it rises.
+    block or channel with score s as min(1, max(0, s)/ε) of it (ε = ``mac_eps``), as
+    inference runs it: trained gates run blocks at small scores, so the scores themselves
+    would count a fraction of the MACs spent. ``ramp`` in [0, 1] scales μ while it rises.
+
+    Plus ``neg_l1``·(mean relu(−S_L) + mean relu(−S_C)): a negative score of the
+    training-time leaky gates still scales its block's output in training, and inference
+    skips that block; without this term (or LC-Net's L1 terms, which charge |S|) the hinge
+    let trial 2a compute with such blocks for free (docs/lcnet.md).
 
     With a ``mac_budget`` the L1 terms pull only while the batch's mean MACs exceed it, so
     that once the gates spend within the budget the rest of the run trains for accuracy alone.
     """
     penalty = trace.block_scores.new_zeros(())
     if recipe.mac_weight:
-        def on(scores: torch.Tensor) -> torch.Tensor:      # 0 at s = 0, 1 at |s| ≥ ε
-            return torch.clamp(scores.abs() / recipe.mac_eps, max=1)
+        def on(scores: torch.Tensor) -> torch.Tensor:      # 0 at s ≤ 0, 1 at s ≥ ε
+            return torch.clamp(scores / recipe.mac_eps, 0, 1)
 
         expected = trace.cost.expected_macs(
             on(trace.block_scores), [on(c) for c in trace.channel_scores]).mean()
         penalty = penalty + ramp * recipe.mac_weight * torch.relu(
             expected / recipe.mac_target - 1) ** 2
+    if recipe.neg_l1:
+        below = [torch.relu(-trace.block_scores).mean(),
+                 torch.cat([torch.relu(-s).flatten(1) for s in trace.channel_scores], 1).mean()]
+        penalty = penalty + recipe.neg_l1 * (below[0] + below[1])
     if recipe.mac_budget and trace.macs.float().mean() <= recipe.mac_budget:
         return penalty
     if recipe.l1_block or recipe.l1_channel:

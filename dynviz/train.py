@@ -272,7 +272,7 @@ def fit(ws: Workspace, name: str, recipe: Recipe, *, resume: bool = False,
                 out = net(x)
                 loss = classification_loss(out.stage_logits, y, recipe.label_smoothing,
                                             recipe.distill, recipe.distill_temperature, target)
-                if recipe.l1_block or recipe.l1_channel or recipe.mac_weight:
+                if recipe.l1_block or recipe.l1_channel or recipe.mac_weight or recipe.neg_l1:
                     loss = loss + sparsity_penalty(
                         out.trace, recipe, recipe.pull(epoch + step / steps_per_epoch))
             optimizer.zero_grad(set_to_none=True)

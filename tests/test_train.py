@@ -256,11 +256,11 @@ def test_the_mac_target_is_a_squared_hinge_on_the_macs_scores_at_least_eps_count
     hard = trace.cost.macs(trace.block_scores >= eps,
                            [c >= eps for c in trace.channel_scores])
     assert torch.equal(spent.round().long(), hard)
-    # the hinge, by hand: each block's cost table times min(1, |s|/ε), summed; a negative
-    # training-time (leaky) score counts too, as its block's output still counts in training
+    # the hinge, by hand: each block's cost table times min(1, max(0, s)/ε), summed; a
+    # negative training-time (leaky) score counts nothing, as inference skips its block
     assert (trace.block_scores < 0).any() and any((c < 0).any() for c in trace.channel_scores)
     costs = trace.cost.blocks
-    clip = lambda s: min(1.0, abs(float(s)) / eps)   # noqa: E731
+    clip = lambda s: min(1.0, max(0.0, float(s) / eps))   # noqa: E731
     by_hand = []
     for i in range(4):
         total = trace.cost.fixed + sum(b.always for b in costs)
@@ -278,6 +278,24 @@ def test_the_mac_target_is_a_squared_hinge_on_the_macs_scores_at_least_eps_count
     train.sparsity_penalty(trace, over).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in model.named_parameters() if train.GATE_MARK in n)
+
+
+def test_negative_leaky_scores_are_pulled_to_zero_by_their_own_l1_term():
+    model = models.create("lcnet_resnet8")         # training mode: leaky gates
+    closed = [m for n, m in model.named_modules() if n.endswith("block_gate.fc")][1]
+    torch.nn.init.constant_(closed.bias, -3.0)     # S_L = 0.05·(−3) < 0 on every image
+    trace = model(torch.randn(4, 3, 32, 32)).trace
+    # by hand: the mean of max(0, −s) over images × blocks, plus over images × channels
+    blocks = [max(0.0, -float(v)) for v in trace.block_scores.flatten()]
+    channels = [max(0.0, -float(v)) for c in trace.channel_scores for v in c.flatten()]
+    want = 0.5 * (sum(blocks) / len(blocks) + sum(channels) / len(channels))
+    recipe = dataclasses.replace(TINY, neg_l1=0.5)
+    assert want > 0
+    for ramp in (0.0, 1.0):                        # not scaled by the hinge's ramp
+        got = train.sparsity_penalty(trace, recipe, ramp)
+        assert got.item() == pytest.approx(want, rel=1e-5)
+    train.sparsity_penalty(trace, recipe).backward()
+    assert closed.bias.grad.item() < 0             # descent raises the closed gate to 0
 
 
 def test_a_mac_budget_pulls_only_batches_that_spend_more():
