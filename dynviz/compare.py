@@ -54,7 +54,7 @@ class Comparison:
     sketches: list[str]                # per result, ``live.path_sketch``
 
     def rows(self) -> list[dict]:
-        return [row(r, self.label, s) for r, s in zip(self.results, self.sketches)]
+        return [row(r, self.label, s) for r, s in zip(self.results, self.sketches, strict=True)]
 
 
 def compare(ws: Workspace, image: np.ndarray, label: int | None = None,
@@ -93,7 +93,7 @@ class Batch:
     def rows(self) -> list[dict]:
         return [{"file": f} | {k: v for k, v in row(r, None, s).items()
                                if k not in ("system", "kind")}
-                for f, r, s in zip(self.files, self.results, self.sketches)]
+                for f, r, s in zip(self.files, self.results, self.sketches, strict=True)]
 
 
 def run_batch(system: live.LiveSystem, files: Sequence[tuple[str, bytes]],

@@ -9,6 +9,7 @@ the one point of trace ``"left here"``.
 """
 from __future__ import annotations
 
+import base64
 from html import escape
 
 import numpy as np
@@ -67,9 +68,10 @@ def block_chain(block_scores: np.ndarray, channel_share: np.ndarray, names: list
         notes.append(dict(x=(xs[0] + xs[-1]) / 2, y=-0.25, text=g, showarrow=False,
                            yanchor="top"))
     for xi, s, share, on, name in zip(x, block_scores, channel_share, ran, names):
-        shapes.append(dict(type="rect", x0=xi - 0.38, x1=xi + 0.38, y0=0, y1=1, name=f"outline:{name}",
-                      fillcolor="white", line=dict(color=ON if on else FADED, width=1,
-                                                   dash="solid" if on else "dot")))
+        shapes.append(dict(type="rect", x0=xi - 0.38, x1=xi + 0.38, y0=0, y1=1,
+                           name=f"outline:{name}", fillcolor="white",
+                           line=dict(color=ON if on else FADED, width=1,
+                                     dash="solid" if on else "dot")))
         if on:
             shapes.append(dict(type="rect", x0=xi - 0.38, x1=xi + 0.38, y0=0, y1=float(share),
                           name=f"ran:{name}", fillcolor=ON, opacity=float(np.clip(s, 0.1, 1)),
@@ -89,7 +91,7 @@ def block_chain(block_scores: np.ndarray, channel_share: np.ndarray, names: list
 
 def channel_share(block_scores: np.ndarray, channel_scores: list[np.ndarray]) -> np.ndarray:
     """(n_blocks,) the fraction of each block's channels computed (0 for a skipped block)."""
-    return np.array([(c > 0).mean() if s > 0 else 0.0
+    return np.array([(c > 0).mean() if s > 0 and c.size else float(s > 0)
                      for s, c in zip(block_scores, channel_scores)])
 
 
@@ -105,14 +107,11 @@ def gated(block_scores: np.ndarray, channel_scores: list[np.ndarray],
     return block_chain(np.asarray(block_scores, float), share, names, title)
 
 
-def static(names: list[str], sketch: bool = False) -> go.Figure | str:
+def static(names: list[str]) -> go.Figure:
     """A static network: every block runs, every channel; ``names`` empty for a network
-    whose blocks are unknown (an exported program), drawn as one box. ``sketch``: as a
-    table cell's SVG (``sketch_blocks``)."""
+    whose blocks are unknown (an exported program), drawn as one box."""
     names = names or ["network"]
     ones = np.ones(len(names))
-    if sketch:
-        return sketch_blocks(ones, ones, names)
     return block_chain(ones, ones, names, f"Compute path: static, all {len(names)} "
                        f"block{'s' if len(names) > 1 else ''} run for every image")
 
@@ -156,15 +155,17 @@ def staged(stage_names: list[str], scores: np.ndarray, thresholds: np.ndarray,
                                text=f"{stage_macs[i] / 1e6:.1f} M MACs"))
     cells = []
     for i in range(k - 1):     # the last stage has no exit decision: it always answers
-        shapes.append(dict(type="line", x0=x[i], x1=x[i], y0=0.7, y1=0.1, name=f"branch:{stage_names[i]}",
-                      line=dict(color=ON if reached[i] else FADED,
-                                dash="solid" if reached[i] else "dot")))
+        shapes.append(dict(type="line", x0=x[i], x1=x[i], y0=0.7, y1=0.1,
+                           name=f"branch:{stage_names[i]}",
+                           line=dict(color=ON if reached[i] else FADED,
+                                     dash="solid" if reached[i] else "dot")))
         cells.append([stage_names[i], float(scores[i]), float(thresholds[i]),
                       DECISIONS[int(decisions[i])]])
         if reached[i]:
+            sign = "≥" if scores[i] >= thresholds[i] else "<"
             notes.append(dict(x=x[i], y=-0.05, yanchor="top", showarrow=False,
-                               text=f"{scores[i]:.3f} {'≥' if scores[i] >= thresholds[i] else '<'}"
-                                    f" θ {thresholds[i]:.3f}<br>{DECISIONS[int(decisions[i])]}"))
+                              text=f"{scores[i]:.3f} {sign} θ {thresholds[i]:.3f}"
+                                   f"<br>{DECISIONS[int(decisions[i])]}"))
     if cells:
         fig.add_trace(go.Scatter(
             x=x[:-1], y=[0.1] * (k - 1), mode="markers", name="exits", customdata=cells,
@@ -206,11 +207,18 @@ def _svg(width: float, body: list[str]) -> str:
             f'{SKETCH_HEIGHT}">' + "".join(body) + "</svg>")
 
 
+def sketch_static(names: list[str]) -> str:
+    """``static`` as a small SVG (``sketch_blocks`` with every block run whole)."""
+    names = names or ["network"]
+    ones = np.ones(len(names))
+    return sketch_blocks(ones, ones, names)
+
+
 def sketch_blocks(block_scores: np.ndarray, channel_share: np.ndarray,
                   names: list[str]) -> str:
-    """``block_chain`` as a small SVG: a box per block, filled with opacity S_L up to the
-    share of its channels computed; a skipped block's box dotted under a red arc. Every box
-    carries ``data-block`` and the class ``ran`` or ``skipped``."""
+    """``block_chain`` as a small SVG: a box per block (at least one), filled with opacity
+    S_L up to the share of its channels computed; a skipped block's box dotted under a red
+    arc. Every box carries ``data-block`` and the class ``ran`` or ``skipped``."""
     x, _ = _positions(names)
     px = (x + 0.5) * SKETCH_PITCH
     top, bottom = 8, SKETCH_HEIGHT - 2
@@ -247,11 +255,12 @@ def sketch_stages(stage_names: list[str], decisions: np.ndarray, exit_stage: int
             'stroke="#7f7f7f" stroke-width="1"/>']
     for i, (name, on) in enumerate(zip(stage_names, _reached(decisions, exit_stage))):
         body.append(f'<rect class="{"reached" if on else "not-reached"}" '
-                    f'data-stage="{escape(name)}" x="{i * pitch + 3}" y="{mid - 6}" width="{pitch - 8}" height="12" '
+                    f'data-stage="{escape(name)}" x="{i * pitch + 3}" y="{mid - 6}" '
+                    f'width="{pitch - 8}" height="12" '
                     f'fill="{ON if on else "white"}" stroke="{ON if on else FADED}" '
                     f'stroke-width="0.8"{"" if on else DOTTED}/>')
     if jumped:
-        body.append(f'<path d="M {pitch - 5} {mid - 6} Q {pitch * len(stage_names) / 2:.0f} -6 '
+        body.append(f'<path d="M {pitch - 5} {mid - 6} Q {pitch * len(stage_names) / 2:.0f} 0 '
                     f'{pitch * (len(stage_names) - 1) + 3} {mid - 6}" fill="none" '
                     f'stroke="{LEFT}" stroke-width="1.2" stroke-dasharray="3 2"/>')
     body.append(f'<circle class="left" data-stage="{escape(stage_names[exit_stage])}" '
@@ -261,6 +270,4 @@ def sketch_stages(stage_names: list[str], decisions: np.ndarray, exit_stage: int
 
 def data_url(svg: str) -> str:
     """An SVG as a data URL (what a table's image column shows)."""
-    import base64
-
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()

@@ -209,7 +209,7 @@ def path_diagram(live: LiveSystem, result: InspectResult):
 
     if result.path is not None:
         return result.path.diagram()
-    return diagram.static(getattr(live.dense, "block_names", list)())
+    return diagram.static(_block_names(live))
 
 
 def path_sketch(live: LiveSystem, result: InspectResult) -> str:
@@ -218,7 +218,12 @@ def path_sketch(live: LiveSystem, result: InspectResult) -> str:
 
     if result.path is not None:
         return diagram.data_url(result.path.sketch())
-    return diagram.data_url(diagram.static(getattr(live.dense, "block_names", list)(), True))
+    return diagram.data_url(diagram.sketch_static(_block_names(live)))
+
+
+def _block_names(live: LiveSystem) -> list[str]:
+    """The blocks of a static system's network; none known for an exported program."""
+    return getattr(live.dense, "block_names", list)()
 
 
 def _softmax(logits: torch.Tensor) -> np.ndarray:

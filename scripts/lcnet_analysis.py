@@ -586,16 +586,24 @@ class Half:
     macs: dict[str, float]           # system -> mean MACs
 
 
-def halves(ws: Workspace, candidate: Path | None = None) -> dict[str, Half]:
+def load_lcnet(ws: Workspace, checkpoint: Path | None) -> nn.Module:
+    """The shipped LC-Net, or the same system with a training run's state dict, in eval
+    mode on the CPU."""
+    model = zoo.load_system(ws, SYSTEM, torch.device("cpu"))
+    if checkpoint is not None:
+        zoo.load_weights(model, checkpoint)
+    return model
+
+
+def halves(ws: Workspace, candidate: nn.Module | None = None) -> dict[str, Half]:
     """Per image correct and mean MACs of the static networks and LC-Net on fit and check,
-    from the shipped caches; LC-Net's from the state dict ``candidate`` when given (a run's
-    ``.pt``, evaluated here in eval mode with hard gates)."""
+    from the shipped caches; LC-Net's by running ``candidate`` when given (``load_lcnet``
+    with a training run's checkpoint)."""
     val = ws.split("val")
     out = {"fit": Half({}, {}), "check": Half({}, {})}
     for name in ("resnet8", "resnet20", "resnet56", SYSTEM):
         if name == SYSTEM and candidate is not None:
-            model = zoo.create_model(ws, ws.spec(SYSTEM))
-            zoo.load_weights(model, candidate)
+            model = candidate
             for half in out:
                 split = ws.split(half, val.dataset)
                 arrays = cache.compute_outputs(model, split.images(), ws.data,
@@ -689,11 +697,13 @@ def soft_section(model: nn.Module, fit: data.Split, batch_size: int) -> None:
     hard = gate_pass(model, fit.images(), fit.labels, fit.spec, batch_size, "hard gates")
     set_leaky(model, True)
     leaky_scores, correct = [], []
-    for x, y in data.batches(fit.images(), fit.labels, batch_size, fit.spec):
-        out = model(x)
-        correct.append((out.logits.argmax(1) == y).numpy())
-        leaky_scores.append(out.trace.block_scores.numpy())
-    set_leaky(model, False)
+    try:
+        for x, y in data.batches(fit.images(), fit.labels, batch_size, fit.spec):
+            out = model(x)
+            correct.append((out.logits.argmax(1) == y).numpy())
+            leaky_scores.append(out.trace.block_scores.numpy())
+    finally:
+        set_leaky(model, False)
     scores = np.concatenate(leaky_scores)                    # (N, n_blocks) S_L, leaky
     skipped = ~hard.ran
     negative = scores < 0
@@ -735,13 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     fit = ws.split("fit", dataset)
     if args.checkpoint is not None and not args.checkpoint.is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
-    hs = halves(ws, args.checkpoint)
-    fit_frontier = frontier_fn(hs["fit"])
-    model = None
-    if {"gates", "bn", "soft"} & set(sections):
-        model = zoo.load_system(ws, SYSTEM, torch.device("cpu"))
-        if args.checkpoint is not None:
-            zoo.load_weights(model, args.checkpoint)
+    model = load_lcnet(ws, args.checkpoint)
+    hs = None
+    if {"gates", "epochs", "frontier"} & set(sections):
+        hs = halves(ws, model if args.checkpoint is not None else None)
     shipped = None
     if "gates" in sections:
         print("## Gates\n")
@@ -762,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
     if "epochs" in sections:
         print("## Accuracy against epochs\n")
-        epochs_section(ws, fit_frontier, len(ws.split("train", dataset)))
+        epochs_section(ws, frontier_fn(hs["fit"]), len(ws.split("train", dataset)))
         print()
     if "frontier" in sections:
         print("## The static frontier\n")

@@ -13,6 +13,7 @@ import torch
 
 from dynviz import diagram, live, operating_points, zoo
 from dynviz import policy as P
+from dynviz.adaptive import JUMP, NOT_REACHED
 from tests.helpers import run_page, sketch_marks
 
 
@@ -77,7 +78,7 @@ def test_a_written_path_is_sketched_block_by_block():
     assert [float(e.get("height")) / whole for e in fills] == pytest.approx([0.5, 0.25, 1.0])
     assert [float(e.get("fill-opacity")) for e in fills] == pytest.approx([0.9, 0.4, 1.0])
     assert sum(e.tag.endswith("path") for e in root) == 1      # one skip arc
-    assert sketch_marks(diagram.static([], sketch=True)) == {"ran": ["network"]}
+    assert sketch_marks(diagram.sketch_static([])) == {"ran": ["network"]}
 
 
 def test_a_written_stage_path_is_sketched():
@@ -88,10 +89,19 @@ def test_a_written_stage_path_is_sketched():
     odd = ['a "big" <net> & co', "r20"]        # a workspace's own system names
     assert sketch_marks(diagram.sketch_stages(odd, np.array([1, -1]), 0, False)) == {
         "reached": odd[:1], "left": odd[:1], "not-reached": odd[1:]}
-    jumped = diagram.sketch_stages(names, np.array([2, -1, 0]), 2, True)
-    assert sketch_marks(jumped)["left"] == ["r56"]
+    # a jump from the first stage to the last, as adaptive records it: the last stage
+    # answers without a decision of its own (NOT_REACHED), yet it ran
+    decisions = np.array([JUMP, NOT_REACHED, NOT_REACHED])
+    jumped = diagram.sketch_stages(names, decisions, 2, True)
+    assert sketch_marks(jumped) == {"reached": ["r8", "r56"], "not-reached": ["r20"],
+                                    "left": ["r56"]}
     assert sum(e.tag.endswith("path") for e in ET.fromstring(jumped)) == 1   # the jump arc
     assert not any(e.tag.endswith("path") for e in ET.fromstring(svg))
+    fig = diagram.staged(names, np.array([0.2, np.nan]), np.array([0.5, 0.5]), decisions, 2,
+                         True, "max probability", np.array([10, 0, 90]))
+    filled = {s.name.removeprefix("stage:") for s in fig.layout.shapes
+              if s.name and s.name.startswith("stage:") and s.fillcolor != "white"}
+    assert filled == {"r8", "r56"} and _shapes(fig, "jump")
 
 
 @pytest.mark.parametrize("name", ["lcnet_resnet20"])   # the gated system of app_env

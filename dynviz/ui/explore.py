@@ -28,10 +28,14 @@ def compute_path(ws: Workspace, name: str, position: int, image: np.ndarray,
     left.metric("Prediction", result.prediction)
     left.metric("MACs", f"{result.macs / 1e6:.1f} M",
                 f"{result.macs / result.macs_dense - 1:+.0%} vs dense", delta_color="inverse")
-    with right:   # the diagram Inspect draws (the galleries show dynamic systems only)
+    with right:   # what Inspect draws (the galleries show dynamic systems only)
         st.plotly_chart(live.path_diagram(live_system, result), key="explore_diagram")
-        if result.path is not None and result.path.caption():
-            st.caption(result.path.caption())
+        if result.path is not None:
+            if result.path.caption():
+                st.caption(result.path.caption())
+            with st.expander("Detail: the path's scores"):
+                for key, figure in result.path.figures().items():
+                    st.plotly_chart(figure, key=f"explore_{key}")
     k = share.check_address(labels, position)
     if k is not None:
         st.page_link("dynviz/ui/inspect_page.py", label="Open in Inspect",
