@@ -110,7 +110,16 @@ def resolve(directory: str | Path | None = None) -> Workspace:
 
 def builtin() -> Workspace:
     """The repository's CIFAR-10 zoo; ``DYNVIZ_DATA``, ``DYNVIZ_CHECKPOINTS``,
-    ``DYNVIZ_ASSETS`` and ``DYNVIZ_CACHE`` redirect its directories (see ``settings``)."""
+    ``DYNVIZ_ASSETS`` and ``DYNVIZ_CACHE`` redirect its directories (see ``settings``).
+
+    Raises:
+        WorkspaceError: dynviz was installed without its repository (not editable), so
+            there is no built-in zoo: a workspace must be named."""
+    if not (settings.PROJECT_ROOT / FILE).is_file():
+        raise WorkspaceError(
+            f"the built-in CIFAR-10 zoo lives in a checkout of the dynviz repository "
+            f"(installed with `pip install -e .`), and {settings.PROJECT_ROOT} is not one: "
+            f"pass --workspace DIR or set DYNVIZ_WORKSPACE (`dynviz init` makes one)")
     ws = load(settings.PROJECT_ROOT)
     roots = ws.data.roots
     if os.environ.get("DYNVIZ_DATA"):

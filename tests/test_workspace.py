@@ -90,6 +90,20 @@ def test_the_workspace_is_the_argument_else_the_environment_else_the_builtin(tmp
     assert workspace.resolve(workspace.builtin().root).builtin
 
 
+def test_without_the_repository_the_builtin_workspace_says_to_name_one(tmp_path, monkeypatch,
+                                                                       capsys):
+    from dynviz import settings
+    from dynviz.cli import main
+
+    monkeypatch.setattr(settings, "PROJECT_ROOT", tmp_path)    # a non-editable install
+    monkeypatch.delenv("DYNVIZ_WORKSPACE", raising=False)
+    with pytest.raises(workspace.WorkspaceError, match="--workspace DIR"):
+        workspace.builtin()
+    assert main(["data"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DYNVIZ_WORKSPACE" in err[0]
+
+
 def test_the_builtin_workspace_is_the_cifar10_zoo():
     ws = workspace.builtin()
     assert ws.builtin and ws.data.n_classes == 10 and ws.data.image_size == 32
