@@ -14,6 +14,7 @@ import logging
 import re
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,15 +48,33 @@ def members(ws: Workspace, name: str) -> list[SystemSpec]:
     return [ws.spec(m) for m in s.members] if s.kind == "cascade" else [s]
 
 
-def missing(ws: Workspace, name: str) -> list[str]:
-    """What ``name`` needs that is not on disk: checkpoint names, or program files."""
+@dataclass(frozen=True)
+class Need:
+    """A file a system needs that is not on disk: a checkpoint to train, or a program to
+    add (exactly one of the two)."""
+    checkpoint: str | None = None
+    program: Path | None = None
+
+    def __str__(self) -> str:
+        return self.checkpoint if self.program is None else str(self.program)
+
+    def fix(self, ws: Workspace) -> str:
+        """What to do about it, in a few words with the command (Markdown)."""
+        if self.program is not None:
+            return f"add the torch.export program `{self.program}`"
+        return f"run `{train_command(ws, self.checkpoint)}`"
+
+
+def missing(ws: Workspace, name: str) -> list[Need]:
+    """What ``name`` needs that is not on disk, each once."""
     needs = []
     for s in members(ws, name):
         if s.program is not None:
             if not ws.program_path(s).exists():
-                needs.append(str(ws.program_path(s)))
+                needs.append(Need(program=ws.program_path(s)))
         else:
-            needs += [c for c in s.checkpoints if not checkpoint_path(ws, c).exists()]
+            needs += [Need(checkpoint=c) for c in s.checkpoints
+                      if not checkpoint_path(ws, c).exists()]
     return list(dict.fromkeys(needs))
 
 
@@ -204,12 +223,8 @@ def _input(ws: Workspace) -> list:
 
 
 def _missing_message(ws: Workspace, name: str) -> str:
-    needs = missing(ws, name)
-    commands = "\n".join(f"  {train_command(ws, c)}" for c in needs if "/" not in c)
-    files_ = "\n".join(f"  {c} (a torch.export program)" for c in needs if "/" in c)
-    return (f"system {name} needs what is not there yet; "
-            + (f"run:\n{commands}" if commands else "")
-            + (f"\nmissing files:\n{files_}" if files_ else ""))
+    return (f"system {name} needs what is not there yet:\n"
+            + "\n".join(f"  {need.fix(ws)}" for need in missing(ws, name)))
 
 
 def create_model(ws: Workspace, s: SystemSpec) -> nn.Module:

@@ -425,5 +425,5 @@ def test_every_page_serves_a_workspace_of_ones_own(tmp_path, monkeypatch):
                                                                          ["resnet8"]]
     (info,) = at.info
     command = zoo.train_command(ws, "resnet32")
-    assert f"**resnet32**: `{command}`" in info.value and f"--workspace {root}" in command
+    assert f"**resnet32**: run `{command}`" in info.value and f"--workspace {root}" in command
     assert not any(f"**{name}**" in info.value for name in trained)

@@ -104,6 +104,27 @@ def test_without_the_repository_the_builtin_workspace_says_to_name_one(tmp_path,
     assert len(err) == 1 and "DYNVIZ_WORKSPACE" in err[0]
 
 
+def test_what_a_system_needs_is_named_with_what_to_do(tmp_path, capsys):
+    from dynviz import zoo
+    from dynviz.cli import main
+
+    ws = workspace.load(_write(tmp_path / "ws", GOOD))   # nothing trained, no program
+    make_imagefolder(ws.root / "images", 20, size=40, classes=CLASSES)
+    program = ws.root / "exported" / "theirs.pt2"
+    assert zoo.missing(ws, "both") == [zoo.Need(checkpoint="resnet8"),
+                                       zoo.Need(program=program)]
+    train = f"python -m dynviz --workspace {ws.root} train resnet8 --out-dir {ws.checkpoints}"
+    assert [n.fix(ws) for n in zoo.missing(ws, "both")] == [
+        f"run `{train}`", f"add the torch.export program `{program}`"]
+    with pytest.raises(zoo.MissingCheckpointError) as err:
+        zoo.load_system(ws, "both")
+    assert train in str(err.value) and str(program) in str(err.value)
+    assert main(["--workspace", str(ws.root), "cache", "--model", "theirs"]) == 0
+    said = capsys.readouterr().err.strip()
+    assert said == f"theirs: skipped, {program} not there yet: add the torch.export program " \
+                   f"`{program}`"
+
+
 def test_the_builtin_workspace_is_the_cifar10_zoo():
     ws = workspace.builtin()
     assert ws.builtin and ws.data.n_classes == 10 and ws.data.image_size == 32

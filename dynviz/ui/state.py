@@ -190,8 +190,5 @@ def missing_systems_message(ws: Workspace) -> str:
     for name in ws.systems:
         needs = zoo.missing(ws, name)
         if needs:
-            need = needs[0]     # a checkpoint's name, or a program's path (zoo.missing)
-            how = f"add the program `{need}`" if "/" in need \
-                else f"`{zoo.train_command(ws, need)}`"
-            lines.append(f"- **{name}**: {how}")
+            lines.append(f"- **{name}**: {needs[0].fix(ws)}")
     return "Systems still to train:\n" + "\n".join(lines)
