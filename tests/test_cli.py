@@ -42,6 +42,15 @@ def test_the_dynviz_command_is_python_m_dynviz(args, tmp_path):
     assert module.returncode == (0 if args == ["--help"] else 2)
 
 
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dynviz {version('dynviz')}"
+
+
 @pytest.mark.parametrize("command", [[c] for c in COMMANDS] + [
     ["bench", b] for b in ("gated", "policy", "stages", "staged")])
 def test_every_command_has_help(command, capsys):

@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from dynviz import __version__
 from dynviz.cli import bench, data, init, predict, ship, train
 
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Dynamic inference for image classifiers: data, training, caches, "
                     "policies, evaluation and benchmarks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"dynviz {__version__}")
     parser.add_argument("--workspace", metavar="DIR",
                         help="the workspace (a directory with a dynviz.toml) to work on "
                              "(default: $DYNVIZ_WORKSPACE, else the built-in CIFAR-10 zoo)")
