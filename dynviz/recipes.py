@@ -124,6 +124,10 @@ RECIPES: dict[str, Recipe] = {
     "lcnet_resnet56_kd16_target": dataclasses.replace(
         _LCNET_KD, epochs=8, init_from="lcnet_resnet56_kd16", l1_block=0.0, l1_channel=0.0,
         mac_target=52e6, mac_weight=10.0),
+    # Trial 2b: trial 2a with negative leaky scores pulled to 0 (what broke 2a).
+    "lcnet_resnet56_kd16_target_neg": dataclasses.replace(
+        _LCNET_KD, epochs=8, init_from="lcnet_resnet56_kd16", l1_block=0.0, l1_channel=0.0,
+        mac_target=52e6, mac_weight=10.0, neg_l1=1.0),
     # Trial 3 of docs/lcnet.md: LC-Net from random weights on resnet56's full-length
     # schedule, distilled from resnet56; gates train open for 10 epochs, then the squared
     # hinge at 52 M rises over 10 epochs and stays on to the end; negative leaky scores
