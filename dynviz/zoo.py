@@ -55,14 +55,19 @@ class Need:
     checkpoint: str | None = None
     program: Path | None = None
 
-    def __str__(self) -> str:
-        return self.checkpoint if self.program is None else str(self.program)
+    def __post_init__(self):
+        if (self.checkpoint is None) == (self.program is None):
+            raise ValueError("a Need is a checkpoint or a program, exactly one of the two")
 
-    def fix(self, ws: Workspace) -> str:
-        """What to do about it, in a few words with the command (Markdown)."""
+    def __str__(self) -> str:
+        return self.checkpoint if self.program is None else _shown(self.program)
+
+    def fix(self, ws: Workspace, markdown: bool = False) -> str:
+        """What to do about it, in a few words with the command (code-quoted in Markdown)."""
+        quote = "`" if markdown else ""
         if self.program is not None:
-            return f"add the torch.export program `{self.program}`"
-        return f"run `{train_command(ws, self.checkpoint)}`"
+            return f"add the torch.export program {quote}{self}{quote}"
+        return f"run {quote}{train_command(ws, self.checkpoint)}{quote}"
 
 
 def missing(ws: Workspace, name: str) -> list[Need]:

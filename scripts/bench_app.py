@@ -129,7 +129,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.system is None or args.staged is None:
         print("needs trained systems: " + ", ".join(
-            f"{n} ({zoo.train_command(ws, zoo.missing(ws, n)[0])})" for n in ws.systems
+            f"{n} ({zoo.missing(ws, n)[0].fix(ws)})" for n in ws.systems
             if zoo.missing(ws, n)), file=sys.stderr)
         return 1
     rows = [("cold start to first rendered page", [bench_cold_start()])]

@@ -188,8 +188,7 @@ def main() -> int:
         return 1
     missing = zoo.missing(ws, args.system)
     if missing:
-        print(f"{args.system} is not trained: {zoo.train_command(ws, missing[0])}",
-              file=sys.stderr)
+        print(f"{args.system} is not ready: {missing[0].fix(ws)}", file=sys.stderr)
         return 1
     print(f"reference answers ({args.system}, in this process)…", file=sys.stderr)
     system = live.build(ws, args.system)

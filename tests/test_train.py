@@ -283,7 +283,7 @@ def test_the_mac_target_is_a_squared_hinge_on_the_macs_scores_at_least_eps_count
 def test_negative_leaky_scores_are_pulled_to_zero_by_their_own_l1_term():
     model = models.create("lcnet_resnet8")         # training mode: leaky gates
     closed = [m for n, m in model.named_modules() if n.endswith("block_gate.fc")][1]
-    torch.nn.init.constant_(closed.bias, -3.0)     # S_L = 0.05·(−3) < 0 on every image
+    torch.nn.init.constant_(closed.bias, -3.0)     # weight 0 (the init): S_L = 0.05·(−3)
     trace = model(torch.randn(4, 3, 32, 32)).trace
     # by hand: the mean of max(0, −s) over images × blocks, plus over images × channels
     blocks = [max(0.0, -float(v)) for v in trace.block_scores.flatten()]

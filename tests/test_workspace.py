@@ -114,15 +114,17 @@ def test_what_a_system_needs_is_named_with_what_to_do(tmp_path, capsys):
     assert zoo.missing(ws, "both") == [zoo.Need(checkpoint="resnet8"),
                                        zoo.Need(program=program)]
     train = f"python -m dynviz --workspace {ws.root} train resnet8 --out-dir {ws.checkpoints}"
-    assert [n.fix(ws) for n in zoo.missing(ws, "both")] == [
+    assert [n.fix(ws, markdown=True) for n in zoo.missing(ws, "both")] == [
         f"run `{train}`", f"add the torch.export program `{program}`"]
+    assert zoo.missing(ws, "both")[1].fix(ws) == f"add the torch.export program {program}"
+    with pytest.raises(ValueError, match="exactly one"):
+        zoo.Need()
     with pytest.raises(zoo.MissingCheckpointError) as err:
         zoo.load_system(ws, "both")
     assert train in str(err.value) and str(program) in str(err.value)
     assert main(["--workspace", str(ws.root), "cache", "--model", "theirs"]) == 0
     said = capsys.readouterr().err.strip()
-    assert said == f"theirs: skipped, {program} not there yet: add the torch.export program " \
-                   f"`{program}`"
+    assert said == f"theirs: skipped, not ready: add the torch.export program {program}"
 
 
 def test_the_builtin_workspace_is_the_cifar10_zoo():

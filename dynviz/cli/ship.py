@@ -119,8 +119,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     for name in names:
         missing = zoo.missing(ws, name)
         if missing:
-            print(f"{name}: skipped, {', '.join(map(str, missing))} not there yet: "
-                  + "; ".join(need.fix(ws) for need in missing), file=sys.stderr)
+            print(f"{name}: skipped, not ready: " + "; ".join(need.fix(ws) for need in missing),
+                  file=sys.stderr)
             continue
         cached = zoo.outputs(ws, name, split)
         print(f"{name}: {len(cached)} images of {split.name} -> {cached.directory}")

@@ -190,5 +190,5 @@ def missing_systems_message(ws: Workspace) -> str:
     for name in ws.systems:
         needs = zoo.missing(ws, name)
         if needs:
-            lines.append(f"- **{name}**: {needs[0].fix(ws)}")
-    return "Systems still to train:\n" + "\n".join(lines)
+            lines.append(f"- **{name}**: {needs[0].fix(ws, markdown=True)}")
+    return "Systems not ready yet:\n" + "\n".join(lines)
