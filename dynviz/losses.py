@@ -48,6 +48,25 @@ def _distillation(student: torch.Tensor, teacher: torch.Tensor,
     return temperature ** 2 * (t.exp() * (t - s)).sum(-1)
 
 
+def _eps_macs(trace, eps: float) -> torch.Tensor:
+    """The batch's mean MACs counting a score s as min(1, max(0, s)/ε)."""
+    def on(scores: torch.Tensor) -> torch.Tensor:      # 0 at s ≤ 0, 1 at s ≥ ε
+        return torch.clamp(scores / eps, 0, 1)
+
+    return trace.cost.expected_macs(
+        on(trace.block_scores), [on(c) for c in trace.channel_scores]).mean()
+
+
+def _straight_through_macs(trace) -> torch.Tensor:
+    """The batch's mean MACs as inference spends them, with the gradient of the same count
+    over max(0, S)."""
+    spent = trace.cost.macs(trace.block_scores > 0,
+                            [c > 0 for c in trace.channel_scores]).float().mean()
+    scores = trace.cost.expected_macs(torch.relu(trace.block_scores),
+                                      [torch.relu(c) for c in trace.channel_scores]).mean()
+    return spent + (scores - scores.detach())
+
+
 def sparsity_penalty(trace, recipe: Recipe, ramp: float = 1.0) -> torch.Tensor:
     """α·mean|S_L| + β·mean|S_C| over images, blocks and channels (LC-Net's L1 terms), plus
     ``ramp``·μ·max(0, E[MACs]/T − 1)², a squared hinge on the batch's mean MACs (T =
@@ -56,6 +75,12 @@ def sparsity_penalty(trace, recipe: Recipe, ramp: float = 1.0) -> torch.Tensor:
     block or channel with score s as min(1, max(0, s)/ε) of it (ε = ``mac_eps``), as
     inference runs it: trained gates run blocks at small scores, so the scores themselves
     would count a fraction of the MACs spent. ``ramp`` in [0, 1] scales μ while it rises.
+
+    With ``mac_straight_through`` E[MACs] is instead the MACs inference spends (S > 0 counts
+    whole), its gradient that of the scores' own count, max(0, S) in place of the decisions
+    (a straight-through estimator, Bengio et al. 2013): the hinge then sees the true cost and
+    pulls every open gate in proportion to what it costs, not only those within ε of 0,
+    which let trial 2b's MACs rise past the target (docs/lcnet.md).
 
     Plus ``neg_l1``·(mean relu(−S_L) + mean relu(−S_C)): a negative score of the
     training-time leaky gates still scales its block's output in training, and inference
@@ -67,11 +92,8 @@ def sparsity_penalty(trace, recipe: Recipe, ramp: float = 1.0) -> torch.Tensor:
     """
     penalty = trace.block_scores.new_zeros(())
     if recipe.mac_weight:
-        def on(scores: torch.Tensor) -> torch.Tensor:      # 0 at s ≤ 0, 1 at s ≥ ε
-            return torch.clamp(scores / recipe.mac_eps, 0, 1)
-
-        expected = trace.cost.expected_macs(
-            on(trace.block_scores), [on(c) for c in trace.channel_scores]).mean()
+        expected = (_straight_through_macs(trace) if recipe.mac_straight_through
+                    else _eps_macs(trace, recipe.mac_eps))
         penalty = penalty + ramp * recipe.mac_weight * torch.relu(
             expected / recipe.mac_target - 1) ** 2
     if recipe.neg_l1:

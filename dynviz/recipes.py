@@ -42,6 +42,7 @@ class Recipe:
     mac_ramp: int = 0                # epochs over which μ rises linearly from 0...
     mac_delay: int = 0               # ...after this many epochs without it
     mac_eps: float = 0.03            # ε: a score ≥ ε counts its block/channel whole
+    mac_straight_through: bool = False  # count the MACs spent; gradient of the scores' count
     neg_l1: float = 0.0              # weight of mean relu(−S): leaky scores below 0 to 0
     model_args: tuple[tuple[str, object], ...] = ()  # overrides for models.create
     init_into: str = ""              # module path the init_from weights load into
@@ -129,12 +130,17 @@ RECIPES: dict[str, Recipe] = {
     "lcnet_resnet56_kd16_target": _KD16_TARGET,
     # Trial 2b: 2a with negative leaky scores pulled to 0.
     "lcnet_resnet56_kd16_target_neg": dataclasses.replace(_KD16_TARGET, neg_l1=1.0),
+    # Trial 2c: 2b with the hinge on the MACs spent (straight-through).
+    "lcnet_resnet56_kd16_target_st": dataclasses.replace(_KD16_TARGET, neg_l1=1.0,
+                                                         mac_straight_through=True),
     # Trial 3: LC-Net from random weights on resnet56's full-length schedule, distilled
-    # from resnet56; gates train open for 10 epochs, then the squared hinge at 52 M rises
-    # over 10 epochs and stays on to the end; negative leaky scores pulled to 0 throughout.
+    # from resnet56; gates train open for 10 epochs, then the squared hinge at 52 M on the
+    # MACs spent rises over 10 epochs and stays on to the end; negative leaky scores pulled
+    # to 0 throughout.
     "lcnet_resnet56_scratch": Recipe("lcnet_resnet56", epochs=80, gate_lr=0.1,
                                      teacher="resnet56", distill=0.7, mac_target=52e6,
-                                     mac_weight=10.0, mac_delay=10, mac_ramp=10, neg_l1=1.0),
+                                     mac_weight=10.0, mac_delay=10, mac_ramp=10, neg_l1=1.0,
+                                     mac_straight_through=True),
     "exits_resnet56": _EXITS,
     "exits_resnet56_e8": dataclasses.replace(_EXITS, epochs=8),
     # Trial, not adopted: the heads trained 32 epochs.

@@ -53,6 +53,7 @@ from dynviz import cache, data, operating_points, workspace, zoo  # noqa: E402
 from dynviz.workspace import Workspace  # noqa: E402
 
 SECTIONS = ("gates", "bn", "soft", "epochs", "frontier")
+HINGE_EPS = 0.03     # the recipes' mac_eps
 SYSTEM = "lcnet_resnet56_seq"
 CHECKPOINT = "lcnet_resnet56_kd16"
 ALWAYS, NEVER = 0.99, 0.01   # runs on ≥ 99% (≤ 1%) of fit images: an always- (never-) run block
@@ -695,6 +696,14 @@ def soft_section(model: nn.Module, fit: data.Split, batch_size: int) -> None:
     """The gates in their training form (leaky ReLU-1, BN in eval mode) against their
     inference form on fit: accuracy, and what the leaky gates do where the hard ones skip."""
     hard = gate_pass(model, fit.images(), fit.labels, fit.spec, batch_size, "hard gates")
+    counted = []            # what the MAC hinge counts, min(1, max(0, s)/ε), inference gates
+    for x, _ in data.batches(fit.images(), fit.labels, batch_size, fit.spec):
+        trace = model(x).trace
+        on = lambda v: torch.clamp(v / HINGE_EPS, 0, 1)       # noqa: E731
+        counted.append(trace.cost.expected_macs(
+            on(trace.block_scores), [on(c) for c in trace.channel_scores]).numpy())
+    print(f"MACs on fit: {mega(hard.macs.mean())} M spent; {mega(np.concatenate(counted).mean())} M "
+          f"as the hinge counts them (ε = {HINGE_EPS}).\n")
     set_leaky(model, True)
     leaky_scores, correct = [], []
     try:

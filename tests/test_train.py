@@ -280,6 +280,41 @@ def test_the_mac_target_is_a_squared_hinge_on_the_macs_scores_at_least_eps_count
                for n, p in model.named_parameters() if train.GATE_MARK in n)
 
 
+def test_a_straight_through_hinge_counts_the_macs_spent_and_pulls_every_open_gate():
+    torch.manual_seed(0)
+    model = models.create("lcnet_resnet8")            # training mode: leaky gates
+    for gate in (m for n, m in model.named_modules() if n.endswith("_gate.fc")):
+        torch.nn.init.normal_(gate.weight, std=0.5)
+    closed = [m for n, m in model.named_modules() if n.endswith("block_gate.fc")][1]
+    torch.nn.init.constant_(closed.bias, -3.0)
+    trace = model(torch.randn(4, 3, 32, 32)).trace
+    for s in [trace.block_scores, *trace.channel_scores]:
+        s.retain_grad()
+    spent = trace.macs.double().mean().item()          # held to torch's FLOP counter elsewhere
+    target = spent / 1.25
+    recipe = dataclasses.replace(TINY, mac_target=target, mac_weight=3.0,
+                                 mac_straight_through=True)
+    got = train.sparsity_penalty(trace, recipe, ramp=0.5)
+    assert got.item() == pytest.approx(0.5 * 3.0 * (spent / target - 1) ** 2, rel=1e-5)
+    got.backward()
+    # by hand: d/dS_L,i of the scores' count is (branch + per_channel·Σ_c max(0, S_C)) / B
+    # for S_L > 0 and 0 below, times the hinge's slope 2·ramp·μ·(spent/T − 1)/T
+    slope = 2 * 0.5 * 3.0 * (spent / target - 1) / target
+    costs = trace.cost.blocks
+    for i in range(4):
+        for k, b in enumerate(costs):
+            s = float(trace.block_scores[i, k])
+            channels = float(torch.relu(trace.channel_scores[k][i]).sum())
+            want = slope * (b.branch + b.per_channel * channels) / 4 if s > 0 else 0.0
+            assert float(trace.block_scores.grad[i, k]) == pytest.approx(want, rel=1e-4,
+                                                                         abs=1e-12)
+    assert (trace.block_scores[:, 1] < 0).all()        # the closed gate: no pull at all
+    assert (trace.block_scores[:, 0] > 0.05).all()     # an open gate beyond ε is pulled
+    assert (trace.block_scores.grad[:, 0] > 0).all()
+    under = dataclasses.replace(recipe, mac_target=spent * 1.1)
+    assert train.sparsity_penalty(trace, under).item() == 0
+
+
 def test_negative_leaky_scores_are_pulled_to_zero_by_their_own_l1_term():
     model = models.create("lcnet_resnet8")         # training mode: leaky gates
     closed = [m for n, m in model.named_modules() if n.endswith("block_gate.fc")][1]
