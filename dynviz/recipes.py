@@ -133,6 +133,11 @@ RECIPES: dict[str, Recipe] = {
     # Trial 2c: 2b with the hinge on the MACs spent (straight-through).
     "lcnet_resnet56_kd16_target_st": dataclasses.replace(_KD16_TARGET, neg_l1=1.0,
                                                          mac_straight_through=True),
+    # Trial 2d: 2c with gates that compute in training as at inference (leak in the
+    # gradient only), so no negative score to pull back (no neg_l1).
+    "lcnet_resnet56_kd16_target_ste": dataclasses.replace(
+        _KD16_TARGET, mac_straight_through=True,
+        model_args=(("leak_backward_only", True),)),
     # Trial 3: LC-Net from random weights on resnet56's full-length schedule, distilled
     # from resnet56; gates train open for 10 epochs, then the squared hinge at 52 M on the
     # MACs spent rises over 10 epochs and stays on to the end; negative leaky scores pulled

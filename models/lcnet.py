@@ -36,6 +36,7 @@ class GateConfig:
     placement: str = "sequential"  # see module docstring
     leak: float = 0.05             # slope of leaky ReLU-1 outside [0, 1] while training
     init_bias: float = 1.0         # gates start open: score = ReLU1(0·x + 1) = 1
+    leak_backward_only: bool = False  # training forward = inference (clamp), leaky gradient
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -43,17 +44,23 @@ class GateConfig:
 
 
 class ReLU1(nn.Module):
-    """clamp(x, 0, 1) at inference; in training, slope ``leak`` below 0 and above 1."""
+    """clamp(x, 0, 1) at inference; in training, slope ``leak`` below 0 and above 1, or with
+    ``backward_only`` the clamp forward and the leaky slope only in the gradient (a closed
+    gate then computes nothing in training either, as at inference)."""
 
-    def __init__(self, leak: float = 0.0):
+    def __init__(self, leak: float = 0.0, backward_only: bool = False):
         super().__init__()
         self.leak = leak
+        self.backward_only = backward_only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.leak == 0:
             return x.clamp(0, 1)
-        return torch.where(x < 0, self.leak * x,
-                           torch.where(x > 1, 1 + self.leak * (x - 1), x))
+        leaky = torch.where(x < 0, self.leak * x,
+                            torch.where(x > 1, 1 + self.leak * (x - 1), x))
+        if self.backward_only:
+            return leaky + (x.clamp(0, 1) - leaky).detach()
+        return leaky
 
 
 class BlockGate(nn.Module):
@@ -62,7 +69,7 @@ class BlockGate(nn.Module):
     def __init__(self, in_channels: int, cfg: GateConfig):
         super().__init__()
         self.fc = nn.Linear(in_channels, 1)
-        self.act = ReLU1(cfg.leak)
+        self.act = ReLU1(cfg.leak, cfg.leak_backward_only)
         nn.init.zeros_(self.fc.weight)
         nn.init.constant_(self.fc.bias, cfg.init_bias)
 
@@ -76,7 +83,7 @@ class ChannelGate(nn.Module):
     def __init__(self, in_channels: int, mid_channels: int, cfg: GateConfig):
         super().__init__()
         self.fc = nn.Linear(in_channels, mid_channels)
-        self.act = ReLU1(cfg.leak)
+        self.act = ReLU1(cfg.leak, cfg.leak_backward_only)
         nn.init.zeros_(self.fc.weight)
         nn.init.constant_(self.fc.bias, cfg.init_bias)
 
@@ -278,8 +285,11 @@ def gated_config(base: ResNetConfig, gates: GateConfig) -> ResNetConfig:
 
 def _register_gated(name: str, make_config, depth: int) -> None:
     def builder(placement: str = "sequential", leak: float = GateConfig.leak,
-                init_bias: float = GateConfig.init_bias, **overrides) -> GatedResNet:
-        gates = GateConfig(placement=placement, leak=leak, init_bias=init_bias)
+                init_bias: float = GateConfig.init_bias,
+                leak_backward_only: bool = GateConfig.leak_backward_only,
+                **overrides) -> GatedResNet:
+        gates = GateConfig(placement=placement, leak=leak, init_bias=init_bias,
+                           leak_backward_only=leak_backward_only)
         return GatedResNet(gated_config(make_config(depth, **overrides), gates))
     builder.__name__ = name
     builder.__doc__ = f"LC-Net gated {name.removeprefix('lcnet_')}."

@@ -166,6 +166,17 @@ def test_relu1_clamps_at_inference_and_leaks_in_training():
     assert torch.allclose(act.train()(z), torch.tensor([-0.2, 0.5, 1.2]))
 
 
+def test_relu1_can_leak_in_the_gradient_only():
+    act = ReLU1(leak=0.1, backward_only=True).train()
+    z = torch.tensor([-2.0, 0.5, 3.0], requires_grad=True)
+    out = act(z)
+    assert out.tolist() == [0.0, 0.5, 1.0]                 # the inference forward
+    out.sum().backward()
+    assert z.grad.tolist() == pytest.approx([0.1, 1.0, 0.1])   # the leaky slopes
+    gated = models.create("lcnet_resnet8", leak_backward_only=True).train()
+    assert all(m.backward_only for m in gated.modules() if isinstance(m, ReLU1))
+
+
 def test_trace_marks_executed_blocks_and_channels():
     model = randomize(models.create("lcnet_resnet20").eval(), seed=6)
     with torch.no_grad():
