@@ -77,7 +77,8 @@ class BlockPath:
 
     def route(self) -> str:
         """Where the image went, in a few words (a table cell)."""
-        return f"{int((self.block_scores > 0).sum())} of {len(self.block_scores)} blocks ran"
+        ran = self.summary()
+        return f"{ran['blocks_executed']} of {ran['blocks']} blocks ran"
 
     def figures(self) -> dict:
         """Figures the Inspect page shows, by widget key."""

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from dynviz import compare, live, workspace
+from dynviz import compare, data, live, workspace
 from dynviz.policy import Policy
 
 
@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     ws = workspace.builtin()
     check = ws.split("check")
-    image = np.asarray(check.images()[0])
+    image = np.asarray(data.load_images(check.dataset)[check.indices[0]])   # one, not all
     system = live.build(ws, args.system)
     spent = []
     for i in range(3 + args.repeats):

@@ -106,7 +106,7 @@ def _notes(at: AppTest) -> list[str]:
 
 def test_inspect_opens_the_links_image_and_writes_changes_back(app_env, ws):
     at = _page("inspect", system="lcnet_resnet20", **{"class": "ship", "index": "2"})
-    assert not at.exception
+    assert not at.exception and not at.error
     assert at.selectbox(key="inspect_system").value == "lcnet_resnet20"
     assert at.selectbox(key="inspect_class").value == "ship"
     assert at.slider(key="inspect_index").value == 2
@@ -120,19 +120,20 @@ def test_inspect_opens_the_links_image_and_writes_changes_back(app_env, ws):
 
 def test_inspect_malformed_link_shows_the_note_and_the_default(app_env, ws):
     names = zoo.available(ws)
-    default = run_default = _page("inspect").selectbox(key="inspect_system").value
+    # the default by the rule, independently: the featured system, else the first dynamic one
+    default = ws.featured if ws.featured in names else zoo.dynamic(ws, names)[0]
+    assert _page("inspect").selectbox(key="inspect_system").value == default
     at = _page("inspect", system="nope", **{"class": "foo", "index": "zz"})
-    assert not at.exception
-    assert at.selectbox(key="inspect_system").value == default == run_default
+    assert not at.exception and not at.error
+    assert at.selectbox(key="inspect_system").value == default
     notes = _notes(at)
     assert any("system='nope'" in n for n in notes) and any("class='foo'" in n for n in notes)
     assert at.selectbox(key="inspect_class").value == ws.data.classes[0]
-    assert default in names
 
 
 def test_budget_opens_the_links_budget(app_env, ws):
     at = _page("budget", system="exits_resnet56", budget="63")
-    assert not at.exception
+    assert not at.exception and not at.error
     assert at.selectbox(key="budget_system").value == "exits_resnet56"
     assert at.slider(key="budget_slider").value == 63
     assert at.session_state["budget_last"]["budget"] == 0.63
@@ -143,7 +144,7 @@ def test_budget_opens_the_links_budget(app_env, ws):
 
 def test_budget_malformed_link_shows_the_note(app_env, ws):
     at = _page("budget", system="exits_resnet56", budget="12x")
-    assert not at.exception
+    assert not at.exception and not at.error
     assert any("budget='12x'" in n for n in _notes(at))
     assert at.selectbox(key="budget_system").value == "exits_resnet56"
     shipped = at.session_state["budget_slider"]
