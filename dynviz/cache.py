@@ -39,7 +39,7 @@ def _restore_shipped(ws: Workspace) -> str:
     of one's own ships them again."""
     if ws.builtin:
         return f"restore the shipped caches with `{RESTORE_SHIPPED}`"
-    return f"delete it and run `python -m dynviz --workspace {ws.root} ship`"
+    return f"delete it and run `{ws.command('ship')}`"
 
 
 class CorruptCacheError(ValueError):

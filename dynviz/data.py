@@ -35,6 +35,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """No dataset where we looked; the message says how to get one."""
 
 
+class DatasetError(ValueError):
+    """A dataset that is there but cannot be used (class folders that do not match, a class
+    too small to split, an unreadable image or batch); the message names the file."""
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Args:
@@ -210,23 +215,23 @@ def open_imagefolder(directory: str | Path, spec: DataSpec,
     class_dirs = class_folders(directory)
     unknown = [name for name in class_dirs if name not in spec.classes]
     if unknown or not class_dirs:
-        raise ValueError(f"{directory}: expected sub-folders named after the classes "
+        raise DatasetError(f"{directory}: expected sub-folders named after the classes "
                          f"{', '.join(spec.classes)}; found {class_dirs}")
     ids, labels, sizes = [], [], []
     for label, name in enumerate(spec.classes):
         if not (directory / name).is_dir():
             if every_class:
-                raise ValueError(f"{directory}: the class folder {name}/ is missing")
+                raise DatasetError(f"{directory}: the class folder {name}/ is missing")
             continue
         entries = image_files(directory / name)
         if every_class and not entries:
-            raise ValueError(f"{directory / name}: the class holds no image files "
+            raise DatasetError(f"{directory / name}: the class holds no image files "
                              f"({', '.join(IMAGE_SUFFIXES)})")
         ids += [f"{name}/{e.name}" for e in entries]
         sizes += [e.stat().st_size for e in entries]
         labels += [label] * len(entries)
     if not ids:
-        raise ValueError(f"{directory}: no image files in the class folders")
+        raise DatasetError(f"{directory}: no image files in the class folders")
     return Dataset(spec, directory, "imagefolder", tuple(ids),
                    np.asarray(labels, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
 
@@ -257,9 +262,9 @@ def _read_batch(path: Path) -> dict:
             batch = _CifarUnpickler(f, encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
                 KeyError) as err:          # what a damaged or foreign pickle raises
-            raise ValueError(f"{path} is not a CIFAR-10 batch: {err}") from None
+            raise DatasetError(f"{path} is not a CIFAR-10 batch: {err}") from None
     if not isinstance(batch, dict) or not {"data", "labels"} <= batch.keys():
-        raise ValueError(f"{path} is not a CIFAR-10 batch: it holds no data and labels")
+        raise DatasetError(f"{path} is not a CIFAR-10 batch: it holds no data and labels")
     return batch
 
 
@@ -284,7 +289,7 @@ def split_indices(labels: np.ndarray, spec: DataSpec) -> dict[str, np.ndarray]:
         members = np.flatnonzero(labels == label)
         n_val = spec.val_count(len(members))
         if len(members) < max(MIN_PER_CLASS, n_val + 1):
-            raise ValueError(f"class {name} has {len(members)} images; the split needs at "
+            raise DatasetError(f"class {name} has {len(members)} images; the split needs at "
                              f"least {max(MIN_PER_CLASS, n_val + 1)}")
         train.append(members[:-n_val])
         val.append(members[-n_val:])
@@ -314,7 +319,7 @@ def _decode_file(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as img:
             return decode.to_rgb_array(img, size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: not a readable image ({err}); remove or replace it") from None
+        raise DatasetError(f"{path}: not a readable image ({err}); remove or replace it") from None
 
 
 def _decode_all(dataset: Dataset, size: int) -> np.ndarray:

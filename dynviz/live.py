@@ -61,7 +61,7 @@ def build(ws: Workspace, name: str, policy: Policy | None = None,
 
 def policies_command(ws: Workspace) -> str:
     """The command that ships the operating points of ``ws``'s staged systems."""
-    return "python -m dynviz" + ("" if ws.builtin else f" --workspace {ws.root}") + " policies"
+    return ws.command("policies")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,21 @@ def env_path(name: str, default: Path) -> Path:
     return Path(value).expanduser() if value else default
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the project root when inside it (commands run from there)."""
+    try:
+        return str(path.resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def command(args: str, workspace: Path | None = None) -> str:
+    """The command line ``python -m dynviz ARGS`` in the workspace at ``workspace`` (None:
+    the built-in one, which needs no ``--workspace``)."""
+    where = "" if workspace is None else f" --workspace {shown(workspace)}"
+    return f"python -m dynviz{where} {args}"
+
+
 def cache_dir() -> Path:
     return env_path("DYNVIZ_CACHE", PROJECT_ROOT / ".cache")
 

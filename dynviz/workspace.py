@@ -99,6 +99,10 @@ class Workspace:
     def program_path(self, spec: SystemSpec) -> Path:
         return _path(self.root, spec.program)
 
+    def command(self, args: str) -> str:
+        """The command line that runs ``python -m dynviz ARGS`` in this workspace."""
+        return settings.command(args, None if self.builtin else self.root)
+
 
 def resolve(directory: str | Path | None = None) -> Workspace:
     """The workspace at ``directory``, else ``$DYNVIZ_WORKSPACE``, else the built-in one."""

@@ -60,7 +60,7 @@ class Need:
             raise ValueError("a Need is a checkpoint or a program, exactly one of the two")
 
     def __str__(self) -> str:
-        return self.checkpoint if self.program is None else _shown(self.program)
+        return self.checkpoint if self.program is None else settings.shown(self.program)
 
     def fix(self, ws: Workspace, markdown: bool = False) -> str:
         """What to do about it, in a few words with the command (code-quoted in Markdown)."""
@@ -100,14 +100,11 @@ def staged(ws: Workspace, names: list[str]) -> list[str]:
 def train_command(ws: Workspace, checkpoint: str, replace: bool = False) -> str:
     """The command that trains ``checkpoint`` into the workspace's checkpoints (the ones the
     app loads), over an existing file there with ``replace``."""
-    return _train_command(None if ws.builtin else ws.root, checkpoint, ws.checkpoints, replace)
+    return ws.command(_train_args(checkpoint, ws.checkpoints, replace))
 
 
-def _train_command(workspace: Path | None, checkpoint: str, out_dir: Path,
-                   replace: bool) -> str:
-    where = "" if workspace is None else f" --workspace {_shown(workspace)}"
-    return (f"python -m dynviz{where} train {checkpoint} --out-dir {_shown(out_dir)}"
-            + " --replace" * replace)
+def _train_args(checkpoint: str, out_dir: Path, replace: bool) -> str:
+    return f"train {checkpoint} --out-dir {settings.shown(out_dir)}" + " --replace" * replace
 
 
 def restore_command(path: Path) -> str:
@@ -120,20 +117,14 @@ def restore_command(path: Path) -> str:
     except OSError:              # no git here: the built-in directory holds the shipped ones
         shipped = path.resolve().parent == settings.BUILTIN_CHECKPOINTS.resolve()
     if shipped:
-        return f"git checkout -- {_shown(path)}"
+        return f"git checkout -- {settings.shown(path)}"
     # a workspace's checkpoints/ sits beside its dynviz.toml
     home = path.resolve().parent.parent
     workspace = home if (home / "dynviz.toml").is_file() and home != settings.PROJECT_ROOT \
         else None
-    return _train_command(workspace, path.stem, path.parent, replace=True)
+    return settings.command(_train_args(path.stem, path.parent, replace=True), workspace)
 
 
-def _shown(path: Path) -> str:
-    """``path`` relative to the project root when inside it (commands run from there)."""
-    try:
-        return str(path.resolve().relative_to(settings.PROJECT_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def read_checkpoint(path: Path, fix: str | None = None) -> dict:

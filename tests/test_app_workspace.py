@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
+import pytest
+
 from tests.helpers import run_page
 
 
@@ -45,3 +48,34 @@ def test_models_page_skips_what_is_not_a_manifest_and_a_malformed_results_table(
     tables = [df.value for df in at.dataframe]    # the checkpoints and the papers' rows
     assert len(tables) == 2 and tables[0]["checkpoint"].tolist() == ["resnet8"]
     assert "LC-Net, Table I" in tables[1]["source"].tolist()
+
+
+def test_a_broken_file_is_one_error_line_and_a_bug_keeps_its_traceback(tmp_path,
+                                                                        monkeypatch):
+    """What a user can mend (a dataset, a dynviz.toml, a checkpoint, each raised by the
+    library on a real file) is one line; a ValueError from a bug is not swallowed."""
+    from dynviz import data, policy, workspace, zoo
+    from dynviz.ui import state
+
+    shown = []
+    monkeypatch.setattr(state.st, "error", shown.append)
+    (tmp_path / "dynviz.toml").write_text("reference = [")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 half a zip")
+    (tmp_path / "photos" / "ufo").mkdir(parents=True)
+    spec = data.DataSpec(roots=(tmp_path / "photos",), classes=("cat", "dog"), image_size=32,
+                         mean=(0.5,) * 3, std=(0.5,) * 3)
+    for broken in (lambda: data.open_imagefolder(tmp_path / "photos", spec),
+                   lambda: workspace.load(tmp_path),
+                   lambda: zoo.read_checkpoint(tmp_path / "cut.pt", fix="train it again")):
+        with state.broken_files_shown():
+            broken()
+    assert len(shown) == 3
+    assert shown[0].startswith(f"{tmp_path / 'photos'}: expected sub-folders named after")
+    assert str(tmp_path / "dynviz.toml") in shown[1]
+    assert shown[2].startswith(f"cannot read {tmp_path / 'cut.pt'}")
+    assert "train it again" in shown[2]
+    with pytest.raises(ValueError, match="shapes disagree"):    # a bug: the traceback stays
+        with state.broken_files_shown():
+            policy.StageOutputs(logits=np.zeros((2, 1, 3)), labels=np.zeros(3, dtype=int),
+                                stage_costs=np.ones((2, 1)))
+    assert len(shown) == 3

@@ -272,3 +272,24 @@ def test_a_shipped_checkpoint_that_cannot_be_read_is_restored_from_git(monkeypat
         f"cannot read {shipped}: truncated or corrupt (PytorchStreamReader failed reading zip "
         "archive: failed finding central directory); restore it with "
         "`git checkout -- models/checkpoints/resnet8.pt`")
+
+
+def test_an_error_is_one_line_and_its_traceback_with_verbose(tmp_path, capsys):
+    (tmp_path / "dynviz.toml").write_text("reference = [")
+    assert main(["--workspace", str(tmp_path), "data"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {tmp_path / 'dynviz.toml'}")
+    from dynviz.workspace import WorkspaceError
+    with pytest.raises(WorkspaceError):
+        main(["-v", "--workspace", str(tmp_path), "data"])
+
+
+def test_a_command_line_names_the_workspace_it_runs_in(tmp_path):
+    """Commands run from the repository root: the built-in workspace needs no --workspace,
+    one of one's own is named (relative to the root when it lies inside it)."""
+    (tmp_path / "dynviz.toml").write_text(OWN_WORKSPACE)
+    assert workspace.builtin().command("ship") == "python -m dynviz ship"
+    assert workspace.load(tmp_path).command("policies") == \
+        f"python -m dynviz --workspace {tmp_path.resolve()} policies"
+    inside = settings.PROJECT_ROOT / "examples" / "ws"
+    assert settings.command("ship", inside) == "python -m dynviz --workspace examples/ws ship"

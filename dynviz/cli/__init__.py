@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dynviz",
         description="Dynamic inference for image classifiers: data, training, caches, "
                     "policies, evaluation and benchmarks.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and an error's traceback")
     parser.add_argument("--version", action="version", version=f"dynviz {__version__}")
     parser.add_argument("--workspace", metavar="DIR",
                         help="the workspace (a directory with a dynviz.toml) to work on "
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             args.ws = workspace.resolve(args.workspace)
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as err:  # incl. missing data/checkpoints
+        if args.verbose:
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 1

@@ -59,9 +59,8 @@ def results_rows(ws: Workspace) -> list[dict]:
                  "MAC reduction": r["macs_reduction"], "speedup b1": r["speedup_b1"],
                  "speedup b256": r["speedup_b256"]} for r in json.loads(path.read_text())]
     except (ValueError, KeyError, TypeError) as err:   # not JSON, or not ship's rows
-        ship = "python -m dynviz" + ("" if ws.builtin else f" --workspace {ws.root}") + " ship"
         raise ValueError(f"{path} is not a results table ({type(err).__name__}: {err}); "
-                         f"rebuild it with `{ship}`") from None
+                         f"rebuild it with `{ws.command('ship')}`") from None
 
 
 def _manifest(path: Path) -> dict | None:

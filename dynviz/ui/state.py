@@ -18,7 +18,7 @@ import streamlit as st
 
 from dynviz import (budget, cache, data, gallery, live, operating_points, policy as P,
                     runtime, zoo)
-from dynviz.workspace import Workspace, resolve
+from dynviz.workspace import Workspace, WorkspaceError, resolve
 
 # the cached functions below take the app's workspace, keyed by its root directory
 _BY_ROOT = {Workspace: lambda ws: str(ws.root)}
@@ -47,16 +47,19 @@ def _allocator_tuned() -> bool:
     return runtime.keep_freed_memory()
 
 
+# what the library raises for a file a user can mend (each message names it and the fix)
+BROKEN_FILES = (WorkspaceError, zoo.CheckpointError, zoo.MissingCheckpointError,
+                cache.CorruptCacheError, data.DatasetError)
+
+
 @contextlib.contextmanager
 def broken_files_shown():
-    """Shows what the library refuses (a workspace file, checkpoint, cache or dataset that
-    cannot be used: ``WorkspaceError``, ``zoo.CheckpointError``, ``cache.CorruptCacheError``
-    and the data layer's errors are ValueErrors; a checkpoint not trained yet) as one error
-    line that names it and says how to fix it, in place of a traceback (decorates a page's
-    render)."""
+    """Shows a workspace file, checkpoint, cache or dataset the library refuses
+    (``BROKEN_FILES``) as one error line that names it and says how to fix it, in place of a
+    traceback (decorates a page's render). Anything else is a bug and keeps its traceback."""
     try:
         yield
-    except (ValueError, zoo.MissingCheckpointError) as err:
+    except BROKEN_FILES as err:
         st.error(str(err))
 
 
@@ -68,7 +71,7 @@ def val_split(ws: Workspace) -> data.Split | None:
         return _val_split(ws)
     except data.DatasetNotFoundError:
         return None
-    except ValueError as err:
+    except data.DatasetError as err:
         st.error(f"The dataset of {ws.name} cannot be split: {err}")
         st.stop()
 
