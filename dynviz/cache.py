@@ -78,8 +78,7 @@ class CachedOutputs:
         """The *fit* (even positions) or *check* (odd positions) half of a ``val`` cache."""
         if self.manifest["split"] != "val":
             raise ValueError(f"halves exist for the val split, not {self.manifest['split']}")
-        start = {"fit": 0, "check": 1}[name]
-        return self.stage_outputs(np.arange(start, len(self), 2))
+        return self.stage_outputs(np.arange(len(self))[data.HALVES[name]])
 
     def block_scores(self) -> np.ndarray:
         """(N, n_blocks) S_L in [0, 1] (dequantised from uint8)."""

@@ -27,6 +27,8 @@ from dynviz.decode import IMAGE_SUFFIXES
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "fit", "check")
+# the validation split's halves: positions in it (fit for choosing, check for reporting)
+HALVES = {"fit": slice(0, None, 2), "check": slice(1, None, 2)}
 MIN_PER_CLASS = 20    # a class needs this many images: 10% of them still fills fit and check
 TORCHVISION_DIR = "cifar-10-batches-py"
 
@@ -216,7 +218,7 @@ def open_imagefolder(directory: str | Path, spec: DataSpec,
     unknown = [name for name in class_dirs if name not in spec.classes]
     if unknown or not class_dirs:
         raise DatasetError(f"{directory}: expected sub-folders named after the classes "
-                         f"{', '.join(spec.classes)}; found {class_dirs}")
+                           f"{', '.join(spec.classes)}; found {class_dirs}")
     ids, labels, sizes = [], [], []
     for label, name in enumerate(spec.classes):
         if not (directory / name).is_dir():
@@ -226,7 +228,7 @@ def open_imagefolder(directory: str | Path, spec: DataSpec,
         entries = image_files(directory / name)
         if every_class and not entries:
             raise DatasetError(f"{directory / name}: the class holds no image files "
-                             f"({', '.join(IMAGE_SUFFIXES)})")
+                               f"({', '.join(IMAGE_SUFFIXES)})")
         ids += [f"{name}/{e.name}" for e in entries]
         sizes += [e.stat().st_size for e in entries]
         labels += [label] * len(entries)
@@ -289,13 +291,13 @@ def split_indices(labels: np.ndarray, spec: DataSpec) -> dict[str, np.ndarray]:
         members = np.flatnonzero(labels == label)
         n_val = spec.val_count(len(members))
         if len(members) < max(MIN_PER_CLASS, n_val + 1):
-            raise DatasetError(f"class {name} has {len(members)} images; the split needs at "
-                             f"least {max(MIN_PER_CLASS, n_val + 1)}")
+            raise DatasetError(f"class {name} has {len(members)} images; the split needs "
+                               f"at least {max(MIN_PER_CLASS, n_val + 1)}")
         train.append(members[:-n_val])
         val.append(members[-n_val:])
     val_all = np.concatenate(val)
     return {"train": np.concatenate(train), "val": val_all,
-            "fit": val_all[0::2], "check": val_all[1::2]}
+            **{half: val_all[at] for half, at in HALVES.items()}}
 
 
 def get_split(spec: DataSpec, name: str, dataset: Dataset | None = None) -> Split:

@@ -60,7 +60,7 @@ def panel(ws: Workspace, name: str, family: str, feature: str, topology: str,
     clicked = clicked_budget()
     if clicked is not None:     # a point of the frontier clicked: the slider goes there
         st.session_state["budget_slider"] = clicked
-    percent = st.slider("Budget: mean cost, % of the dense network", 5, 100, step=1,
+    percent = st.slider("Budget: mean cost, % of the dense network", *share.BUDGET_RANGE, step=1,
                         key="budget_slider",
                         help=None if shipped is None else
                         f"Starts at {shipped}%, what the shipped operating point within 0.5% "

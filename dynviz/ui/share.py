@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import streamlit as st
 
+from dynviz import data
 from dynviz.ui import state
 
 BUDGET_RANGE = (5, 100)     # % of the dense cost, the Budget slider's range
@@ -108,11 +109,12 @@ def inspect_params(system: str, cls: str | None, index: int | None) -> dict[str,
 def check_address(labels: np.ndarray, position: int) -> int | None:
     """Inspect's ``index`` of the validation image at ``position`` (``labels``: (N,), the val
     split's): its rank among its class's check-half images (the odd positions,
-    ``CachedOutputs.half``), or None for a fit-half image (Inspect shows only check)."""
-    if position % 2 == 0:
+    ``data.HALVES``), or None for a fit-half image (Inspect shows only check)."""
+    positions = np.arange(len(labels))[data.HALVES["check"]]
+    if position not in positions:
         return None
-    check = np.asarray(labels)[1::2]
-    return int((check[:position // 2] == labels[position]).sum())
+    earlier = positions[positions < position]
+    return int((np.asarray(labels)[earlier] == labels[position]).sum())
 
 
 # --- Streamlit side -------------------------------------------------------------------------
