@@ -146,6 +146,13 @@ RECIPES: dict[str, Recipe] = {
                                      mac_weight=10.0, mac_delay=10, mac_ramp=10,
                                      mac_straight_through=True,
                                      model_args=(("leak_backward_only", True),)),
+    # Trial 4: trial 2d's form (gates leaky in the gradient only, the straight-through hinge
+    # at 52 M, ramped over 4 epochs) from resnet56 itself, for as many epochs as kd16 + 2d.
+    "lcnet_resnet56_ste": Recipe("lcnet_resnet56", epochs=24, peak_lr=0.02, gate_lr=0.1,
+                                 init_from="resnet56", teacher="resnet56", distill=0.7,
+                                 mac_target=52e6, mac_weight=10.0, mac_ramp=4,
+                                 mac_straight_through=True,
+                                 model_args=(("leak_backward_only", True),)),
     "exits_resnet56": _EXITS,
     "exits_resnet56_e8": dataclasses.replace(_EXITS, epochs=8),
     # Trial, not adopted: the heads trained 32 epochs.
