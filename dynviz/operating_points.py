@@ -5,6 +5,7 @@ pages, the results table and the commands.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +34,39 @@ def policy_path(ws: Workspace, system: str, loss: float) -> Path:
     return policies_dir(ws) / f"{system}-loss{loss * 100:g}pct.json"
 
 
+class PolicyFileError(ValueError):
+    """A shipped policy that cannot be read, or was chosen for other weights than the
+    system's; the message names the file and how to choose it again."""
+
+
 def load_policy(ws: Workspace, system: str, loss: float) -> P.Policy | None:
-    """The shipped policy of ``system`` for accuracy loss ``loss``; None if none is shipped."""
+    """The shipped policy of ``system`` for accuracy loss ``loss``; None if none is shipped.
+
+    Raises:
+        PolicyFileError: the file is not a policy, or it records the outputs of other weights
+            (``zoo.checkpoint_sha``) than the system has now (it was retrained since).
+        zoo.CheckpointError: those weights differ because a checkpoint is damaged.
+    """
     path = policy_path(ws, system, loss)
-    return P.Policy.from_json(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    fix = f"choose it again with `{ws.command('policies')}`"
+    try:
+        raw = json.loads(path.read_text())
+        chosen_for = raw.pop(CHOSEN_FOR, None)
+        policy = P.Policy.from_json(json.dumps(raw))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PolicyFileError(f"{path} is not a dynviz policy ({type(err).__name__}: {err}); "
+                              f"{fix}") from None
+    if chosen_for is not None and chosen_for != zoo.checkpoint_sha(ws, system):
+        zoo.read_checkpoints(ws, system)     # a damaged checkpoint is the error to show
+        raise PolicyFileError(f"{path} was chosen for other weights than {system}'s (trained "
+                              f"again since?); {fix}")
+    return policy
+
+
+# the key of a policy file that records the system's ``zoo.checkpoint_sha`` it was chosen on
+CHOSEN_FOR = "chosen_for"
 
 
 def candidates(family: str = AUTO, feature: str = "max_prob") -> tuple[tuple[str, str], ...]:
@@ -97,6 +127,7 @@ def ship(ws: Workspace, family: str = AUTO, feature: str = "max_prob",
             pol = choose(fit, ref_correct, loss, kinds=kinds, topology=ws.spec(name).topology)
             path = policy_path(ws, name, loss)
             path.parent.mkdir(parents=True, exist_ok=True)
-            files.atomic_write_text(path, pol.to_json() + "\n")
+            record = json.loads(pol.to_json()) | {CHOSEN_FOR: zoo.checkpoint_sha(ws, name)}
+            files.atomic_write_text(path, json.dumps(record, allow_nan=True) + "\n")
             written.append(path)
     return written

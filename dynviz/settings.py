@@ -67,12 +67,25 @@ def native_enabled() -> bool:
     return os.environ.get("DYNVIZ_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+class SettingError(ValueError):
+    """An environment variable set to what cannot be used; the message names it."""
+
+
 def device() -> torch.device:
-    """CUDA when available, else CPU; ``DYNVIZ_DEVICE`` overrides."""
+    """CUDA when available, else CPU; ``DYNVIZ_DEVICE`` overrides.
+
+    Raises:
+        SettingError: ``DYNVIZ_DEVICE`` is not a device, or names CUDA where there is none.
+    """
     requested = os.environ.get("DYNVIZ_DEVICE")
     if requested:
-        dev = torch.device(requested)
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise SettingError(f"DYNVIZ_DEVICE={requested} is not a device; set it to cpu, "
+                               f"cuda or cuda:N, or unset it") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"DYNVIZ_DEVICE={requested} but CUDA is not available here")
+            raise SettingError(f"DYNVIZ_DEVICE={requested} but CUDA is not available here; "
+                               f"set it to cpu or unset it")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -213,6 +213,19 @@ def checkpoint_sha(ws: Workspace, name: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
+def read_checkpoints(ws: Workspace, name: str) -> None:
+    """Reads every checkpoint system ``name`` loads (a cascade's members' too).
+
+    Raises:
+        CheckpointError: one cannot be read (the message says how to restore it).
+    """
+    s = ws.spec(name)
+    for member in s.members:
+        read_checkpoints(ws, member)
+    for checkpoint in s.checkpoints:
+        read_checkpoint(checkpoint_path(ws, checkpoint))
+
+
 def _input(ws: Workspace) -> list:
     d = ws.data
     return [d.image_size, list(d.mean), list(d.std), list(d.classes)]

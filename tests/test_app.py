@@ -178,7 +178,7 @@ def test_budget_slider_starts_at_each_systems_shipped_point(app_env, ws):
     for name in ("exits_resnet56", "cascade_r8_r20_r56"):
         at.selectbox(key="budget_system").set_value(name).run()
         _no_exception(at)
-        shipped = P.Policy.from_json(operating_points.policy_path(ws, name, 0.005).read_text())
+        shipped = operating_points.load_policy(ws, name, 0.005)
         fit = zoo.outputs(ws, name, app_env, progress=False).half("fit")
         cost = P.simulate(shipped, fit).cost.mean() / fit.reference_cost   # a fraction
         starts[name] = at.slider(key="budget_slider").value

@@ -79,3 +79,40 @@ def test_a_broken_file_is_one_error_line_and_a_bug_keeps_its_traceback(tmp_path,
             policy.StageOutputs(logits=np.zeros((2, 1, 3)), labels=np.zeros(3, dtype=int),
                                 stage_costs=np.ones((2, 1)))
     assert len(shown) == 3
+
+
+def test_a_policy_file_cut_short_or_chosen_for_other_weights_is_one_line(
+        app_root, tmp_path, monkeypatch, fresh_caches):
+    """The cascade's shipped ≤0.5% policy: read back as shipped while its members are the
+    weights it was chosen on; refused, naming the file and `policies`, once a member has other
+    weights (trained again) or the file is cut short. Budget shows the refusal as one line."""
+    import torch
+
+    from dynviz import operating_points as O, policy as P, workspace
+
+    for part in ("ckpt", "assets"):
+        shutil.copytree(app_root / part, tmp_path / part)
+        monkeypatch.setenv(f"DYNVIZ_{'CHECKPOINTS' if part == 'ckpt' else 'ASSETS'}",
+                           str(tmp_path / part))
+    ws, name = workspace.builtin(), "cascade_r8_r20_r56"
+    path = O.policy_path(ws, name, 0.005)
+    shipped = json.loads(path.read_text())
+    del shipped[O.CHOSEN_FOR]
+    assert O.load_policy(ws, name, 0.005) == P.Policy.from_json(json.dumps(shipped))
+
+    weights = torch.load(tmp_path / "ckpt" / "resnet8.pt", weights_only=True)
+    weights["fc.bias"] = weights["fc.bias"] + 0.5           # resnet8 trained again
+    torch.save(weights, tmp_path / "ckpt" / "resnet8.pt")
+    with pytest.raises(O.PolicyFileError) as stale:
+        O.load_policy(ws, name, 0.005)
+    assert str(stale.value) == (f"{path} was chosen for other weights than {name}'s (trained "
+                                f"again since?); choose it again with `python -m dynviz "
+                                f"policies`")
+    at = run_page("budget", budget_system=name)
+    assert not at.exception and [e.value for e in at.error] == [str(stale.value)]
+
+    path.write_text(path.read_text()[:40])                  # cut short
+    with pytest.raises(O.PolicyFileError, match=f"^{path} is not a dynviz policy "
+                                                r"\(JSONDecodeError: .*`python -m dynviz "
+                                                r"policies`$"):
+        O.load_policy(ws, name, 0.005)

@@ -80,7 +80,7 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
     ws = workspace.builtin()
     cached = zoo.outputs(ws, name, ws.split("val"), progress=False)
     # the slider starts at the shipped ≤0.5% point's cost on fit, rounded up
-    shipped = P.Policy.from_json(operating_points.policy_path(ws, name, 0.005).read_text())
+    shipped = operating_points.load_policy(ws, name, 0.005)
     start = max(5, math.ceil(100 * P.simulate(shipped, cached.half("fit")).cost.mean()
                              / cached.half("fit").reference_cost))
     page.goto(f"{server}/budget")

@@ -15,8 +15,23 @@ def test_device_override(monkeypatch):
     assert settings.device() == torch.device("cpu")
     if not torch.cuda.is_available():
         monkeypatch.setenv("DYNVIZ_DEVICE", "cuda")
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(settings.SettingError, match="CUDA is not available here; set it"):
             settings.device()
+
+
+def test_a_device_that_is_not_one_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    """A typo in DYNVIZ_DEVICE (torch raises a RuntimeError) is the CLI's one error line."""
+    from PIL import Image
+
+    from dynviz.cli import main
+
+    monkeypatch.setenv("DYNVIZ_DEVICE", "gpu")
+    with pytest.raises(RuntimeError):
+        torch.device("gpu")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    assert main(["predict", "resnet8", str(tmp_path / "red.png")]) == 1
+    assert capsys.readouterr().err == ("error: DYNVIZ_DEVICE=gpu is not a device; set it to "
+                                       "cpu, cuda or cuda:N, or unset it\n")
 
 
 def test_paths_follow_the_environment(monkeypatch, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import streamlit as st
 
 from dynviz import (budget, cache, data, gallery, live, operating_points, policy as P,
-                    runtime, zoo)
+                    runtime, settings, zoo)
 from dynviz.workspace import Workspace, WorkspaceError, resolve
 
 # the cached functions below take the app's workspace, keyed by its root directory
@@ -49,7 +49,8 @@ def _allocator_tuned() -> bool:
 
 # what the library raises for a file a user can mend (each message names it and the fix)
 BROKEN_FILES = (WorkspaceError, zoo.CheckpointError, zoo.MissingCheckpointError,
-                cache.CorruptCacheError, data.DatasetError)
+                cache.CorruptCacheError, data.DatasetError, operating_points.PolicyFileError,
+                settings.SettingError)
 
 
 @contextlib.contextmanager
