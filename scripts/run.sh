@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+USAGE="usage: scripts/run.sh app [streamlit args] | test [pytest args]"
+case "${1:-}" in
+  app|test) ;;
+  *) echo "$USAGE" >&2; exit 2 ;;     # before any set-up: a typo costs nothing
+esac
 
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -40,7 +45,7 @@ if [ "${DYNVIZ_NATIVE:-1}" != 0 ] && [ "$(cat "$native_stamp" 2>/dev/null)" != "
   if .venv/bin/python -m dynviz native; then
     mkdir -p "$(dirname "$native_stamp")" && echo "$native_want" > "$native_stamp"
   else
-    echo "warning: the native block runner did not build; Python blocks will run" >&2
+    echo "warning: the native block runner could not be built; Python blocks will run" >&2
   fi
 fi
 
@@ -58,9 +63,5 @@ case "${1:-}" in
         || echo "warning: could not install chromium; browser tests will be skipped" >&2
     fi
     exec .venv/bin/python -m pytest "$@"
-    ;;
-  *)
-    echo "usage: scripts/run.sh app [streamlit args] | test [pytest args]" >&2
-    exit 2
     ;;
 esac

@@ -293,3 +293,51 @@ def test_a_command_line_names_the_workspace_it_runs_in(tmp_path):
         f"python -m dynviz --workspace {tmp_path.resolve()} policies"
     inside = settings.PROJECT_ROOT / "examples" / "ws"
     assert settings.command("ship", inside) == "python -m dynviz --workspace examples/ws ship"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["train", "resnet8", "--epochs", "0"], "argument --epochs: '0' is not a whole number ≥ 1"),
+    (["bench", "staged", "--images", "-3"], "argument --images: '-3' is not a whole number ≥ 1"),
+    (["bench", "gated", "--repeats", "x"], "argument --repeats: 'x' is not a whole number ≥ 1"),
+    (["bench", "gated", "--blocks-off", "1.5"],
+     "argument --blocks-off: '1.5' is not a number from 0 to 1"),
+])
+def test_a_bad_number_is_refused_while_parsing(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(says)
+
+
+def test_evaluate_refuses_an_output_it_could_not_write_before_any_work(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    for out, says in ((tmp_path / "taken", f"{tmp_path / 'taken'} is a directory; name a "
+                                           f"file in it"),
+                      (tmp_path / "no" / "r.json", f"{tmp_path / 'no'} does not exist; create "
+                                                   f"it first")):
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--out", str(out)])
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"argument --out: {says}")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "gated", "--model", "resnet56"], "bench gated times a gated model, not "
+                                                "'resnet56': choose from lcnet_resnet110, "),
+    (["bench", "stages", "--model", "lcnet_resnet56"], "bench stages times a plain ResNet, "
+                                                       "not 'lcnet_resnet56': choose from "),
+])
+def test_a_bench_of_the_wrong_kind_of_model_says_which_models_it_takes(argv, says, capsys):
+    assert main(argv) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {says}")
+
+
+def test_workspace_goes_before_or_after_the_command(tmp_path, capsys):
+    (tmp_path / "dynviz.toml").write_text(OWN_WORKSPACE.replace("[data]", "[dta]"))
+    assert main(["--workspace", str(tmp_path), "data"]) == 1
+    before = capsys.readouterr().err
+    assert main(["data", "--workspace", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == before and str(tmp_path / "dynviz.toml") in before
+    assert main(["bench", "staged", "--workspace", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == before
+    with pytest.raises(SystemExit):                # init makes a workspace: not one to name
+        main(["init", "x", "--data", "y", "--workspace", str(tmp_path)])

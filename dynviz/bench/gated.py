@@ -199,6 +199,10 @@ def bench_gated(ws: Workspace, name: str = "lcnet_resnet56", *, placement: str =
     ``use_native``: both networks folded blocks, and the sparse path, run from C++
     (``runtime.fold``; None: when the runner can be built).
     """
+    gated_names = [n for n in models.names() if n.startswith("lcnet_")]
+    if name not in gated_names:
+        raise ValueError(f"bench gated times a gated model, not {name!r}: choose from "
+                         f"{', '.join(gated_names)}")
     device = settings.device()
     shape = {"num_classes": ws.data.n_classes, "input_size": ws.data.image_size}
     with torch.random.fork_rng(devices=[]):   # the same random weights, hence patterns,

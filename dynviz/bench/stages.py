@@ -55,6 +55,10 @@ def bench_stages(ws: Workspace, name: str = "resnet56", *,
     """Where the time of a plain ResNet (for the workspace's classes and input size) goes,
     stage by stage, against where its MACs go (random weights, BN folded, channels_last:
     timing does not depend on the weights)."""
+    plain = [n for n in models.names() if n.startswith("resnet")]
+    if name not in plain:
+        raise ValueError(f"bench stages times a plain ResNet, not {name!r}: choose from "
+                         f"{', '.join(plain)}")
     device = settings.device()
     model = models.create(name, num_classes=ws.data.n_classes,
                           input_size=ws.data.image_size).eval()

@@ -20,13 +20,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "policies, evaluation and benchmarks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and an error's traceback")
     parser.add_argument("--version", action="version", version=f"dynviz {__version__}")
-    parser.add_argument("--workspace", metavar="DIR",
-                        help="the workspace (a directory with a dynviz.toml) to work on "
-                             "(default: $DYNVIZ_WORKSPACE, else the built-in CIFAR-10 zoo)")
+    parser.add_argument("--workspace", metavar="DIR", help=WORKSPACE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (init, data, train, bench, ship, predict):
         group.add_parser(sub)
+    _workspace_after_the_command(parser)
     return parser
+
+
+WORKSPACE_HELP = ("the workspace (a directory with a dynviz.toml) to work on (default: "
+                  "$DYNVIZ_WORKSPACE, else the built-in CIFAR-10 zoo)")
+
+
+def _workspace_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """Every command that works in a workspace takes ``--workspace`` after its name too
+    (unset there, it leaves the one given before the name)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+                    _workspace_after_the_command(command)
+                elif command.get_default("needs_workspace") is not False:
+                    command.add_argument("--workspace", metavar="DIR", help=WORKSPACE_HELP,
+                                         default=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:

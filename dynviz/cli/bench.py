@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from dynviz.cli.argtypes import positive_int, share
+
 
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (measured wall-clock)",
@@ -17,14 +19,14 @@ def add_parser(sub) -> None:
                    help="trained weights in the workspace to load (keeps their gates)")
     p.add_argument("--placement", nargs="+", default=["sequential"],
                    choices=["parallel", "sequential"])
-    p.add_argument("--blocks-off", type=float, default=0.5,
+    p.add_argument("--blocks-off", type=share, default=0.5,
                    help="fraction of blocks skipped per image (random patterns)")
-    p.add_argument("--channels-off", type=float, default=0.0,
+    p.add_argument("--channels-off", type=share, default=0.0,
                    help="fraction of channels off per image in executed blocks")
     p.add_argument("--same-channels", action="store_true",
                    help="one channel set per block for every image (else per-image sets)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 256], help="batch sizes")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 256], help="batch sizes")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per measurement")
     p.add_argument("--no-calibrate", action="store_true",
                    help="always slice channels instead of calibrating per block")
     p.add_argument("--runner", choices=["auto", "native", "python"], default="auto",
@@ -35,9 +37,9 @@ def add_parser(sub) -> None:
     p = bench_sub.add_parser("policy", help="policy refit and sweep times",
                              description="Median times of fitting policies on N cached "
                                          "outputs of K stages (synthetic confidences).")
-    p.add_argument("--n", type=int, default=2500, help="images (default: the fit half)")
-    p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--n", type=positive_int, default=2500, help="images (default: the fit half)")
+    p.add_argument("--stages", type=positive_int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=20)
     p.set_defaults(func=_cmd_bench_policy, needs_workspace=False)   # synthetic outputs
 
     p = bench_sub.add_parser("stages", help="time vs MACs, stage by stage, of a plain ResNet",
@@ -45,8 +47,8 @@ def add_parser(sub) -> None:
                                          "of a plain ResNet (random weights, BN folded) "
                                          "beside its share of the MACs.")
     p.add_argument("--model", default="resnet56", help="plain ResNet (registry name)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 256], help="batch sizes")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 256], help="batch sizes")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per measurement")
     p.set_defaults(func=_cmd_bench_stages)
 
     p = bench_sub.add_parser(
@@ -59,8 +61,8 @@ def add_parser(sub) -> None:
                    help="staged systems (default: every trained one of the workspace)")
     p.add_argument("--loss", type=float, default=0.5, choices=[0.5, 1.0],
                    help="operating point: max accuracy loss in %% (default %(default)s)")
-    p.add_argument("--images", type=int, default=64, help="check images, one at a time")
-    p.add_argument("--repeats", type=int, default=9, help="timed runs per measurement")
+    p.add_argument("--images", type=positive_int, default=64, help="check images, one at a time")
+    p.add_argument("--repeats", type=positive_int, default=9, help="timed runs per measurement")
     p.set_defaults(func=_cmd_bench_staged)
 
 

@@ -7,9 +7,10 @@ import argparse
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "init", help="start a workspace for your own ImageFolder",
-        description="Write DIR/dynviz.toml for the ImageFolder DATA (DATA/<class>/<image>; any "
-                    "class names, at least 2 classes of at least 20 images): its classes, "
-                    "input size, per-channel mean/std of the train split, the split (last 10%% "
+        description="Write DIR/dynviz.toml for the ImageFolder IMAGEFOLDER "
+                    "(IMAGEFOLDER/<class>/<image>; any class names, at least 2 classes of at "
+                    "least 20 images): its classes, input size, per-channel mean/std of the "
+                    "train split, the split (last 10% "
                     "of every class by sorted file name for validation) and the default "
                     "systems, each with the command that trains it.")
     p.add_argument("directory", metavar="DIR", help="the workspace directory (created)")

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dynviz.cli.argtypes import output_file, positive_int
+
 if TYPE_CHECKING:
     from dynviz.data import Split
     from dynviz.workspace import Workspace
@@ -51,7 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="check", choices=SPLIT_CHOICES,
                    help="split of the workspace's dataset (default: %(default)s)")
     p.add_argument("--data", help="an ImageFolder directory to evaluate instead")
-    p.add_argument("--out", default="results.json", help="JSON output (default: %(default)s)")
+    p.add_argument("--out", default="results.json", type=output_file, help="JSON output (default: %(default)s)")
     _add_timing(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -70,7 +72,7 @@ def _add_policy_kind(p: argparse.ArgumentParser) -> None:
 def _add_timing(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-timing", action="store_true",
                    help="skip latency measurements (speedups are then null)")
-    p.add_argument("--repeats", type=int, default=7,
+    p.add_argument("--repeats", type=positive_int, default=7,
                    help="timed rounds; a speedup is the median of their ratios")
 
 

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from dynviz.cli.argtypes import positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a named recipe",
@@ -18,8 +20,8 @@ def add_parser(sub) -> None:
                                   "table of the workspace's dynviz.toml")
     p.add_argument("--name", help="output name (default: the recipe name)")
     p.add_argument("--resume", action="store_true", help="continue the last run of NAME")
-    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    p.add_argument("--limit-batches", type=int, help="batches per epoch (smoke runs)")
+    p.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
+    p.add_argument("--limit-batches", type=positive_int, help="batches per epoch (smoke runs)")
     p.add_argument("--out-dir", help="where NAME.pt/.json go (default: the workspace's "
                                      "checkpoints; the built-in workspace: .cache/runs/NAME)")
     p.add_argument("--replace", action="store_true",

@@ -86,6 +86,7 @@ def _build(directory: Path) -> ModuleType | None:
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
         log.warning("the native block runner could not be built (%s); Python blocks run",
                     reason)
+        log.debug("the build's whole error (the compiler's output):\n%s", err)
         return None
 
 
