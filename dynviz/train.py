@@ -184,6 +184,10 @@ def fit(ws: Workspace, name: str, recipe: Recipe, *, resume: bool = False,
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(recipe.seed)
     last = run_dir(ws, name) / "last.pt"
+    if not resume and last.exists():
+        _keep_unfinished(last)
+    elif resume and not last.exists():
+        log.warning("nothing to resume at %s: %s starts at epoch 1", last, name)
 
     dataset = ws.dataset()
     train_split, val_split = ws.split("train", dataset), ws.split("val", dataset)
@@ -227,8 +231,13 @@ def fit(ws: Workspace, name: str, recipe: Recipe, *, resume: bool = False,
     state = TrainState()
     if resume and last.exists():
         ckpt = _read_resume_state(last)
-        if not _resumable(_saved_recipe(ckpt["recipe"]), ckpt["epoch"], recipe):
-            raise ValueError(f"{last} was written by another recipe; delete it or drop --resume")
+        saved = _saved_recipe(ckpt["recipe"])
+        if not _resumable(saved, ckpt["epoch"], recipe):
+            changed = ", ".join(f"{k} = {saved.get(k)!r} there, {v!r} now"
+                                for k, v in dataclasses.asdict(recipe).items()
+                                if saved.get(k) != v)
+            raise ValueError(f"{last} is a run of another recipe ({changed}): give the same "
+                             f"recipe and options to continue it, or delete it to start over")
         if init_sha and "init_sha256" not in ckpt:
             log.warning("%s predates starting-checkpoint digests: cannot tell whether it "
                         "started from the current %s.pt", last, recipe.init_from)
@@ -307,6 +316,19 @@ def fit(ws: Workspace, name: str, recipe: Recipe, *, resume: bool = False,
 
 RESUME_KEYS = ("recipe", "model", "optimizer", "scheduler", "generator", "epoch", "history",
                "wall_seconds")
+
+
+def _keep_unfinished(last: Path) -> None:
+    """Refuses to start a run over ``last`` when it holds a run that has epochs to go.
+
+    Raises:
+        ValueError: naming it, how far it got and the two ways on.
+    """
+    ckpt = _read_resume_state(last)
+    planned = _saved_recipe(ckpt["recipe"])["epochs"]
+    if ckpt["epoch"] < planned:
+        raise ValueError(f"{last} holds {ckpt['epoch']} of {planned} epochs of an unfinished "
+                         f"run: add --resume to continue it, or delete it to start over")
 
 
 def _read_resume_state(last: Path) -> dict:

@@ -75,11 +75,46 @@ def test_resume_reproduces_the_uninterrupted_run(tws, monkeypatch):
         [h["train_loss"] for h in straight.state.history]
 
 
-def test_resume_refuses_another_recipe(tws):
-    train.fit(tws, "run", dataclasses.replace(TINY, epochs=1), limit_batches=1, progress=False)
-    with pytest.raises(ValueError, match="another recipe"):
-        train.fit(tws, "run", dataclasses.replace(TINY, peak_lr=0.05), resume=True,
+def test_resume_refuses_another_recipe_and_names_what_differs(tws):
+    one = dataclasses.replace(TINY, epochs=1)
+    train.fit(tws, "run", one, limit_batches=1, progress=False)
+    last = train.run_dir(tws, "run") / "last.pt"
+    with pytest.raises(ValueError) as refused:
+        train.fit(tws, "run", dataclasses.replace(one, peak_lr=one.peak_lr / 2), resume=True,
                   limit_batches=1, progress=False)
+    assert str(refused.value) == (f"{last} is a run of another recipe (peak_lr = {one.peak_lr!r} "
+                                  f"there, {one.peak_lr / 2!r} now): give the same recipe and "
+                                  f"options to continue it, or delete it to start over")
+
+
+def test_an_unfinished_run_is_kept_unless_resumed_and_a_missing_one_is_said(tws, monkeypatch,
+                                                                           caplog):
+    real_eval, calls = train.evaluate_accuracy, {"n": 0}
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate_accuracy", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(tws, "kept", TINY, limit_batches=1, progress=False)
+    monkeypatch.setattr(train, "evaluate_accuracy", real_eval)
+    last = train.run_dir(tws, "kept") / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(ValueError) as refused:                 # --resume forgotten
+        train.fit(tws, "kept", TINY, limit_batches=1, progress=False)
+    assert str(refused.value) == (f"{last} holds 1 of {TINY.epochs} epochs of an unfinished "
+                                  f"run: add --resume to continue it, or delete it to start over")
+    assert last.read_bytes() == before
+    done = train.fit(tws, "kept", TINY, resume=True, limit_batches=1, progress=False)
+    assert done.state.epoch == TINY.epochs
+    train.fit(tws, "kept", TINY, limit_batches=1, progress=False)   # finished: may start over
+    with caplog.at_level("WARNING", logger="dynviz.train"):
+        train.fit(tws, "fresh", dataclasses.replace(TINY, epochs=1), resume=True,
+                  limit_batches=1, progress=False)
+    assert f"nothing to resume at {train.run_dir(tws, 'fresh') / 'last.pt'}" in caplog.text
 
 
 def _lr_per_step(monkeypatch) -> list[float]:
