@@ -116,3 +116,17 @@ def test_a_policy_file_cut_short_or_chosen_for_other_weights_is_one_line(
                                                 r"\(JSONDecodeError: .*`python -m dynviz "
                                                 r"policies`$"):
         O.load_policy(ws, name, 0.005)
+
+
+def test_inspect_without_the_dataset_says_where_it_looked(app_env, app_root, tmp_path,
+                                                           monkeypatch, fresh_caches):
+    """DYNVIZ_DATA at a directory with no dataset: uploads only, and a line saying why."""
+    from dynviz import data, workspace
+
+    monkeypatch.setenv("DYNVIZ_DATA", str(tmp_path / "nothing-here"))
+    at = run_page("inspect")
+    assert not at.exception and not at.error
+    assert at.radio(key="inspect_source").options == ["Upload an image"]
+    (why,) = [c.value for c in at.caption if c.value.startswith("No validation images")]
+    assert why.endswith(data.missing_data_message(workspace.builtin().data))
+    assert str(tmp_path / "nothing-here") in why

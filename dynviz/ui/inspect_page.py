@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from dynviz import decode, live, operating_points, plots, uploads, zoo
+from dynviz import data, decode, live, operating_points, plots, uploads, zoo
 from dynviz.ui import compare_view, share, state
 from dynviz.workspace import Workspace
 
@@ -48,6 +48,8 @@ def choose_image(ws: Workspace, system: str, policy_json: str | None
     sources = ["Upload an image"] + (["A validation image"] if split is not None else [])
     source = st.radio("Image", sources, index=len(sources) - 1, horizontal=True,
                       key="inspect_source")   # a validation image when there is one
+    if split is None:
+        st.caption("No validation images to pick from: " + data.missing_data_message(ws.data))
     if source == "Upload an image":
         files = st.file_uploader("Image files", type=list(decode.IMAGE_SUFFIXES),
                                  key="inspect_upload", accept_multiple_files=True,
