@@ -57,6 +57,8 @@ def evaluate(ws: Workspace, split: data.Split, *, time_it: bool = True, b1_image
     are measured against the workspace's reference network on the first ``b1_images``
     images one by one and on the first ``b256_images`` in batches of 256; without
     ``time_it`` no model runs unless an output cache is missing, and speedups are None."""
+    from tqdm import tqdm
+
     device = settings.device()
     ref_out = zoo.outputs(ws, ws.reference, split, progress=progress).stage_outputs()
     ref_macs = float(ref_out.stage_costs.sum(1).mean())
@@ -82,7 +84,11 @@ def evaluate(ws: Workspace, split: data.Split, *, time_it: bool = True, b1_image
                    None if policy is None else json.loads(policy.to_json()))
 
     rows = []
-    for name in zoo.available(ws):
+    names = zoo.available(ws)
+    # timing takes minutes: a bar over the systems, naming the one being measured
+    bar = tqdm(names, desc="timing", unit="system", disable=not (progress and time_it))
+    for name in bar:
+        bar.set_postfix_str(name)
         kind = ws.spec(name).kind
         out = zoo.outputs(ws, name, split, progress=progress).stage_outputs()
         folded = None

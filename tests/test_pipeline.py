@@ -110,3 +110,19 @@ def test_policies_evaluate_and_inspect(fake_zoo, capsys):
     assert main(["evaluate", "--data", str(val.dataset.root), "--no-timing",
                  "--out", str(val.dataset.root.parent / "r.json")]) == 0
     assert "resnet56" in capsys.readouterr().out
+
+
+def test_evaluate_shows_which_system_it_is_timing(fake_zoo, monkeypatch, capsys):
+    """Timing takes minutes: a bar on stderr names each system as it is measured (the
+    measurements themselves stubbed out here)."""
+    from dynviz import runtime
+
+    ws, val = fake_zoo
+    operating_points.ship(ws, val=val)
+    monkeypatch.setattr(runtime, "calibrate_all", lambda *args, **kwargs: None)
+    monkeypatch.setattr(evaluate, "_speedup", lambda *args: 1.0)
+    evaluate.evaluate(ws, val, repeats=1, progress=True)
+    err = capsys.readouterr().err
+    names = zoo.available(ws)
+    assert "timing: 100%" in err and f"{len(names)}/{len(names)}" in err
+    assert all(f", {name}]" in err for name in names)
