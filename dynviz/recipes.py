@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 import models
@@ -210,9 +211,16 @@ def _from_table(path: Path, name: str, table: object) -> Recipe:
         raise WorkspaceError(f"{where}.model = {changes['model']!r} is not a registered "
                              f"model; choose from {', '.join(models.names())}")
     try:
-        return dataclasses.replace(RECIPES[base], **changes)
+        recipe = dataclasses.replace(RECIPES[base], **changes)
     except ValueError as err:          # Recipe.__post_init__: epochs/cycles, teacher/distill
         raise WorkspaceError(f"{where}: {err}") from None
+    try:                               # built without memory: the arguments it takes
+        with torch.device("meta"):
+            models.create(recipe.model, **dict(recipe.model_args))
+    except (TypeError, ValueError, KeyError) as err:
+        raise WorkspaceError(f"{where}.model_args do not fit {recipe.model} "
+                             f"({' '.join(str(err).split())})") from None
+    return recipe
 
 
 def _field(where: str, key: str, value: object) -> object:

@@ -285,15 +285,31 @@ def _check_model(read: _Reader, spec: SystemSpec, data: DataSpec) -> None:
     if kind != spec.kind:
         raise WorkspaceError(f"{read.path}: {where}.kind = {spec.kind!r}, but {spec.model} is "
                              f"a {kind} model")
+    parts = _parts_of(spec.model, args, data.n_classes, data.image_size)
+    for part, _ in spec.weights:
+        if part and part not in parts:
+            raise WorkspaceError(f"{read.path}: {where}.weights: {spec.model} has no part "
+                                 f"{part!r}; its parts: {', '.join(sorted(parts)[:12])}...")
 
 
 @functools.lru_cache(maxsize=256)
-def _kind_of(model: str, args: tuple, n_classes: int, image_size: int) -> str:
+def _meta_model(model: str, args: tuple, n_classes: int, image_size: int) -> torch.nn.Module:
+    """The registry model on the meta device: its structure, no memory."""
     with torch.device("meta"):
-        net = models.create(model, num_classes=n_classes, input_size=image_size, **dict(args))
+        return models.create(model, num_classes=n_classes, input_size=image_size, **dict(args))
+
+
+def _kind_of(model: str, args: tuple, n_classes: int, image_size: int) -> str:
+    net = _meta_model(model, args, n_classes, image_size)
     if hasattr(net, "plain_macs"):                  # a GatedResNet
         return "gated"
     return "exits" if net.n_stages > 1 else "static"
+
+
+def _parts_of(model: str, args: tuple, n_classes: int, image_size: int) -> set[str]:
+    """The names ``get_submodule`` takes in the model."""
+    return {name for name, _ in _meta_model(model, args, n_classes, image_size).named_modules()
+            if name}
 
 
 class _Reader:

@@ -83,6 +83,8 @@ def test_a_workspace_recipe_is_its_base_with_the_fields_it_sets(tmp_path):
     (lambda t: t.replace("epochs = 4", "epochs = 5\ncycles = 2"), "recipes.theirs: 5 epochs"),
     (lambda t: t.replace('model_args = { placement = "parallel" }', 'model_args = "parallel"'),
      "recipes.theirs.model_args"),
+    (lambda t: t.replace('placement = "parallel"', 'placment = "parallel"'),
+     "recipes.theirs.model_args do not fit lcnet_resnet18"),
 ])
 def test_a_malformed_recipe_is_one_line_naming_the_key(tmp_path, edit, named):
     ws = _workspace(tmp_path, edit(THEIRS))

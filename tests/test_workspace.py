@@ -65,6 +65,8 @@ def test_a_workspace_reads_back_what_its_file_says(tmp_path):
     (lambda t: t.replace('kind = "static"\nmodel', 'kind = "exits"\nmodel'),
      "systems.small.kind"),
     (lambda t: t.replace("[data]", "[data"), "not valid TOML"),
+    (lambda t: t.replace('checkpoint = "resnet8"', 'weights = { "layer9" = "resnet8" }'),
+     "systems.small.weights: resnet8 has no part 'layer9'"),
 ])
 def test_a_malformed_file_is_one_line_naming_the_key(tmp_path, edit, named):
     with pytest.raises(workspace.WorkspaceError) as err:
