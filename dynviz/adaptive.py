@@ -59,7 +59,7 @@ class AdaptiveClassifier(nn.Module):
             raise ValueError(f"policy has {len(policy.exits)} decisions; the system needs "
                              f"{system.n_stages - 1}")
         if policy.jumps and not system.can_jump:
-            raise ValueError("a jump policy needs a cascade")
+            raise ValueError("a jump policy needs a cascade of the jump topology")
         self.system = system
         self.policy = policy
         self.n_stages = system.n_stages

@@ -281,8 +281,8 @@ def load_system(ws: Workspace, name: str, device: torch.device | None = None) ->
         raise MissingCheckpointError(_missing_message(ws, name))
     s = ws.spec(name)
     if s.kind == "cascade":
-        model = Cascade([_load_single(ws, m) for m in members(ws, name)], list(s.members))
-        model.can_jump = s.topology == "jump"
+        model = Cascade([_load_single(ws, m) for m in members(ws, name)], list(s.members),
+                        can_jump=s.topology == "jump")
     else:
         model = _load_single(ws, s)
     device = device or settings.device()

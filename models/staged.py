@@ -174,12 +174,14 @@ class Cascade(StagedMixin, nn.Module):
 
     Any module answering with an ``Output`` and knowing its ``macs()`` can be a stage; gated
     stages report per-image MACs through their outputs. Network selection may send an image
-    straight to the last network (``can_jump``), which then costs what it costs alone.
+    straight to the last network (``can_jump``, unless built with ``can_jump=False``: the
+    chain topology), which then costs what it costs alone.
     """
-    can_jump = True
 
-    def __init__(self, stages: list[nn.Module], names: list[str] | None = None):
+    def __init__(self, stages: list[nn.Module], names: list[str] | None = None,
+                 can_jump: bool = True):
         super().__init__()
+        self.can_jump = can_jump
         self.stages = nn.ModuleList(stages)
         self.n_stages = len(stages)
         self.stage_names = names or [type(s).__name__ for s in stages]

@@ -61,3 +61,31 @@ def test_adaptive_classifier_checks_the_policy_shape():
     system = models.create("exits_resnet20").eval()
     with pytest.raises(ValueError, match="decisions"):
         AdaptiveClassifier(system, P.Policy("constant", "max_prob", "chain", 0.0, (P.ALWAYS,)))
+
+
+def test_a_chain_cascade_of_the_workspace_takes_no_jump_policy(tmp_path):
+    """A cascade whose dynviz.toml says topology = "chain" cannot send an image straight to
+    its last network: a policy with jumps is refused; the jump topology takes it."""
+    from dynviz import workspace, zoo
+    from tests.helpers import workspace_toml, write_random_checkpoints
+
+    systems = {"a": {"kind": "static", "model": "resnet8", "checkpoint": "a"},
+               "b": {"kind": "static", "model": "resnet8", "checkpoint": "b"},
+               "c": {"kind": "static", "model": "resnet8", "checkpoint": "c"}}
+    jumping = P.Policy("constant", "max_prob", "jump", 0.0, (P.NEVER, P.NEVER),
+                       (P.ALWAYS, P.NEVER))
+    for topology, refused in (("chain", True), ("jump", False)):
+        root = tmp_path / topology
+        root.mkdir()
+        (root / "dynviz.toml").write_text(workspace_toml(
+            [str(i) for i in range(10)], 32, systems | {"abc": {
+                "kind": "cascade", "members": ["a", "b", "c"], "topology": topology}},
+            reference="c"))
+        write_random_checkpoints(root / "checkpoints", {"a": "resnet8", "b": "resnet8",
+                                                        "c": "resnet8"})
+        cascade = zoo.load_system(workspace.load(root), "abc", torch.device("cpu"))
+        if refused:
+            with pytest.raises(ValueError, match="a jump policy needs a cascade of the jump topology"):
+                AdaptiveClassifier(cascade, jumping)
+        else:
+            AdaptiveClassifier(cascade, jumping)
