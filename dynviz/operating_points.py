@@ -19,6 +19,8 @@ LOSSES = (0.005, 0.01)  # accuracy loss against the reference, for shipped opera
 CANDIDATES = (("threshold", "max_prob"), ("threshold", "margin"),
               ("threshold", "neg_entropy"), ("linear", "max_prob"))
 AUTO = "auto"   # a family argument meaning: every candidate
+# the key of a policy file that records the system's ``zoo.checkpoint_sha`` it was chosen on
+CHOSEN_FOR = "chosen_for"
 
 # Shipped points keep their loss on the fit half one paired standard error below the target,
 # as their loss on unseen images is larger: early exits chosen at ≤0.5% on fit without it
@@ -63,10 +65,6 @@ def load_policy(ws: Workspace, system: str, loss: float) -> P.Policy | None:
         raise PolicyFileError(f"{path} was chosen for other weights than {system}'s (trained "
                               f"again since?); {fix}")
     return policy
-
-
-# the key of a policy file that records the system's ``zoo.checkpoint_sha`` it was chosen on
-CHOSEN_FOR = "chosen_for"
 
 
 def candidates(family: str = AUTO, feature: str = "max_prob") -> tuple[tuple[str, str], ...]:

@@ -25,6 +25,7 @@ For any workspace:
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ def shown(path: Path) -> str:
 def command(args: str, workspace: Path | None = None) -> str:
     """The command line ``python -m dynviz ARGS`` in the workspace at ``workspace`` (None:
     the built-in one, which needs no ``--workspace``)."""
-    where = "" if workspace is None else f" --workspace {shown(workspace)}"
+    where = "" if workspace is None else f" --workspace {shlex.quote(str(workspace))}"
     return f"python -m dynviz{where} {args}"
 
 

@@ -324,16 +324,21 @@ def _keep_unfinished(last: Path) -> None:
     Raises:
         ValueError: naming it, how far it got and the two ways on.
     """
-    ckpt = _read_resume_state(last)
+    ckpt = _read_resume_state(last, fix="delete it to start the run over")
     planned = _saved_recipe(ckpt["recipe"])["epochs"]
     if ckpt["epoch"] < planned:
         raise ValueError(f"{last} holds {ckpt['epoch']} of {planned} epochs of an unfinished "
                          f"run: add --resume to continue it, or delete it to start over")
 
 
-def _read_resume_state(last: Path) -> dict:
-    """The resume state at ``last``: tensors and plain data only (``weights_only``)."""
-    fix = "delete it to start the run over, or drop --resume"
+def _read_resume_state(last: Path,
+                       fix: str = "delete it to start the run over, or drop --resume") -> dict:
+    """The resume state at ``last``: tensors and plain data only (``weights_only``).
+
+    Raises:
+        zoo.CheckpointError: it cannot be read, or is not a resume state; the message ends
+            with ``fix``.
+    """
     ckpt = zoo.read_checkpoint(last, fix)
     absent = [key for key in RESUME_KEYS if key not in ckpt]
     if absent:

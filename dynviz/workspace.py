@@ -278,18 +278,20 @@ def _check_model(read: _Reader, spec: SystemSpec, data: DataSpec) -> None:
                              f"model (python -c 'import models; print(models.names())')")
     args = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in spec.model_args)
     try:
-        kind = _kind_of(spec.model, args, data.n_classes, data.image_size)
+        kind = model_kind(spec.model, args, data.n_classes, data.image_size)
     except (TypeError, ValueError, KeyError) as err:
         raise WorkspaceError(f"{read.path}: {where}.args do not fit {spec.model} "
                              f"({' '.join(str(err).split())})") from None
     if kind != spec.kind:
         raise WorkspaceError(f"{read.path}: {where}.kind = {spec.kind!r}, but {spec.model} is "
                              f"a {kind} model")
-    parts = _parts_of(spec.model, args, data.n_classes, data.image_size)
+    net = _meta_model(spec.model, args, data.n_classes, data.image_size)
+    parts = {name for name, _ in net.named_modules() if name}
     for part, _ in spec.weights:
         if part and part not in parts:
+            top = ", ".join(name for name, _ in net.named_children())
             raise WorkspaceError(f"{read.path}: {where}.weights: {spec.model} has no part "
-                                 f"{part!r}; its parts: {', '.join(sorted(parts)[:12])}...")
+                                 f"{part!r} (its top-level parts: {top})")
 
 
 @functools.lru_cache(maxsize=256)
@@ -299,17 +301,14 @@ def _meta_model(model: str, args: tuple, n_classes: int, image_size: int) -> tor
         return models.create(model, num_classes=n_classes, input_size=image_size, **dict(args))
 
 
-def _kind_of(model: str, args: tuple, n_classes: int, image_size: int) -> str:
+def model_kind(model: str, args: tuple = (), n_classes: int = 10, image_size: int = 32) -> str:
+    """What a registry model is: ``gated`` (LC-Net), ``exits`` (several stages) or
+    ``static``; told from the model built on the meta device."""
     net = _meta_model(model, args, n_classes, image_size)
     if hasattr(net, "plain_macs"):                  # a GatedResNet
         return "gated"
     return "exits" if net.n_stages > 1 else "static"
 
-
-def _parts_of(model: str, args: tuple, n_classes: int, image_size: int) -> set[str]:
-    """The names ``get_submodule`` takes in the model."""
-    return {name for name, _ in _meta_model(model, args, n_classes, image_size).named_modules()
-            if name}
 
 
 class _Reader:

@@ -125,8 +125,6 @@ def restore_command(path: Path) -> str:
     return settings.command(_train_args(path.stem, path.parent, replace=True), workspace)
 
 
-
-
 def read_checkpoint(path: Path, fix: str | None = None) -> dict:
     """The dict of tensors and plain data saved at ``path``, read on the CPU with
     ``weights_only=True``.

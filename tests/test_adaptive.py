@@ -85,7 +85,8 @@ def test_a_chain_cascade_of_the_workspace_takes_no_jump_policy(tmp_path):
                                                         "c": "resnet8"})
         cascade = zoo.load_system(workspace.load(root), "abc", torch.device("cpu"))
         if refused:
-            with pytest.raises(ValueError, match="a jump policy needs a cascade of the jump topology"):
+            with pytest.raises(ValueError, match="a jump policy needs a cascade of the jump "
+                                                 "topology"):
                 AdaptiveClassifier(cascade, jumping)
         else:
             AdaptiveClassifier(cascade, jumping)

@@ -5,6 +5,7 @@ malformed results.json. The page says so in one line, or leaves it out, never a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -82,13 +83,13 @@ def test_a_broken_file_is_one_error_line_and_a_bug_keeps_its_traceback(tmp_path,
 
 
 def test_a_policy_file_cut_short_or_chosen_for_other_weights_is_one_line(
-        app_root, tmp_path, monkeypatch, fresh_caches):
+        app_env, app_root, tmp_path, monkeypatch, fresh_caches):
     """The cascade's shipped ≤0.5% policy: read back as shipped while its members are the
     weights it was chosen on; refused, naming the file and `policies`, once a member has other
     weights (trained again) or the file is cut short. Budget shows the refusal as one line."""
     import torch
 
-    from dynviz import operating_points as O, policy as P, workspace
+    from dynviz import operating_points as O, workspace, zoo
 
     for part in ("ckpt", "assets"):
         shutil.copytree(app_root / part, tmp_path / part)
@@ -96,9 +97,15 @@ def test_a_policy_file_cut_short_or_chosen_for_other_weights_is_one_line(
                            str(tmp_path / part))
     ws, name = workspace.builtin(), "cascade_r8_r20_r56"
     path = O.policy_path(ws, name, 0.005)
-    shipped = json.loads(path.read_text())
-    del shipped[O.CHOSEN_FOR]
-    assert O.load_policy(ws, name, 0.005) == P.Policy.from_json(json.dumps(shipped))
+    shipped = O.load_policy(ws, name, 0.005)
+    fit = zoo.outputs(ws, name, app_env, progress=False).half("fit")     # chosen afresh
+    reference = zoo.outputs(ws, ws.reference, app_env, progress=False).half("fit")
+    assert shipped == O.choose(fit, reference.correct[:, -1], 0.005, topology="jump")
+    older = json.loads(path.read_text())
+    del older[O.CHOSEN_FOR]                                 # a file from before the key
+    path.write_text(json.dumps(older))
+    assert O.load_policy(ws, name, 0.005) == shipped
+    path.write_text(json.dumps(older | {O.CHOSEN_FOR: zoo.checkpoint_sha(ws, name)}))
 
     weights = torch.load(tmp_path / "ckpt" / "resnet8.pt", weights_only=True)
     weights["fc.bias"] = weights["fc.bias"] + 0.5           # resnet8 trained again
@@ -111,10 +118,15 @@ def test_a_policy_file_cut_short_or_chosen_for_other_weights_is_one_line(
     at = run_page("budget", budget_system=name)
     assert not at.exception and [e.value for e in at.error] == [str(stale.value)]
 
+    member = tmp_path / "ckpt" / "resnet8.pt"                # damaged, not retrained
+    member.write_bytes(member.read_bytes()[:4096])
+    with pytest.raises(zoo.CheckpointError, match=f"^cannot read {re.escape(str(member))}: "
+                                                  "truncated or corrupt"):
+        O.load_policy(ws, name, 0.005)
     path.write_text(path.read_text()[:40])                  # cut short
-    with pytest.raises(O.PolicyFileError, match=f"^{path} is not a dynviz policy "
-                                                r"\(JSONDecodeError: .*`python -m dynviz "
-                                                r"policies`$"):
+    with pytest.raises(O.PolicyFileError, match=f"^{re.escape(str(path))} is not a dynviz "
+                                                r"policy \(JSONDecodeError: .*`python -m "
+                                                r"dynviz policies`$"):
         O.load_policy(ws, name, 0.005)
 
 
@@ -127,6 +139,7 @@ def test_inspect_without_the_dataset_says_where_it_looked(app_env, app_root, tmp
     at = run_page("inspect")
     assert not at.exception and not at.error
     assert at.radio(key="inspect_source").options == ["Upload an image"]
-    (why,) = [c.value for c in at.caption if c.value.startswith("No validation images")]
-    assert why.endswith(data.missing_data_message(workspace.builtin().data))
-    assert str(tmp_path / "nothing-here") in why
+    (why,) = [e for e in at.expander if e.label.startswith("No validation images")]
+    (said,) = [m.value for m in why.markdown]
+    assert said == data.missing_data_message(workspace.builtin().data)
+    assert str(tmp_path / "nothing-here") in said

@@ -285,14 +285,14 @@ def test_an_error_is_one_line_and_its_traceback_with_verbose(tmp_path, capsys):
 
 
 def test_a_command_line_names_the_workspace_it_runs_in(tmp_path):
-    """Commands run from the repository root: the built-in workspace needs no --workspace,
-    one of one's own is named (relative to the root when it lies inside it)."""
+    """The built-in workspace needs no --workspace; one of one's own is named by its whole
+    path, quoted for the shell."""
     (tmp_path / "dynviz.toml").write_text(OWN_WORKSPACE)
     assert workspace.builtin().command("ship") == "python -m dynviz ship"
     assert workspace.load(tmp_path).command("policies") == \
         f"python -m dynviz --workspace {tmp_path.resolve()} policies"
-    inside = settings.PROJECT_ROOT / "examples" / "ws"
-    assert settings.command("ship", inside) == "python -m dynviz --workspace examples/ws ship"
+    spaced = tmp_path / "my ws"
+    assert settings.command("ship", spaced) == f"python -m dynviz --workspace '{spaced}' ship"
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -126,3 +126,23 @@ def test_evaluate_shows_which_system_it_is_timing(fake_zoo, monkeypatch, capsys)
     names = zoo.available(ws)
     assert "timing: 100%" in err and f"{len(names)}/{len(names)}" in err
     assert all(f", {name}]" in err for name in names)
+
+
+def test_evaluate_refuses_a_stale_policy_before_timing_anything(fake_zoo, monkeypatch):
+    from dynviz import runtime
+
+    ws, val = fake_zoo
+    operating_points.ship(ws, val=val)
+    timed = []
+    monkeypatch.setattr(runtime, "calibrate_all", lambda *args, **kwargs: timed.append(1))
+    monkeypatch.setattr(evaluate, "_speedup", lambda *args: timed.append(1) or 1.0)
+    path = zoo.checkpoint_path(ws, "exits_resnet56")
+    kept = path.read_bytes()
+    weights = torch.load(path, weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, path)
+    try:                                    # exits_resnet56 trained again since its policies
+        with pytest.raises(operating_points.PolicyFileError, match="exits_resnet56-loss"):
+            evaluate.evaluate(ws, val, repeats=1, progress=False)
+    finally:
+        path.write_bytes(kept)
+    assert not timed

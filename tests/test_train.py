@@ -261,6 +261,10 @@ def test_the_resume_state_is_tensors_and_plain_data_read_weights_only(train_env,
     last.write_bytes(last.read_bytes()[:4096])
     with pytest.raises(zoo.CheckpointError, match="truncated or corrupt"):
         train.fit(tws, "run", one, resume=True, limit_batches=1, progress=False)
+    with pytest.raises(zoo.CheckpointError) as err:       # nor a new run over it, unasked
+        train.fit(tws, "run", one, limit_batches=1, progress=False)
+    assert str(err.value).startswith(f"cannot read {last}: truncated or corrupt")
+    assert str(err.value).endswith("; delete it to start the run over")
 
 
 def test_sparsity_penalty_is_lcnets_l1_formula():

@@ -16,7 +16,7 @@ from dynviz import data, runtime, settings, zoo
 from dynviz.runtime import native
 from dynviz.runtime.folded import FoldedBlock, FoldedConv
 from dynviz.runtime.sparse import FoldedGatedResNet, SparsePlan
-from dynviz.workspace import Workspace
+from dynviz.workspace import Workspace, model_kind
 from models.lcnet import GatedResNet
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def bench_gated(ws: Workspace, name: str = "lcnet_resnet56", *, placement: str =
     ``use_native``: both networks folded blocks, and the sparse path, run from C++
     (``runtime.fold``; None: when the runner can be built).
     """
-    gated_names = [n for n in models.names() if n.startswith("lcnet_")]
+    gated_names = [n for n in models.names() if model_kind(n) == "gated"]
     if name not in gated_names:
         raise ValueError(f"bench gated times a gated model, not {name!r}: choose from "
                          f"{', '.join(gated_names)}")

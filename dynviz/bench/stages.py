@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import models
 from dynviz import runtime, settings
-from dynviz.workspace import Workspace
+from dynviz.workspace import Workspace, model_kind
 from models.lcnet import GatedResNet
 from models.macs import linear_macs
 from models.resnet import ResNet
@@ -55,7 +55,7 @@ def bench_stages(ws: Workspace, name: str = "resnet56", *,
     """Where the time of a plain ResNet (for the workspace's classes and input size) goes,
     stage by stage, against where its MACs go (random weights, BN folded, channels_last:
     timing does not depend on the weights)."""
-    plain = [n for n in models.names() if n.startswith("resnet")]
+    plain = [n for n in models.names() if model_kind(n) == "static"]
     if name not in plain:
         raise ValueError(f"bench stages times a plain ResNet, not {name!r}: choose from "
                          f"{', '.join(plain)}")

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dynviz",
         description="Dynamic inference for image classifiers: data, training, caches, "
                     "policies, evaluation and benchmarks.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and an error's traceback")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and an error's traceback")
     parser.add_argument("--version", action="version", version=f"dynviz {__version__}")
     parser.add_argument("--workspace", metavar="DIR", help=WORKSPACE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -16,7 +16,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def share(text: str) -> float:
+def fraction(text: str) -> float:
     """A number from 0 to 1."""
     try:
         value = float(text)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from dynviz.cli.argtypes import positive_int, share
+from dynviz.cli.argtypes import fraction, positive_int
 
 
 def add_parser(sub) -> None:
@@ -19,9 +19,9 @@ def add_parser(sub) -> None:
                    help="trained weights in the workspace to load (keeps their gates)")
     p.add_argument("--placement", nargs="+", default=["sequential"],
                    choices=["parallel", "sequential"])
-    p.add_argument("--blocks-off", type=share, default=0.5,
+    p.add_argument("--blocks-off", type=fraction, default=0.5,
                    help="fraction of blocks skipped per image (random patterns)")
-    p.add_argument("--channels-off", type=share, default=0.0,
+    p.add_argument("--channels-off", type=fraction, default=0.0,
                    help="fraction of channels off per image in executed blocks")
     p.add_argument("--same-channels", action="store_true",
                    help="one channel set per block for every image (else per-image sets)")
@@ -102,13 +102,16 @@ def _cmd_bench_stages(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_staged(args: argparse.Namespace) -> int:
-    from dynviz import bench, zoo
+    from dynviz import bench, operating_points, zoo
     from dynviz.bench import staged
 
     systems = args.system or zoo.staged(args.ws, zoo.available(args.ws))
     if not systems:
         raise ValueError("the workspace has no trained staged system (early exits or a "
                          "cascade) to time")
+    for system in systems:       # a policy file to mend is refused before any timing
+        if system in zoo.staged(args.ws, list(args.ws.systems)):
+            operating_points.load_policy(args.ws, system, args.loss / 100)
     rows = []
     for system in systems:
         rows += staged.bench_staged(args.ws, system, loss=args.loss / 100, n_images=args.images,

@@ -53,7 +53,8 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="check", choices=SPLIT_CHOICES,
                    help="split of the workspace's dataset (default: %(default)s)")
     p.add_argument("--data", help="an ImageFolder directory to evaluate instead")
-    p.add_argument("--out", default="results.json", type=output_file, help="JSON output (default: %(default)s)")
+    p.add_argument("--out", default="results.json", type=output_file,
+                   help="JSON output (default: %(default)s)")
     _add_timing(p)
     p.set_defaults(func=_cmd_evaluate)
 

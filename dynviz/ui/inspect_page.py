@@ -49,7 +49,8 @@ def choose_image(ws: Workspace, system: str, policy_json: str | None
     source = st.radio("Image", sources, index=len(sources) - 1, horizontal=True,
                       key="inspect_source")   # a validation image when there is one
     if split is None:
-        st.caption("No validation images to pick from: " + data.missing_data_message(ws.data))
+        with st.expander("No validation images to pick from: the dataset was not found"):
+            st.markdown(data.missing_data_message(ws.data))
     if source == "Upload an image":
         files = st.file_uploader("Image files", type=list(decode.IMAGE_SUFFIXES),
                                  key="inspect_upload", accept_multiple_files=True,
