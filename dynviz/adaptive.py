@@ -120,8 +120,9 @@ class AdaptiveClassifier(nn.Module):
     def _forward_one(self, x: torch.Tensor) -> Output:
         """``forward`` for one image, in plain Python between the stages: the logits become one
         list of floats, features and decisions are computed on it without numpy (whose per-call
-        overhead is a CIFAR block's share at batch 1: docs/benchmarks.md), and the trace's arrays are built once at the end. Same features and decisions as ``forward``
-        up to float rounding (``row_confidence_features``)."""
+        overhead is a CIFAR block's share at batch 1: docs/benchmarks.md), and the trace's
+        arrays are built once at the end. Same features and decisions as ``forward`` up to
+        float rounding (``row_confidence_features``)."""
         system, k_total = self.system, self.system.n_stages
         rows, phis, macs_spent, decisions = {}, {}, {}, []
         state = system.begin(x)

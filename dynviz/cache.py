@@ -218,8 +218,8 @@ def find(ws: Workspace, system: str, split: data.Split | str,
     return None
 
 
-def ensure(ws: Workspace, system: str, model: nn.Module | Callable[[], nn.Module], split: data.Split,
-           checkpoint_sha: str, *, device: torch.device | None = None,
+def ensure(ws: Workspace, system: str, model: nn.Module | Callable[[], nn.Module],
+           split: data.Split, checkpoint_sha: str, *, device: torch.device | None = None,
            root: Path | None = None, progress: bool = True,
            on_progress: Callable[[float], None] | None = None) -> CachedOutputs:
     """The cache of ``system`` on ``split``, built if missing or corrupt; once it is written,

@@ -1,6 +1,7 @@
 """A workspace's dataset on disk: finding it, the fixed train/validation split, a decoded
-uint8 cache and tensor augmentation (uploaded images: ``dynviz.uploads``). ``DataSpec`` says which dataset: its
-directory, classes, image size and normalisation (a workspace's ``[data]`` table).
+uint8 cache and tensor augmentation (uploaded images: ``dynviz.uploads``). ``DataSpec`` says
+which dataset: its directory, classes, image size and normalisation (a workspace's ``[data]``
+table).
 
 Image order is fixed everywhere: class-major (in ``DataSpec.classes`` order), then sorted
 file name. The validation split is the last files of every class (``DataSpec.val_count``);

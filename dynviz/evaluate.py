@@ -124,7 +124,8 @@ def write(rows: list[Row], path: Path) -> None:
 
 
 def markdown(rows: list[Row]) -> str:
-    head = "| system | operating point | accuracy | MACs (M) | MAC reduction | speedup b1 | speedup b256 |"
+    head = ("| system | operating point | accuracy | MACs (M) | MAC reduction | speedup b1 "
+            "| speedup b256 |")
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
