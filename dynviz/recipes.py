@@ -112,7 +112,7 @@ RECIPES: dict[str, Recipe] = {
     "lcnet_resnet56_kd": _LCNET_KD,
     # lcnet_resnet56_kd with twice the pull on blocks (α = 2).
     "lcnet_resnet56_kd_a2": dataclasses.replace(_LCNET_KD, l1_block=2.0),
-    # lcnet_resnet56_kd for 16 epochs; the default systems lcnet_resnet56_seq/_par load it.
+    # lcnet_resnet56_kd for 16 epochs; the system lcnet_resnet56_blocks loads it.
     "lcnet_resnet56_kd16": dataclasses.replace(_LCNET_KD, epochs=16),
     # Trial, not adopted: lcnet_resnet56_kd for 32 epochs.
     "lcnet_resnet56_kd32": dataclasses.replace(_LCNET_KD, epochs=32),
@@ -147,8 +147,9 @@ RECIPES: dict[str, Recipe] = {
                                      mac_weight=10.0, mac_delay=10, mac_ramp=10,
                                      mac_straight_through=True,
                                      model_args=(("leak_backward_only", True),)),
-    # Trial 4: trial 2d's form (gates leaky in the gradient only, the straight-through hinge
-    # at 52 M, ramped over 4 epochs) from resnet56 itself, for as many epochs as kd16 + 2d.
+    # Trial 4, adopted: trial 2d's form (gates leaky in the gradient only, the straight-through
+    # hinge at 52 M, ramped over 4 epochs) from resnet56 itself, for as many epochs as kd16 +
+    # 2d; the default systems lcnet_resnet56_seq/_par load it.
     "lcnet_resnet56_ste": Recipe("lcnet_resnet56", epochs=24, peak_lr=0.02, gate_lr=0.1,
                                  init_from="resnet56", teacher="resnet56", distill=0.7,
                                  mac_target=52e6, mac_weight=10.0, mac_ramp=4,

@@ -127,6 +127,7 @@ def _toml(directory: Path, root: Path, classes, size, mean, std, counts) -> str:
          f"{command} resnet20"),
         ("resnet56", "static", 'model = "resnet56"\ncheckpoint = "resnet56"',
          f"{command} resnet56"),
+        # kd16's L1 pull works at any input size; lcnet_resnet56_ste's MAC target is CIFAR's
         ("lcnet_resnet56", "gated",
          'model = "lcnet_resnet56"\ncheckpoint = "lcnet_resnet56_kd16"',
          f"{command} lcnet_resnet56_kd16     (after resnet56: it starts from it)"),

@@ -42,7 +42,7 @@ def test_available_systems_and_missing_ones(fake_zoo):
             "cascade_r8_r20_r56"} <= set(avail)
     assert "lcnet_resnet56_seq" not in avail
     with pytest.raises(zoo.MissingCheckpointError,
-                       match="python -m dynviz train lcnet_resnet56_kd16"):
+                       match="python -m dynviz train lcnet_resnet56_ste"):
         zoo.load_system(ws, "lcnet_resnet56_seq")
 
 
