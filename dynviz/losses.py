@@ -57,13 +57,22 @@ def _eps_macs(trace, eps: float) -> torch.Tensor:
         on(trace.block_scores), [on(c) for c in trace.channel_scores]).mean()
 
 
-def _straight_through_macs(trace) -> torch.Tensor:
+def _straight_through_macs(trace, channel_price: float = 1.0) -> torch.Tensor:
     """The batch's mean MACs as inference spends them, with the gradient of the same count
-    over max(0, S)."""
-    spent = trace.cost.macs(trace.block_scores > 0,
-                            [c > 0 for c in trace.channel_scores]).float().mean()
+    over max(0, S). With ``channel_price`` w < 1 a channel that is off in a block that runs
+    counts (1 − w) of its MACs still: a price on channels by what they save in time."""
+    def priced(on: torch.Tensor) -> torch.Tensor:
+        return (1 - channel_price) + channel_price * on
+
+    if channel_price == 1.0:
+        spent = trace.cost.macs(trace.block_scores > 0,
+                                [c > 0 for c in trace.channel_scores]).float().mean()
+    else:                 # the decisions, 0 or 1, in the scores' count (exact: it is linear)
+        spent = trace.cost.expected_macs((trace.block_scores > 0).float(),
+                                         [priced((c > 0).float()) for c in trace.channel_scores]
+                                         ).mean()
     scores = trace.cost.expected_macs(torch.relu(trace.block_scores),
-                                      [torch.relu(c) for c in trace.channel_scores]).mean()
+                                      [priced(torch.relu(c)) for c in trace.channel_scores]).mean()
     return spent + (scores - scores.detach())
 
 
@@ -92,8 +101,8 @@ def sparsity_penalty(trace, recipe: Recipe, ramp: float = 1.0) -> torch.Tensor:
     """
     penalty = trace.block_scores.new_zeros(())
     if recipe.mac_weight:
-        expected = (_straight_through_macs(trace) if recipe.mac_straight_through
-                    else _eps_macs(trace, recipe.mac_eps))
+        expected = (_straight_through_macs(trace, recipe.channel_price)
+                    if recipe.mac_straight_through else _eps_macs(trace, recipe.mac_eps))
         penalty = penalty + ramp * recipe.mac_weight * torch.relu(
             expected / recipe.mac_target - 1) ** 2
     if recipe.neg_l1:

@@ -44,6 +44,8 @@ class Recipe:
     mac_delay: int = 0               # ...after this many epochs without it
     mac_eps: float = 0.03            # ε: a score ≥ ε counts its block/channel whole
     mac_straight_through: bool = False  # count the MACs spent; gradient of the scores' count
+    channel_price: float = 1.0       # share of an off channel's MACs the straight-through
+                                     # count takes as saved (a skipped block: all of them)
     neg_l1: float = 0.0              # weight of mean relu(−S): leaky scores below 0 to 0
     model_args: tuple[tuple[str, object], ...] = ()  # overrides for models.create
     init_into: str = ""              # module path the init_from weights load into
@@ -155,6 +157,13 @@ RECIPES: dict[str, Recipe] = {
                                  mac_target=52e6, mac_weight=10.0, mac_ramp=4,
                                  mac_straight_through=True,
                                  model_args=(("leak_backward_only", True),)),
+    # Trial 5: trial 4 with an off channel counted as saving half its MACs (its time is
+    # saved at about half the rate of a skipped block's), so the hinge favours whole blocks.
+    "lcnet_resnet56_ste_priced": Recipe("lcnet_resnet56", epochs=24, peak_lr=0.02, gate_lr=0.1,
+                                        init_from="resnet56", teacher="resnet56", distill=0.7,
+                                        mac_target=52e6, mac_weight=10.0, mac_ramp=4,
+                                        mac_straight_through=True, channel_price=0.5,
+                                        model_args=(("leak_backward_only", True),)),
     "exits_resnet56": _EXITS,
     "exits_resnet56_e8": dataclasses.replace(_EXITS, epochs=8),
     # Trial, not adopted: the heads trained 32 epochs.

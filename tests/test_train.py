@@ -648,3 +648,28 @@ def test_a_dataset_smaller_than_a_batch_says_so(own_workspace):
     # 3 classes of 25 images, 3 of each (10%, halves up) held out: 66 train images
     with pytest.raises(ValueError, match="66 training images make no batch of 128"):
         train.fit(ws, "resnet8", RECIPES["resnet8"], limit_batches=1, progress=False)
+
+
+def test_a_channel_price_counts_an_off_channel_as_partly_spent():
+    """With channel price w the straight-through count is, per image, w·(the MACs spent) +
+    (1 − w)·(the MACs spent had every channel of the blocks that ran been on): a skipped
+    block still saves all of its MACs. Both references are the trace's own cost model on 0/1
+    decisions, at w = 1 the MACs spent."""
+    torch.manual_seed(1)
+    model = models.create("lcnet_resnet8")
+    for name, gate in model.named_modules():
+        if name.endswith("_gate.fc"):              # channels half on, one block skipped
+            torch.nn.init.normal_(gate.weight, std=0.5)
+            torch.nn.init.constant_(gate.bias, -3.0 if name == "layer2.0.block_gate.fc" else 0)
+    trace = model(torch.randn(6, 3, 32, 32)).trace
+    ran = trace.block_scores > 0
+    assert ran.any() and (~ran).any() and any((c <= 0).any() for c in trace.channel_scores)
+    spent = trace.cost.macs(ran, [c > 0 for c in trace.channel_scores]).double()
+    all_on = trace.cost.macs(ran, [torch.ones_like(c) for c in trace.channel_scores]).double()
+    target = float(spent.mean()) / 2
+    for w in (1.0, 0.5, 0.2):
+        recipe = dataclasses.replace(TINY, mac_target=target, mac_weight=1.0,
+                                     mac_straight_through=True, channel_price=w)
+        counted = float((w * spent + (1 - w) * all_on).mean())
+        got = train.sparsity_penalty(trace, recipe)
+        assert got.item() == pytest.approx((counted / target - 1) ** 2, rel=1e-5)
