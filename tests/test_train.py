@@ -51,22 +51,27 @@ def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tws, monkeypatch):
-    straight = train.fit(tws, "straight", TINY, limit_batches=2, progress=False)
-
-    calls = {"n": 0}
-    real_eval = train.evaluate_accuracy
+def _stopped_in_second_epoch(tws, name: str, recipe: Recipe, monkeypatch,
+                             limit_batches: int) -> None:
+    """Trains ``name`` until its second epoch's evaluation, where the run is killed: epoch 1
+    is checkpointed, epoch 2 is lost."""
+    real_eval, calls = train.evaluate_accuracy, {"n": 0}
 
     def crash_in_second_epoch(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:              # epoch 1 is checkpointed, epoch 2 is lost
+        if calls["n"] == 2:
             raise KeyboardInterrupt
         return real_eval(*args, **kwargs)
 
     monkeypatch.setattr(train, "evaluate_accuracy", crash_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train.fit(tws, "interrupted", TINY, limit_batches=2, progress=False)
+        train.fit(tws, name, recipe, limit_batches=limit_batches, progress=False)
     monkeypatch.setattr(train, "evaluate_accuracy", real_eval)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tws, monkeypatch):
+    straight = train.fit(tws, "straight", TINY, limit_batches=2, progress=False)
+    _stopped_in_second_epoch(tws, "interrupted", TINY, monkeypatch, limit_batches=2)
     resumed = train.fit(tws, "interrupted", TINY, resume=True, limit_batches=2, progress=False)
 
     assert resumed.state.epoch == straight.state.epoch == 2
@@ -89,18 +94,7 @@ def test_resume_refuses_another_recipe_and_names_what_differs(tws):
 
 def test_an_unfinished_run_is_kept_unless_resumed_and_a_missing_one_is_said(tws, monkeypatch,
                                                                            caplog):
-    real_eval, calls = train.evaluate_accuracy, {"n": 0}
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_eval(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate_accuracy", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.fit(tws, "kept", TINY, limit_batches=1, progress=False)
-    monkeypatch.setattr(train, "evaluate_accuracy", real_eval)
+    _stopped_in_second_epoch(tws, "kept", TINY, monkeypatch, limit_batches=1)
     last = train.run_dir(tws, "kept") / "last.pt"
     before = last.read_bytes()
     with pytest.raises(ValueError) as refused:                 # --resume forgotten
@@ -164,19 +158,9 @@ def test_a_finished_run_goes_on_with_more_cycles(tws):
 
 
 def test_an_unfinished_run_cannot_take_more_cycles(tws, monkeypatch):
-    real_eval, calls = train.evaluate_accuracy, {"n": 0}
-
-    def crash_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_eval(*args, **kwargs)
-
-    monkeypatch.setattr(train, "evaluate_accuracy", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):   # a 2-epoch cycle, stopped after epoch 1
-        train.fit(tws, "unfinished", dataclasses.replace(TINY, epochs=2), limit_batches=1,
-                  progress=False)
-    monkeypatch.setattr(train, "evaluate_accuracy", real_eval)
+    # a 2-epoch cycle, stopped after epoch 1
+    _stopped_in_second_epoch(tws, "unfinished", dataclasses.replace(TINY, epochs=2),
+                             monkeypatch, limit_batches=1)
     with pytest.raises(ValueError, match="another recipe"):
         train.fit(tws, "unfinished", dataclasses.replace(TINY, epochs=4, cycles=2), resume=True,
                   limit_batches=1, progress=False)
