@@ -341,3 +341,9 @@ def test_workspace_goes_before_or_after_the_command(tmp_path, capsys):
     assert capsys.readouterr().err == before
     with pytest.raises(SystemExit):                # init makes a workspace: not one to name
         main(["init", "x", "--data", "y", "--workspace", str(tmp_path)])
+
+
+def test_a_command_that_needs_no_workspace_runs_beside_a_broken_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNVIZ_WORKSPACE", str(tmp_path / "missing"))
+    assert main(["data"]) == 1                                    # it is broken
+    assert main(["bench", "policy", "--n", "40", "--stages", "2", "--repeats", "1"]) == 0

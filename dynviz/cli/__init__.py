@@ -1,6 +1,6 @@
 """Command line: ``python -m dynviz --help``.
 
-One module per group of commands, each adding its subcommands with ``add_parser(sub)``; a
+One module per group of commands, each adding its subcommands with ``argtypes.command``; a
 command imports the library only when it runs, so ``--help`` stays fast.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 
 from dynviz import __version__
 from dynviz.cli import bench, data, init, predict, ship, train
+from dynviz.cli.argtypes import WORKSPACE_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,25 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (init, data, train, bench, ship, predict):
         group.add_parser(sub)
-    _workspace_after_the_command(parser)
     return parser
-
-
-WORKSPACE_HELP = ("the workspace (a directory with a dynviz.toml) to work on (default: "
-                  "$DYNVIZ_WORKSPACE, else the built-in CIFAR-10 zoo)")
-
-
-def _workspace_after_the_command(parser: argparse.ArgumentParser) -> None:
-    """Every command that works in a workspace takes ``--workspace`` after its name too
-    (unset there, it leaves the one given before the name)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for command in action.choices.values():
-                if any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
-                    _workspace_after_the_command(command)
-                elif command.get_default("needs_workspace") is not False:
-                    command.add_argument("--workspace", metavar="DIR", help=WORKSPACE_HELP,
-                                         default=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from dynviz import runtime, workspace
     runtime.keep_freed_memory()      # steadier timings (see there); before any model runs
     try:
-        if getattr(args, "needs_workspace", True):
+        if args.needs_workspace:
             args.ws = workspace.resolve(args.workspace)
         return args.func(args)
     except (FileNotFoundError, ValueError, KeyError) as err:  # incl. missing data/checkpoints

@@ -1,4 +1,5 @@
-"""Argument types that refuse a bad value while parsing, before any slow work starts."""
+"""Argument types that refuse a bad value while parsing, before any slow work starts, and
+the one way a command is added."""
 from __future__ import annotations
 
 import argparse
@@ -35,3 +36,19 @@ def output_file(text: str) -> Path:
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"{path.parent} does not exist; create it first")
     return path
+
+
+WORKSPACE_HELP = ("the workspace (a directory with a dynviz.toml) to work on (default: "
+                  "$DYNVIZ_WORKSPACE, else the built-in CIFAR-10 zoo)")
+
+
+def command(sub, name: str, *, workspace: bool = True, **kwargs) -> argparse.ArgumentParser:
+    """``sub.add_parser(name, **kwargs)``. A command that works in a workspace also takes
+    ``--workspace`` after its name (unset there, the one given before the name holds); one
+    that does not (``workspace=False``) is run without resolving one."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.set_defaults(needs_workspace=workspace)
+    if workspace:
+        parser.add_argument("--workspace", metavar="DIR", help=WORKSPACE_HELP,
+                            default=argparse.SUPPRESS)
+    return parser

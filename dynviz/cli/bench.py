@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from dynviz.cli.argtypes import fraction, positive_int
+from dynviz.cli.argtypes import command, fraction, positive_int
 
 
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (measured wall-clock)",
                            description="Benchmarks; each prints a Markdown table.")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    p = bench_sub.add_parser(
-        "gated", help="dense vs masked vs sparse LC-Net execution",
+    p = command(
+        bench_sub, "gated", help="dense vs masked vs sparse LC-Net execution",
         description="Times the plain ResNet, the gated model's masked path and its sparse "
                     "path (calibrated per block) at each batch size; medians after warm-up.")
     p.add_argument("--model", default="lcnet_resnet56", help="gated model (registry name)")
@@ -34,25 +34,25 @@ def add_parser(sub) -> None:
                         "auto: native when it can be built")
     p.set_defaults(func=_cmd_bench_gated)
 
-    p = bench_sub.add_parser("policy", help="policy refit and sweep times",
-                             description="Median times of fitting policies on N cached "
-                                         "outputs of K stages (synthetic confidences).")
+    p = command(bench_sub, "policy", workspace=False,          # synthetic outputs
+                help="policy refit and sweep times",
+                description="Median times of fitting policies on N cached outputs of K "
+                            "stages (synthetic confidences).")
     p.add_argument("--n", type=positive_int, default=2500, help="images (default: the fit half)")
     p.add_argument("--stages", type=positive_int, default=3)
     p.add_argument("--repeats", type=positive_int, default=20)
-    p.set_defaults(func=_cmd_bench_policy, needs_workspace=False)   # synthetic outputs
+    p.set_defaults(func=_cmd_bench_policy)
 
-    p = bench_sub.add_parser("stages", help="time vs MACs, stage by stage, of a plain ResNet",
-                             description="Median time of the stem, every stage and the head "
-                                         "of a plain ResNet (random weights, BN folded) "
-                                         "beside its share of the MACs.")
+    p = command(bench_sub, "stages", help="time vs MACs, stage by stage, of a plain ResNet",
+                description="Median time of the stem, every stage and the head of a plain "
+                            "ResNet (random weights, BN folded) beside its share of the MACs.")
     p.add_argument("--model", default="resnet56", help="plain ResNet (registry name)")
     p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 256], help="batch sizes")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per measurement")
     p.set_defaults(func=_cmd_bench_stages)
 
-    p = bench_sub.add_parser(
-        "staged", help="batch-1 time of a staged system, by the stage images leave at",
+    p = command(
+        bench_sub, "staged", help="batch-1 time of a staged system, by the stage images leave at",
         description="For the first check images, grouped by the stage they leave at under "
                     "the shipped operating point: the dense network, the stages they ran "
                     "(network work only) and the system deciding as it goes; medians of "

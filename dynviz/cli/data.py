@@ -6,14 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from dynviz.cli.argtypes import command
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="find the workspace's dataset, show the splits, decode "
-                                    "the image cache",
-                       description="Locate the workspace's dataset (data.root of its "
-                                   "dynviz.toml; the built-in CIFAR-10: $DYNVIZ_DATA, ./data, "
-                                   "../shared/datasets/cifar10-jpeg), print its classes, the "
-                                   "splits and their fingerprints.")
+    p = command(sub, "data", help="find the workspace's dataset, show the splits, decode "
+                                  "the image cache",
+                description="Locate the workspace's dataset (data.root of its "
+                            "dynviz.toml; the built-in CIFAR-10: $DYNVIZ_DATA, ./data, "
+                            "../shared/datasets/cifar10-jpeg), print its classes, the "
+                            "splits and their fingerprints.")
     p.add_argument("--root", help="dataset root (default: the workspace's data.root)")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR-10 with torchvision first (the built-in workspace "
@@ -22,11 +24,11 @@ def add_parser(sub) -> None:
     p.add_argument("--decode", action="store_true", help="build the decoded uint8 cache now")
     p.set_defaults(func=_cmd_data)
 
-    p = sub.add_parser("native", help="build the native (C++) block runner",
-                       description="Compiles models/csrc/blocks.cpp into the cache (once, about "
-                                   "a minute) and says where it is; exit status 1 when it "
-                                   "cannot be built here (Python blocks then run).")
-    p.set_defaults(func=_cmd_native, needs_workspace=False)
+    p = command(sub, "native", workspace=False, help="build the native (C++) block runner",
+                description="Compiles models/csrc/blocks.cpp into the cache (once, about "
+                            "a minute) and says where it is; exit status 1 when it "
+                            "cannot be built here (Python blocks then run).")
+    p.set_defaults(func=_cmd_native)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:

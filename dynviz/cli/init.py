@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from dynviz.cli.argtypes import command
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "init", help="start a workspace for your own ImageFolder",
+    p = command(
+        sub, "init", workspace=False, help="start a workspace for your own ImageFolder",
         description="Write DIR/dynviz.toml for the ImageFolder IMAGEFOLDER "
                     "(IMAGEFOLDER/<class>/<image>; any class names, at least 2 classes of at "
                     "least 20 images): its classes, input size, per-channel mean/std of the "
@@ -18,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=int, metavar="N",
                    help="input side in pixels (default: the median image side, at most 64)")
     p.add_argument("--force", action="store_true", help="write over an existing dynviz.toml")
-    p.set_defaults(func=_cmd_init, needs_workspace=False)
+    p.set_defaults(func=_cmd_init)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

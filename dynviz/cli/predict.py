@@ -5,11 +5,13 @@ import argparse
 import json
 from pathlib import Path
 
+from dynviz.cli.argtypes import command
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="classify image files with a system",
-                       description="Prediction, compute path summary, MACs and measured "
-                                   "latency (dynamic vs dense) per image, one JSON line each.")
+    p = command(sub, "predict", help="classify image files with a system",
+                description="Prediction, compute path summary, MACs and measured "
+                            "latency (dynamic vs dense) per image, one JSON line each.")
     p.add_argument("system", help="a system of the workspace (its dynviz.toml)")
     p.add_argument("images", nargs="+", help="image files (jpg, png, webp, bmp, gif, tiff)")
     p.add_argument("--loss", type=float, choices=[0.5, 1.0],

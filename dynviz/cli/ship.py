@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dynviz.cli.argtypes import output_file, positive_int
+from dynviz.cli.argtypes import command, output_file, positive_int
 
 if TYPE_CHECKING:
     from dynviz.data import Split
@@ -18,38 +18,38 @@ SPLIT_CHOICES = ["train", "val", "fit", "check"]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("cache", help="cache a system's outputs on a split",
-                       description="Run a system on every image of a split and store logits, "
-                                   "per-image MACs and gate scores (rebuilt when stale).")
+    p = command(sub, "cache", help="cache a system's outputs on a split",
+                description="Run a system on every image of a split and store logits, "
+                            "per-image MACs and gate scores (rebuilt when stale).")
     p.add_argument("--model", default="all", help="system name or 'all' (default)")
     p.add_argument("--split", default="val", choices=SPLIT_CHOICES,
                    help="split of the workspace's dataset (default: %(default)s)")
     p.add_argument("--data", help="an ImageFolder directory to use as a test split instead")
     p.set_defaults(func=_cmd_cache)
 
-    p = sub.add_parser("policies", help="choose and ship the default operating points",
-                       description="For every staged system, the cheapest policy within 0.5% "
-                                   "and 1% accuracy of the reference network on the fit half "
-                                   "(one paired standard error kept in reserve) -> the "
-                                   "workspace's results/policies (assets/policies for the "
-                                   "built-in one); then the learned policies against one "
-                                   "global threshold on the check half.")
+    p = command(sub, "policies", help="choose and ship the default operating points",
+                description="For every staged system, the cheapest policy within 0.5% "
+                            "and 1% accuracy of the reference network on the fit half "
+                            "(one paired standard error kept in reserve) -> the "
+                            "workspace's results/policies (assets/policies for the "
+                            "built-in one); then the learned policies against one "
+                            "global threshold on the check half.")
     _add_policy_kind(p)
     p.set_defaults(func=_cmd_policies)
 
-    p = sub.add_parser("ship", help="rebuild the results: cached outputs, policies, table",
-                       description="Cache every trained system's outputs on the validation "
-                                   "split into the workspace's results directory (assets/ "
-                                   "for the built-in one) under outputs/, choose the default "
-                                   "operating points (policies/) and write results.json.")
+    p = command(sub, "ship", help="rebuild the results: cached outputs, policies, table",
+                description="Cache every trained system's outputs on the validation "
+                            "split into the workspace's results directory (assets/ "
+                            "for the built-in one) under outputs/, choose the default "
+                            "operating points (policies/) and write results.json.")
     _add_policy_kind(p)
     _add_timing(p)
     p.set_defaults(func=_cmd_ship)
 
-    p = sub.add_parser("evaluate", help="the results table of every default system",
-                       description="Accuracy, MACs, MAC reduction and measured speedups "
-                                   "(batch 1 and 256, against the reference network) of "
-                                   "every trained system, one JSON row each.")
+    p = command(sub, "evaluate", help="the results table of every default system",
+                description="Accuracy, MACs, MAC reduction and measured speedups "
+                            "(batch 1 and 256, against the reference network) of "
+                            "every trained system, one JSON row each.")
     p.add_argument("--split", default="check", choices=SPLIT_CHOICES,
                    help="split of the workspace's dataset (default: %(default)s)")
     p.add_argument("--data", help="an ImageFolder directory to evaluate instead")

@@ -5,17 +5,17 @@ import argparse
 import json
 import sys
 
-from dynviz.cli.argtypes import positive_int
+from dynviz.cli.argtypes import command, positive_int
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a named recipe",
-                       description="Train a recipe on the workspace's dataset; writes NAME.pt "
-                                   "and NAME.json into the workspace's checkpoints (the "
-                                   "built-in workspace: into .cache/runs/NAME/), or --out-dir. "
-                                   "Over a checkpoint the app loads only with --replace. "
-                                   "Checkpoints every epoch; --resume continues. "
-                                   "Data-parallel: torchrun --nproc_per_node N -m dynviz train R")
+    p = command(sub, "train", help="train a named recipe",
+                description="Train a recipe on the workspace's dataset; writes NAME.pt "
+                            "and NAME.json into the workspace's checkpoints (the "
+                            "built-in workspace: into .cache/runs/NAME/), or --out-dir. "
+                            "Over a checkpoint the app loads only with --replace. "
+                            "Checkpoints every epoch; --resume continues. "
+                            "Data-parallel: torchrun --nproc_per_node N -m dynviz train R")
     p.add_argument("recipe", help="recipe name: dynviz/recipes.py RECIPES, or a [recipes.NAME] "
                                   "table of the workspace's dynviz.toml")
     p.add_argument("--name", help="output name (default: the recipe name)")
