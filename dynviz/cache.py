@@ -1,12 +1,13 @@
-"""Cached validation outputs: every stage's logits, per-image MACs and gate scores of one
-system on one split, as flat ``.npy`` arrays plus ``manifest.json``.
+"""Cached validation outputs: every stage's logits, per-image MACs and which blocks and
+channels the gates ran, of one system on one split, as flat ``.npy`` arrays (yes/no arrays
+packed 8 to a byte) plus ``manifest.json``.
 
 One directory per (system, checkpoint sha256, split fingerprint); written atomically (a
 temporary directory renamed into place), read memory-mapped, rebuilt when the checkpoint or
 the data changes (the old directory of that system and split is then removed). A local
 cache that cannot be read whole (a damaged disk, a hand edit) is set aside as
-``<dir>.corrupt-<time>`` and rebuilt; a shipped one (assets/) is never moved: the error says
-how to restore it. Policies, the Budget page and the evaluation read only these arrays.
+``<dir>.corrupt-<time>`` and rebuilt, one in an older ``FORMAT`` is rebuilt; a shipped one
+(assets/) is never moved: the error says how to restore it. Policies, the Budget page and the evaluation read only these arrays.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from dynviz.workspace import Workspace
 log = logging.getLogger(__name__)
 
 RESTORE_SHIPPED = "git checkout -- assets/"
+FORMAT = 2   # 2: gates kept as packed yes/no (1: scores in uint8, which lost those < 1/510)
 
 
 def _restore_shipped(ws: Workspace) -> str:
@@ -44,10 +46,16 @@ def _restore_shipped(ws: Workspace) -> str:
 
 class CorruptCacheError(ValueError):
     """A cache directory whose manifest or arrays cannot be read, or disagree."""
+    state = "corrupt"
 
     def __init__(self, directory: Path, reason: str, hint: str = ""):
-        super().__init__(f"cached outputs {directory} are corrupt: {reason}{hint}")
+        super().__init__(f"cached outputs {directory} are {self.state}: {reason}{hint}")
         self.directory, self.reason = directory, reason
+
+
+class OldFormatError(CorruptCacheError):
+    """A cache written in an older ``FORMAT``: whole, but not what this version reads."""
+    state = "out of date"
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,22 +88,25 @@ class CachedOutputs:
             raise ValueError(f"halves exist for the val split, not {self.manifest['split']}")
         return self.stage_outputs(np.arange(len(self))[data.HALVES[name]])
 
-    def block_scores(self) -> np.ndarray:
-        """(N, n_blocks) S_L in [0, 1] (dequantised from uint8)."""
-        return self.arrays["block_scores"].astype(np.float32) / 255.0
+    def yes_no(self, name: str) -> np.ndarray:
+        """(N, width) bool: a yes/no array, unpacked."""
+        return np.unpackbits(self.arrays[name], axis=1,
+                             count=self.manifest["packed"][name]).astype(bool)
 
-    def channel_scores(self, block: int) -> np.ndarray:
-        """(N, C_mid) S_C of ``block`` in [0, 1]."""
+    def blocks_run(self) -> np.ndarray:
+        """(N, n_blocks) bool: S_L > 0, the block ran."""
+        return self.yes_no("blocks_run")
+
+    def channels_on(self, block: int) -> np.ndarray:
+        """(N, C_mid) bool: S_C > 0 for each channel of ``block`` (computed if it ran)."""
         lo, hi = self.manifest["channel_offsets"][block:block + 2]
-        return self.arrays["channel_scores"][:, lo:hi].astype(np.float32) / 255.0
+        return self.yes_no("channels_on")[:, lo:hi]
 
 
 def _to_numpy(name: str, value: torch.Tensor) -> np.ndarray:
-    """Logits as float32; scores in [0, 1] (``*_scores``) quantised to uint8; the rest as is."""
+    """Logits as float32; the rest as is."""
     if name == "logits":
         return value.float().cpu().numpy()
-    if name.endswith("_scores"):
-        return (value.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return value.cpu().numpy()
 
 
@@ -156,6 +167,9 @@ def load(directory: Path) -> CachedOutputs:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shapes"), dict) \
             or "labels" not in manifest["shapes"] or not isinstance(manifest.get("ids"), list):
         raise CorruptCacheError(directory, "manifest.json lacks the arrays' shapes or ids")
+    if manifest.get("format", 1) != FORMAT:
+        raise OldFormatError(directory, f"written in cache format {manifest.get('format', 1)}"
+                                        f", this dynviz reads format {FORMAT}")
     arrays = {}
     for name, shape in manifest["shapes"].items():
         try:
@@ -179,6 +193,10 @@ def _load_or_set_aside(directory: Path) -> CachedOutputs | None:
         return None
     try:
         return load(directory)
+    except OldFormatError as err:
+        log.info("rebuilding %s: %s", directory.name, err.reason)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
     except CorruptCacheError as err:
         files.set_aside(directory, err.reason)
         return None
@@ -208,9 +226,7 @@ def find(ws: Workspace, system: str, split: data.Split | str,
         try:
             return load(directory)
         except CorruptCacheError as err:
-            raise CorruptCacheError(directory, err.reason,
-                                    f"; {_restore_shipped(ws)}"
-                                    ) from None
+            raise type(err)(directory, err.reason, f"; {_restore_shipped(ws)}") from None
     for directory in sorted((ws.cache / "outputs").glob(pattern)):
         found = _load_or_set_aside(directory)
         if found is not None:
@@ -262,15 +278,19 @@ def ensure(ws: Workspace, system: str, model: nn.Module | Callable[[], nn.Module
 def store(directory: Path, system: str, model: nn.Module, split: data.Split,
           checkpoint_sha: str, arrays: dict[str, np.ndarray], seconds: float = 0.0
           ) -> CachedOutputs:
-    """Write ``arrays`` (what ``compute_outputs`` returns) and the manifest for ``model``."""
-    arrays = dict(arrays, labels=split.labels.astype(np.int16))
+    """Write ``arrays`` (what ``compute_outputs`` returns; bool ones packed into bits) and the
+    manifest for ``model``."""
+    packed = {k: v.shape[1] for k, v in arrays.items() if v.dtype == bool}
+    arrays = {k: np.packbits(v, axis=1) if k in packed else v for k, v in arrays.items()}
+    arrays["labels"] = split.labels.astype(np.int16)
     staged = model.n_stages > 1
     manifest = {
         "system": system, "checkpoint_sha256": checkpoint_sha, "split": split.name,
         "data_fingerprint": split.fingerprint, "data_root": _portable(split.dataset.root),
         "ids": split.ids,
         "stage_names": list(model.stage_names) if staged else [system],
-        "shapes": {k: list(v.shape) for k, v in arrays.items()},
+        "format": FORMAT, "shapes": {k: list(v.shape) for k, v in arrays.items()},
+        "packed": packed,
         "stage_macs_static": model.stage_macs(),
         # what budgets of a staged system are shares of: its dense counterpart
         "reference_macs": model.dense_counterpart().macs() if staged else None,

@@ -31,7 +31,7 @@ def class_firing_rates(cached: cache.CachedOutputs, block: int, n_classes: int) 
     ``block`` was computed (the block ran, S_L > 0, and the channel's S_C > 0); 0 for a class
     without images."""
     labels = cached.arrays["labels"].astype(int)
-    ran = (cached.block_scores()[:, block] > 0)[:, None] & (cached.channel_scores(block) > 0)
+    ran = cached.blocks_run()[:, block, None] & cached.channels_on(block)
     return np.stack([ran[labels == c].mean(0) if (labels == c).any()
                      else np.zeros(ran.shape[1]) for c in range(n_classes)])
 

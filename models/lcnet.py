@@ -161,9 +161,10 @@ class GateTrace:
         return (self.channel_scores[block] > 0) & self.blocks_executed[:, block:block + 1]
 
     def cache_arrays(self) -> dict[str, torch.Tensor]:
-        """Scores in [0, 1] per image: (B, n_blocks) S_L and (B, Σ C_mid) S_C."""
-        return {"block_scores": self.block_scores,
-                "channel_scores": torch.cat(self.channel_scores, 1)}
+        """Per image, (B, n_blocks) whether each block ran (S_L > 0) and (B, Σ C_mid) whether
+        each channel's S_C > 0 (what the app shows; the cache packs them into bits)."""
+        return {"blocks_run": self.blocks_executed,
+                "channels_on": torch.cat(self.channel_scores, 1) > 0}
 
 
 class GatedBlockMixin:
@@ -270,7 +271,7 @@ class GatedResNet(ResNet):
         return plain.eval()
 
     def cache_layout(self) -> dict:
-        """What a cache of its outputs needs to read the gate scores back per block."""
+        """What a cache of its outputs needs to read the channels back per block."""
         widths = [b.mid_channels for b in self.blocks]
         offsets = [0]
         for w in widths:

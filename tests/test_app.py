@@ -247,14 +247,14 @@ def test_galleries_firing_rates_and_their_starting_block_by_brute_force(app_env,
     cached = zoo.outputs(ws, "lcnet_resnet20", app_env, progress=False)
     n_classes = ws.data.n_classes
     labels = cached.arrays["labels"].astype(int)
-    s_l, names = cached.arrays["block_scores"], cached.manifest["block_names"]
+    ran, names = cached.blocks_run(), cached.manifest["block_names"]
     spreads = []
     for block in range(len(names)):
-        s_c = cached.channel_scores(block)
-        rates = np.zeros((n_classes, s_c.shape[1]))
-        for i, label in enumerate(labels):           # image by image, from the uint8 scores
-            if s_l[i, block] > 0:
-                rates[label] += s_c[i] > 0
+        on = cached.channels_on(block)
+        rates = np.zeros((n_classes, on.shape[1]))
+        for i, label in enumerate(labels):           # image by image
+            if ran[i, block]:
+                rates[label] += on[i]
         rates /= np.bincount(labels, minlength=n_classes)[:, None]
         assert np.allclose(gallery.class_firing_rates(cached, block, n_classes), rates)
         spreads.append(np.mean([rates[:, j].var() for j in range(rates.shape[1])]))

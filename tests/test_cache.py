@@ -76,15 +76,23 @@ def test_shipping_a_cache_copies_it_without_recomputing(tiny_split, cache_env, w
         assert np.array_equal(shipped.arrays[name], array)
 
 
-def test_cache_of_a_gated_model_keeps_its_gates(tiny_split, cache_env, ws):
+def test_cache_of_a_gated_model_keeps_its_gates_exactly(tiny_split, cache_env, ws):
     model = randomize(models.create("lcnet_resnet8").eval(), seed=12)
+    with torch.no_grad():      # scores just above 0: the block and the channel still run
+        for gate in (model.blocks[1].block_gate, model.blocks[2].channel_gate):
+            gate.fc.weight.zero_()
+            gate.fc.bias[:1] = 1e-4
     cached = cache.ensure(ws, "lcnet_resnet8", model, tiny_split, "c" * 64, progress=False)
     with torch.no_grad():
         trace = model(tiny_split.spec.to_tensor(tiny_split.images())).trace
-    assert np.abs(cached.block_scores() - trace.block_scores.numpy()).max() <= 0.5 / 255 + 1e-6
+    assert ((0 < trace.block_scores[:, 1]) & (trace.block_scores[:, 1] < 1 / 510)).all()
+    assert np.array_equal(cached.blocks_run(), (trace.block_scores > 0).numpy())
+    assert cached.blocks_run().any() and not cached.blocks_run().all()
     for b in range(len(model.blocks)):
-        assert np.abs(cached.channel_scores(b) - trace.channel_scores[b].numpy()).max() \
-            <= 0.5 / 255 + 1e-6
+        assert np.array_equal(cached.channels_on(b), (trace.channel_scores[b] > 0).numpy())
+    assert cached.channels_on(2)[:, 0].all()
+    width = sum(b.mid_channels for b in model.blocks)       # 8 yes/no to a byte
+    assert cached.arrays["channels_on"].shape == (len(tiny_split.ids), -(-width // 8))
     assert np.array_equal(cached.arrays["stage_macs"][:, 0], trace.macs.numpy())
 
 
@@ -151,6 +159,36 @@ def test_a_corrupt_cache_is_set_aside_logged_and_rebuilt(damage, tiny_split, cac
 
 def _must_not_run():
     raise AssertionError("a whole cache was rebuilt")
+
+
+def _as_format_1(directory) -> None:
+    """What an older dynviz wrote: no format in the manifest."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["format"]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_cache_in_an_older_format_is_rebuilt_in_place_or_named_if_shipped(
+        tiny_split, cache_env, tmp_path, monkeypatch, caplog):
+    model = randomize(models.create("lcnet_resnet8").eval(), seed=3)
+    monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path / "assets"))
+    ws = workspace.builtin()
+    local = cache.ensure(ws, "lcnet_resnet8", model, tiny_split, "a" * 64, progress=False)
+    directory, (manifest, arrays) = local.directory, _contents(local)
+    del local
+    _as_format_1(directory)
+    with caplog.at_level(logging.WARNING):
+        rebuilt = cache.ensure(ws, "lcnet_resnet8", model, tiny_split, "a" * 64, progress=False)
+    assert not caplog.records and [p for p in directory.parent.iterdir()] == [directory]
+    assert _contents(rebuilt)[0] == manifest and rebuilt.blocks_run().shape == (30, 3)
+    shipped = cache.ensure(ws, "lcnet_resnet8", model, tiny_split, "a" * 64, progress=False,
+                           root=tmp_path / "assets" / "outputs").directory
+    _as_format_1(shipped)
+    with pytest.raises(cache.OldFormatError,
+                       match=r"are out of date: written in cache format 1, this dynviz reads "
+                             r"format 2; restore"):
+        cache.find(ws, "lcnet_resnet8", tiny_split, "a" * 64)
+    assert (shipped / "manifest.json").exists()
 
 
 def test_leftovers_of_killed_writes_are_cleaned_when_a_cache_is_next_written(tiny_split,

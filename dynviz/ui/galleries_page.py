@@ -64,7 +64,7 @@ def render() -> None:
             explore.compute_path(ws, name, *clicked, labels)
     per_class = np.array([cost[labels == c].mean() for c in range(len(classes))])
     st.plotly_chart(plots.class_cost(per_class, classes, reference), key="gallery_class_cost")
-    if "block_scores" in cached.arrays:
+    if "blocks_run" in cached.arrays:
         names_b = cached.manifest["block_names"]
         if st.session_state.get("gallery_block_for") != name or \
                 "gallery_block" not in st.session_state:
