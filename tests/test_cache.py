@@ -174,7 +174,7 @@ def test_a_cache_in_an_older_format_is_rebuilt_in_place_or_named_if_shipped(
     monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path / "assets"))
     ws = workspace.builtin()
     local = cache.ensure(ws, "lcnet_resnet8", model, tiny_split, "a" * 64, progress=False)
-    directory, (manifest, arrays) = local.directory, _contents(local)
+    directory, manifest = local.directory, _contents(local)[0]
     del local
     _as_format_1(directory)
     with caplog.at_level(logging.WARNING):
