@@ -3,19 +3,20 @@ normalisation and split, and the default systems, each with the command that tra
 from __future__ import annotations
 
 import logging
-import shlex
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from dynviz import data, decode, workspace
+from dynviz import data, decode, recipes, settings, workspace
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_SIZE = 64       # the default input side is capped: the default systems train on CPU
 SIZE_SAMPLE = 20          # images per class whose sides set the default input size
 STATS_SAMPLE = 5000       # at most this many train images (evenly spaced) set mean and std
+MIN_STEPS = 4             # batches an epoch the default recipes get at least
+TRAINED = ("resnet8", "resnet20", "resnet56", "lcnet_resnet56_kd16", "exits_resnet56")
 
 
 def classes_of(root: Path) -> tuple[str, ...]:
@@ -118,8 +119,28 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def batch_sizes(n_train: int) -> dict[str, int]:
+    """The default recipes whose batch size gives fewer than ``MIN_STEPS`` batches an epoch of
+    ``n_train`` images, each with the largest power of 2 that gives that many (at least 1)."""
+    fitting = 1 << max(0, (n_train // MIN_STEPS).bit_length() - 1)
+    return {name: fitting for name in TRAINED
+            if n_train // recipes.RECIPES[name].batch_size < MIN_STEPS}
+
+
+def _recipe_tables(n_train: int) -> str:
+    smaller = batch_sizes(n_train)
+    if not smaller:
+        return ""
+    tables = "\n".join(f'[recipes.{name}]\nbase = "{name}"\nbatch_size = {size}\n'
+                        for name, size in smaller.items())
+    return (f"\n# The built-in recipes train in batches of "
+            f"{recipes.RECIPES[TRAINED[0]].batch_size}, too large for {n_train} training "
+            f"images;\n# these tables keep their other fields and train in smaller batches.\n"
+            f"{tables}")
+
+
 def _toml(directory: Path, root: Path, classes, size, mean, std, counts) -> str:
-    command = f"dynviz --workspace {shlex.quote(str(directory))} train"
+    command = settings.command("train", directory)
     systems = [
         ("resnet8", "static", 'model = "resnet8"\ncheckpoint = "resnet8"',
          f"{command} resnet8"),
@@ -157,4 +178,4 @@ std = {_list(std)}
 # (train {counts['train']}, fit {counts['fit']}, check {counts['check']} images)
 val_fraction = 0.1
 
-{blocks}"""
+{blocks}{_recipe_tables(counts['train'])}"""

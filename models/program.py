@@ -96,7 +96,8 @@ def load_program(path: str | Path, image_size: int, n_classes: int) -> ProgramCl
     input with S = ``image_size``; raises ``ProgramError`` if it is not one.
 
     A program exported with a dynamic batch dimension (``torch.export.Dim``) runs batches as
-    they come; one exported for a batch of 1 runs image by image. ``torch.export.load``
+    they come; one exported for a batch of 1 runs image by image; one fixed to another batch
+    size is refused. ``torch.export.load``
     unpickles: load only files you trust.
     """
     path = Path(path)
@@ -114,8 +115,15 @@ def load_program(path: str | Path, image_size: int, n_classes: int) -> ProgramCl
             raise ProgramError(f"{path}: answers the same images differently on a second "
                                f"call{' and updates ' + changed[0] if changed else ''}: "
                                f"exported in training mode? export it after model.eval()")
-        with FlopCounterMode(display=False) as counter:
-            _run(path, program, probe[:1])
+        try:
+            with FlopCounterMode(display=False) as counter:
+                _run(path, program, probe[:1])
+        except ProgramError as err:
+            if not batched:
+                raise
+            raise ProgramError(f"{path}: runs a batch of 2 but not one image: export it with "
+                               f"a dynamic batch (torch.export.Dim) or for one image "
+                               f"({_line(err.__cause__)})") from err
     return ProgramClassifier(program, image_size=image_size, num_classes=n_classes,
                              macs=counter.get_total_flops() // 2, batched=batched)
 
@@ -157,7 +165,10 @@ def _run(path: Path, program: nn.Module, x: torch.Tensor):
     try:
         return program(x)
     except Exception as err:
-        raise ProgramError(f"{path}: fails on a {tuple(x.shape)} input: {_line(err)}") from err
+        hint = (f"; export it for a {tuple(x.shape)} input or with a dynamic batch "
+                f"(torch.export.Dim)") if len(x) == 1 else ""
+        raise ProgramError(f"{path}: fails on a {tuple(x.shape)} input: {_line(err)}{hint}"
+                           ) from err
 
 
 def _check_logits(path: Path, out, shape: tuple[int, int]) -> None:

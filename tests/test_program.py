@@ -208,8 +208,20 @@ def _training_mode(tmp_path):
     return export(_tiny().train(), tmp_path / "train.pt2", size=8), "training mode"
 
 
+def _batch_of_2(tmp_path):
+    path = tmp_path / "two.pt2"
+    torch.export.save(torch.export.export(_tiny().eval(), (torch.randn(2, 3, 8, 8),)), path)
+    return path, "runs a batch of 2 but not one image: export it with a dynamic batch"
+
+
+def _batch_of_3(tmp_path):
+    path = tmp_path / "three.pt2"
+    torch.export.save(torch.export.export(_tiny().eval(), (torch.randn(3, 3, 8, 8),)), path)
+    return path, "input.size()[0] == 3; export it for a (1, 3, 8, 8) input or with a dynamic"
+
+
 @pytest.mark.parametrize("make", [_missing, _garbage, _checkpoint, _wrong_classes, _tuple,
-                                  _wrong_size, _training_mode])
+                                  _wrong_size, _training_mode, _batch_of_2, _batch_of_3])
 def test_a_file_that_is_not_a_classifier_fails_in_one_line_naming_it(make, tmp_path):
     path, says = make(tmp_path)
     with pytest.raises(ProgramError) as caught:

@@ -195,6 +195,29 @@ def test_init_refuses_what_is_not_a_usable_imagefolder(tmp_path):
     assert data.MIN_PER_CLASS == 20
 
 
+def test_the_smallest_imagefolder_init_takes_trains_with_the_commands_it_lists(
+        tmp_path, monkeypatch, capsys):
+    from dynviz import recipes
+    from dynviz.cli import main
+
+    monkeypatch.setenv("DYNVIZ_DEVICE", "cpu")
+    root = make_imagefolder(tmp_path / "two", data.MIN_PER_CLASS, size=16, classes=CLASSES[:2])
+    path = scaffold.starter(tmp_path / "ws", root)
+    ws = workspace.load(path.parent)
+    n_train = len(ws.split("train"))
+    known = recipes.for_workspace(ws)
+    for name in scaffold.TRAINED:                       # the largest power of 2 with 4 steps
+        size = known[name].batch_size
+        assert n_train // size >= 4 and n_train // (2 * size) < 4, name
+        assert known[name].epochs == recipes.RECIPES[name].epochs     # the rest as built in
+    command = next(line for line in path.read_text().splitlines() if "train resnet8" in line)
+    argv = command.split("python -m dynviz ")[1].split() + ["--epochs", "1"]
+    assert main(argv) == 0 and (path.parent / "checkpoints" / "resnet8.pt").exists()
+    capsys.readouterr()
+    assert scaffold.batch_sizes(4 * 128) == {} and scaffold.batch_sizes(4 * 128 - 1) == {
+        name: 64 for name in scaffold.TRAINED}
+
+
 def test_init_skips_hidden_folders_and_names_an_unreadable_image(tmp_path):
     root = _folder(tmp_path / "images")
     (root / ".ipynb_checkpoints").mkdir()
