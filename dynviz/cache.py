@@ -7,7 +7,8 @@ temporary directory renamed into place), read memory-mapped, rebuilt when the ch
 the data changes (the old directory of that system and split is then removed). A local
 cache that cannot be read whole (a damaged disk, a hand edit) is set aside as
 ``<dir>.corrupt-<time>`` and rebuilt, one in an older ``FORMAT`` is rebuilt; a shipped one
-(assets/) is never moved: the error says how to restore it. Policies, the Budget page and the evaluation read only these arrays.
+(assets/) is never moved: the error says how to restore it. Policies, the Budget page and
+the evaluation read only these arrays.
 """
 from __future__ import annotations
 
