@@ -6,8 +6,8 @@ One directory per (system, checkpoint sha256, split fingerprint); written atomic
 temporary directory renamed into place), read memory-mapped, rebuilt when the checkpoint or
 the data changes (the old directory of that system and split is then removed). A local
 cache that cannot be read whole (a damaged disk, a hand edit) is set aside as
-``<dir>.corrupt-<time>`` and rebuilt, one in an older ``FORMAT`` is rebuilt; a shipped one
-(assets/) is never moved: the error says how to restore it. Policies, the Budget page and
+``<dir>.corrupt-<time>`` and rebuilt, one in another ``FORMAT`` is rebuilt over; a shipped
+one (assets/) is never moved: the error says how to restore it. Policies, the Budget page and
 the evaluation read only these arrays.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RESTORE_SHIPPED = "git checkout -- assets/"
 FORMAT = 2   # 2: gates kept as packed yes/no (1: scores in uint8, which lost those < 1/510)
+FORMAT_1_GATES = {"block_scores", "channel_scores"}   # what format 2 reads otherwise
 
 
 def _restore_shipped(ws: Workspace) -> str:
@@ -54,9 +55,10 @@ class CorruptCacheError(ValueError):
         self.directory, self.reason = directory, reason
 
 
-class OldFormatError(CorruptCacheError):
-    """A cache written in an older ``FORMAT``: whole, but not what this version reads."""
-    state = "out of date"
+class FormatError(CorruptCacheError):
+    """A cache whole but written in a ``FORMAT`` this version does not read: a gated model's
+    in format 1, or any in a newer one."""
+    state = "in another format"
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,9 +170,11 @@ def load(directory: Path) -> CachedOutputs:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shapes"), dict) \
             or "labels" not in manifest["shapes"] or not isinstance(manifest.get("ids"), list):
         raise CorruptCacheError(directory, "manifest.json lacks the arrays' shapes or ids")
-    if manifest.get("format", 1) != FORMAT:
-        raise OldFormatError(directory, f"written in cache format {manifest.get('format', 1)}"
-                                        f", this dynviz reads format {FORMAT}")
+    written = manifest.get("format", 1)
+    if written > FORMAT or (written < FORMAT and FORMAT_1_GATES & set(manifest["shapes"])):
+        age = "a newer" if written > FORMAT else "an older"
+        raise FormatError(directory, f"format {written}, written by {age} dynviz; this one "
+                                     f"reads format {FORMAT}")
     arrays = {}
     for name, shape in manifest["shapes"].items():
         try:
@@ -188,15 +192,15 @@ def load(directory: Path) -> CachedOutputs:
 
 
 def _load_or_set_aside(directory: Path) -> CachedOutputs | None:
-    """The cache in ``directory``; None when there is none, or when it was corrupt (it is
-    then set aside, with a warning, to be rebuilt)."""
+    """The cache in ``directory``; None when there is none, when it is in another format
+    (left in place until a fresh one is written over it) or when it was corrupt (it is then
+    set aside, with a warning, to be rebuilt)."""
     if not directory.exists():
         return None
     try:
         return load(directory)
-    except OldFormatError as err:
-        log.info("rebuilding %s: %s", directory.name, err.reason)
-        shutil.rmtree(directory, ignore_errors=True)
+    except FormatError as err:
+        log.info("%s is not read: %s", directory.name, err.reason)
         return None
     except CorruptCacheError as err:
         files.set_aside(directory, err.reason)
@@ -216,8 +220,9 @@ def find(ws: Workspace, system: str, split: data.Split | str,
 
     ``split`` may be just a split's name, when its images are absent: any cache of that
     split and checkpoint is then taken, as its data fingerprint cannot be checked. A corrupt
-    local cache is set aside (and None returned, so that it is rebuilt); a corrupt shipped
-    one raises ``CorruptCacheError`` saying how to restore it, and stays where it is.
+    local cache is set aside (and None returned, so that it is rebuilt), one in another
+    format is passed over; a shipped one of either kind raises ``CorruptCacheError`` (or
+    ``FormatError``) saying how to restore it, and stays where it is.
     """
     if isinstance(split, str):
         pattern = f"{system}-{split}-*-{checkpoint_sha[:12]}"

@@ -16,7 +16,23 @@ MAX_IMAGE_SIZE = 64       # the default input side is capped: the default system
 SIZE_SAMPLE = 20          # images per class whose sides set the default input size
 STATS_SAMPLE = 5000       # at most this many train images (evenly spaced) set mean and std
 MIN_STEPS = 4             # batches an epoch the default recipes get at least
-TRAINED = ("resnet8", "resnet20", "resnet56", "lcnet_resnet56_kd16", "exits_resnet56")
+
+# the default systems: name, kind, the TOML lines after kind, the recipe that trains it
+# (None: no training of its own) and what the comment above it adds
+SYSTEMS = (
+    ("resnet8", "static", 'model = "resnet8"\ncheckpoint = "resnet8"', "resnet8", ""),
+    ("resnet20", "static", 'model = "resnet20"\ncheckpoint = "resnet20"', "resnet20", ""),
+    ("resnet56", "static", 'model = "resnet56"\ncheckpoint = "resnet56"', "resnet56", ""),
+    # kd16's L1 pull works at any input size; lcnet_resnet56_ste's MAC target is CIFAR's
+    ("lcnet_resnet56", "gated", 'model = "lcnet_resnet56"\ncheckpoint = "lcnet_resnet56_kd16"',
+     "lcnet_resnet56_kd16", "     (after resnet56: it starts from it)"),
+    ("exits_resnet56", "exits", 'model = "exits_resnet56"\ncheckpoint = "exits_resnet56"',
+     "exits_resnet56", "          (after resnet56: it starts from it)"),
+    ("cascade_r8_r20_r56", "cascade",
+     'members = ["resnet8", "resnet20", "resnet56"]\ntopology = "jump"', None,
+     "no training of its own: it runs its members"),
+)
+TRAINED = tuple(recipe for *_, recipe, _ in SYSTEMS if recipe)
 
 
 def classes_of(root: Path) -> tuple[str, ...]:
@@ -119,48 +135,41 @@ def _quoted(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def batch_sizes(n_train: int) -> dict[str, int]:
-    """The default recipes whose batch size gives fewer than ``MIN_STEPS`` batches an epoch of
-    ``n_train`` images, each with the largest power of 2 that gives that many (at least 1)."""
+def smaller_batches(n_train: int) -> dict[str, dict[str, int | float]]:
+    """The default recipes whose batch gives fewer than ``MIN_STEPS`` batches an epoch of
+    ``n_train`` images, each with what to change: the largest power of 2 that gives that many
+    (at least 1) and its learning rates scaled in proportion."""
     fitting = 1 << max(0, (n_train // MIN_STEPS).bit_length() - 1)
-    return {name: fitting for name in TRAINED
-            if n_train // recipes.RECIPES[name].batch_size < MIN_STEPS}
+    changes = {}
+    for name in TRAINED:
+        recipe = recipes.RECIPES[name]
+        if n_train // recipe.batch_size < MIN_STEPS:
+            scale = fitting / recipe.batch_size
+            changes[name] = {"batch_size": fitting, "peak_lr": recipe.peak_lr * scale}
+            if recipe.gate_lr is not None:
+                changes[name]["gate_lr"] = recipe.gate_lr * scale
+    return changes
 
 
 def _recipe_tables(n_train: int) -> str:
-    smaller = batch_sizes(n_train)
+    smaller = smaller_batches(n_train)
     if not smaller:
         return ""
-    tables = "\n".join(f'[recipes.{name}]\nbase = "{name}"\nbatch_size = {size}\n'
-                        for name, size in smaller.items())
+    tables = "\n".join(f'[recipes.{name}]\nbase = "{name}"\n' + "".join(
+        f"{key} = {value!r}\n" for key, value in changes.items())
+        for name, changes in smaller.items())
     return (f"\n# The built-in recipes train in batches of "
             f"{recipes.RECIPES[TRAINED[0]].batch_size}, too large for {n_train} training "
-            f"images;\n# these tables keep their other fields and train in smaller batches.\n"
-            f"{tables}")
+            f"images;\n# these tables keep their other fields, with smaller batches and the "
+            f"learning rates scaled with them.\n{tables}")
 
 
 def _toml(directory: Path, root: Path, classes, size, mean, std, counts) -> str:
     command = settings.command("train", directory)
-    systems = [
-        ("resnet8", "static", 'model = "resnet8"\ncheckpoint = "resnet8"',
-         f"{command} resnet8"),
-        ("resnet20", "static", 'model = "resnet20"\ncheckpoint = "resnet20"',
-         f"{command} resnet20"),
-        ("resnet56", "static", 'model = "resnet56"\ncheckpoint = "resnet56"',
-         f"{command} resnet56"),
-        # kd16's L1 pull works at any input size; lcnet_resnet56_ste's MAC target is CIFAR's
-        ("lcnet_resnet56", "gated",
-         'model = "lcnet_resnet56"\ncheckpoint = "lcnet_resnet56_kd16"',
-         f"{command} lcnet_resnet56_kd16     (after resnet56: it starts from it)"),
-        ("exits_resnet56", "exits", 'model = "exits_resnet56"\ncheckpoint = "exits_resnet56"',
-         f"{command} exits_resnet56          (after resnet56: it starts from it)"),
-        ("cascade_r8_r20_r56", "cascade",
-         'members = ["resnet8", "resnet20", "resnet56"]\ntopology = "jump"',
-         "no training of its own: it runs its members"),
-    ]
     blocks = "\n".join(
-        f"# {how}\n[systems.{name}]\nkind = \"{kind}\"\n{body}\n"
-        for name, kind, body, how in systems)
+        f"# {f'{command} {recipe}{note}' if recipe else note}\n[systems.{name}]\n"
+        f"kind = \"{kind}\"\n{body}\n"
+        for name, kind, body, recipe, note in SYSTEMS)
     return f"""# A dynviz workspace, written by `dynviz init`. Relative paths are relative to this file.
 # Train a system with the command above it, then `{command.removesuffix(" train")} ship`
 # (or serve the app with DYNVIZ_WORKSPACE set to this directory).

@@ -97,8 +97,7 @@ def load_program(path: str | Path, image_size: int, n_classes: int) -> ProgramCl
 
     A program exported with a dynamic batch dimension (``torch.export.Dim``) runs batches as
     they come; one exported for a batch of 1 runs image by image; one fixed to another batch
-    size is refused. ``torch.export.load``
-    unpickles: load only files you trust.
+    size is refused. ``torch.export.load`` unpickles: load only files you trust.
     """
     path = Path(path)
     program = _read(path)
@@ -165,7 +164,7 @@ def _run(path: Path, program: nn.Module, x: torch.Tensor):
     try:
         return program(x)
     except Exception as err:
-        hint = (f"; export it for a {tuple(x.shape)} input or with a dynamic batch "
+        hint = (f"; export it for {tuple(x.shape)} inputs, the batch fixed at 1 or dynamic "
                 f"(torch.export.Dim)") if len(x) == 1 else ""
         raise ProgramError(f"{path}: fails on a {tuple(x.shape)} input: {_line(err)}{hint}"
                            ) from err

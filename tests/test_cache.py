@@ -161,14 +161,18 @@ def _must_not_run():
     raise AssertionError("a whole cache was rebuilt")
 
 
-def _as_format_1(directory) -> None:
-    """What an older dynviz wrote: no format in the manifest."""
+def _as_format_1(directory, gates: bool = False) -> None:
+    """What an older dynviz wrote: no format in the manifest (and for a gated model, scores
+    where format 2 keeps yes/no; their contents do not matter here)."""
     manifest = json.loads((directory / "manifest.json").read_text())
     del manifest["format"]
+    if gates:
+        manifest["shapes"]["block_scores"] = manifest["shapes"].pop("blocks_run")
+        (directory / "blocks_run.npy").rename(directory / "block_scores.npy")
     (directory / "manifest.json").write_text(json.dumps(manifest))
 
 
-def test_a_cache_in_an_older_format_is_rebuilt_in_place_or_named_if_shipped(
+def test_a_gated_cache_in_an_older_format_is_passed_over_rebuilt_or_named_if_shipped(
         tiny_split, cache_env, tmp_path, monkeypatch, caplog):
     model = randomize(models.create("lcnet_resnet8").eval(), seed=3)
     monkeypatch.setenv("DYNVIZ_ASSETS", str(tmp_path / "assets"))
@@ -176,19 +180,35 @@ def test_a_cache_in_an_older_format_is_rebuilt_in_place_or_named_if_shipped(
     local = cache.ensure(ws, "lcnet_resnet8", model, tiny_split, "a" * 64, progress=False)
     directory, manifest = local.directory, _contents(local)[0]
     del local
-    _as_format_1(directory)
+    _as_format_1(directory, gates=True)
+    assert cache.find(ws, "lcnet_resnet8", "test", "a" * 64) is None    # images absent:
+    assert (directory / "manifest.json").exists()                       # nothing lost
     with caplog.at_level(logging.WARNING):
         rebuilt = cache.ensure(ws, "lcnet_resnet8", model, tiny_split, "a" * 64, progress=False)
     assert not caplog.records and [p for p in directory.parent.iterdir()] == [directory]
     assert _contents(rebuilt)[0] == manifest and rebuilt.blocks_run().shape == (30, 3)
     shipped = cache.ensure(ws, "lcnet_resnet8", model, tiny_split, "a" * 64, progress=False,
                            root=tmp_path / "assets" / "outputs").directory
-    _as_format_1(shipped)
-    with pytest.raises(cache.OldFormatError,
-                       match=r"are out of date: written in cache format 1, this dynviz reads "
-                             r"format 2; restore"):
+    _as_format_1(shipped, gates=True)
+    with pytest.raises(cache.FormatError,
+                       match=r"are in another format: format 1, written by an older dynviz; "
+                             r"this one reads format 2; restore"):
         cache.find(ws, "lcnet_resnet8", tiny_split, "a" * 64)
     assert (shipped / "manifest.json").exists()
+
+
+def test_a_cache_without_gates_reads_in_format_1_and_none_in_a_newer_one(tiny_split,
+                                                                         cache_env, ws):
+    model = models.create("resnet8").eval()
+    directory = cache.ensure(ws, "resnet8", model, tiny_split, "a" * 64,
+                             progress=False).directory
+    _as_format_1(directory)                  # logits, MACs and labels: read as they were
+    assert cache.ensure(ws, "resnet8", _must_not_run, tiny_split, "a" * 64).directory \
+        == directory
+    manifest = json.loads((directory / "manifest.json").read_text())
+    (directory / "manifest.json").write_text(json.dumps(manifest | {"format": 3}))
+    with pytest.raises(cache.FormatError, match="format 3, written by a newer dynviz"):
+        cache.load(directory)
 
 
 def test_leftovers_of_killed_writes_are_cleaned_when_a_cache_is_next_written(tiny_split,

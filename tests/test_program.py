@@ -217,7 +217,7 @@ def _batch_of_2(tmp_path):
 def _batch_of_3(tmp_path):
     path = tmp_path / "three.pt2"
     torch.export.save(torch.export.export(_tiny().eval(), (torch.randn(3, 3, 8, 8),)), path)
-    return path, "input.size()[0] == 3; export it for a (1, 3, 8, 8) input or with a dynamic"
+    return path, "input.size()[0] == 3; export it for (1, 3, 8, 8) inputs, the batch fixed at 1"
 
 
 @pytest.mark.parametrize("make", [_missing, _garbage, _checkpoint, _wrong_classes, _tuple,

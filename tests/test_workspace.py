@@ -195,6 +195,7 @@ def test_init_refuses_what_is_not_a_usable_imagefolder(tmp_path):
     assert data.MIN_PER_CLASS == 20
 
 
+@pytest.mark.slow
 def test_the_smallest_imagefolder_init_takes_trains_with_the_commands_it_lists(
         tmp_path, monkeypatch, capsys):
     from dynviz import recipes
@@ -207,14 +208,19 @@ def test_the_smallest_imagefolder_init_takes_trains_with_the_commands_it_lists(
     n_train = len(ws.split("train"))
     known = recipes.for_workspace(ws)
     for name in scaffold.TRAINED:                       # the largest power of 2 with 4 steps
-        size = known[name].batch_size
+        built_in, size = recipes.RECIPES[name], known[name].batch_size
         assert n_train // size >= 4 and n_train // (2 * size) < 4, name
-        assert known[name].epochs == recipes.RECIPES[name].epochs     # the rest as built in
+        scale = size / built_in.batch_size                  # learning rates in proportion
+        assert known[name].peak_lr == pytest.approx(built_in.peak_lr * scale)
+        assert known[name].gate_lr == (None if built_in.gate_lr is None else
+                                       pytest.approx(built_in.gate_lr * scale))
+        assert known[name].epochs == built_in.epochs        # the rest as built in
     command = next(line for line in path.read_text().splitlines() if "train resnet8" in line)
     argv = command.split("python -m dynviz ")[1].split() + ["--epochs", "1"]
     assert main(argv) == 0 and (path.parent / "checkpoints" / "resnet8.pt").exists()
     capsys.readouterr()
-    assert scaffold.batch_sizes(4 * 128) == {} and scaffold.batch_sizes(4 * 128 - 1) == {
+    assert scaffold.smaller_batches(4 * 128) == {}
+    assert {k: v["batch_size"] for k, v in scaffold.smaller_batches(4 * 128 - 1).items()} == {
         name: 64 for name in scaffold.TRAINED}
 
 

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, and an error's traceback")
     parser.add_argument("--version", action="version", version=f"dynviz {__version__}")
     parser.add_argument("--workspace", metavar="DIR", help=WORKSPACE_HELP)
+    parser.set_defaults(needs_workspace=True)      # argtypes.command sets it per command
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (init, data, train, bench, ship, predict):
         group.add_parser(sub)

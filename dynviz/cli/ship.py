@@ -20,7 +20,7 @@ SPLIT_CHOICES = ["train", "val", "fit", "check"]
 def add_parser(sub) -> None:
     p = command(sub, "cache", help="cache a system's outputs on a split",
                 description="Run a system on every image of a split and store logits, "
-                            "per-image MACs and gate scores (rebuilt when stale).")
+                            "per-image MACs and what the gates ran (rebuilt when stale).")
     p.add_argument("--model", default="all", help="system name or 'all' (default)")
     p.add_argument("--split", default="val", choices=SPLIT_CHOICES,
                    help="split of the workspace's dataset (default: %(default)s)")
