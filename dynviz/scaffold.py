@@ -170,7 +170,7 @@ def _toml(directory: Path, root: Path, classes, size, mean, std, counts) -> str:
         f"# {f'{command} {recipe}{note}' if recipe else note}\n[systems.{name}]\n"
         f"kind = \"{kind}\"\n{body}\n"
         for name, kind, body, recipe, note in SYSTEMS)
-    return f"""# A dynviz workspace, written by `dynviz init`. Relative paths are relative to this file.
+    return f"""# A dynviz workspace, written by `dynviz init`; relative paths are from this file.
 # Train a system with the command above it, then `{command.removesuffix(" train")} ship`
 # (or serve the app with DYNVIZ_WORKSPACE set to this directory).
 name = {_quoted(directory.name)}

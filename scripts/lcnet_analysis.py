@@ -704,8 +704,9 @@ def soft_section(model: nn.Module, fit: data.Split, batch_size: int) -> None:
         on = lambda v: torch.clamp(v / HINGE_EPS, 0, 1)       # noqa: E731
         counted.append(trace.cost.expected_macs(
             on(trace.block_scores), [on(c) for c in trace.channel_scores]).numpy())
-    print(f"MACs on fit: {mega(hard.macs.mean())} M spent; {mega(np.concatenate(counted).mean())} M "
-          f"as the hinge counts them (ε = {HINGE_EPS}).\n")
+    print(f"MACs on fit: {mega(hard.macs.mean())} M spent; "
+          f"{mega(np.concatenate(counted).mean())} M as the hinge counts them "
+          f"(ε = {HINGE_EPS}).\n")
     set_leaky(model, True)
     leaky_scores, correct = [], []
     try:

@@ -102,7 +102,8 @@ def test_budget_slider_updates_the_operating_point(server, page, app_root, monke
         page.keyboard.press("ArrowRight")
     page.wait_for_function(
         "(before) => { const m = [...document.querySelectorAll('[data-testid=\"stMetric\"]')]"
-        ".find(e => e.innerText.includes('Mean cost (check)')); return m && m.innerText !== before; }",
+        ".find(e => e.innerText.includes('Mean cost (check)'));"
+        " return m && m.innerText !== before; }",
         arg=before, timeout=60_000)
 
     def reference(percent: int) -> dict:   # the policy the library learns for that budget

@@ -1,6 +1,6 @@
 """The house rules of the layout, read from the source: imports only point down (no cycle,
 ``models`` imports nothing of ``dynviz``, only ``dynviz/ui`` imports Streamlit) and no module
-grows past what a reader takes in at once."""
+grows past what a reader takes in at once, nor any line of Python past 100 columns."""
 from __future__ import annotations
 
 import ast
@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dynviz", "models")
 MAX_LINES = 450
+MAX_COLUMNS = 100
 
 
 def _modules() -> dict[str, Path]:
@@ -86,7 +87,8 @@ def test_module_imports_have_no_cycle():
     graph = {name: _imports(path, name, known)
              for name, path in modules.items()}
     # a package imports its own modules (re-exports); that is no cycle of the layers
-    graph = {name: {t for t in deps if not name.startswith(t + ".")} for name, deps in graph.items()}
+    graph = {name: {t for t in deps if not name.startswith(t + ".")}
+             for name, deps in graph.items()}
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
 
 
@@ -113,3 +115,11 @@ def test_models_import_nothing_of_dynviz_and_only_the_ui_imports_streamlit():
 def test_no_module_is_longer_than_a_reader_takes_in(name):
     lines = len(_modules()[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{name}: {lines} lines"
+
+
+def test_no_line_of_python_is_wider_than_100_columns():
+    paths = [ROOT / "app.py", *(p for d in (*PACKAGES, "tests", "scripts")
+                                for p in (ROOT / d).rglob("*.py"))]
+    wide = [f"{p.relative_to(ROOT)}:{n}" for p in paths
+            for n, line in enumerate(p.read_text().splitlines(), 1) if len(line) > MAX_COLUMNS]
+    assert len(paths) > 50 and not wide, wide

@@ -138,7 +138,8 @@ def test_parallel_placement_pays_for_the_whole_first_conv():
     extra = torch.zeros(4, dtype=torch.long)
     for i, (block, costs) in enumerate(zip(seq.blocks, seq.block_costs())):
         off = (t_seq.channel_scores[i] <= 0).sum(1)
-        extra += torch.where(t_seq.blocks_executed[:, i], costs["conv1"] // block.mid_channels * off, 0)
+        per_channel = costs["conv1"] // block.mid_channels
+        extra += torch.where(t_seq.blocks_executed[:, i], per_channel * off, 0)
     assert torch.equal(t_par.macs - t_seq.macs, extra)
 
 

@@ -62,7 +62,8 @@ def test_native_plain_blocks_compute_the_folded_python_blocks(runner_module, nam
     model = randomize(models.create(name).eval(), seed=20)
     python, native = _fold_both(model)
     for batch in (1, 3):
-        x = model_input(model, batch, size, seed=batch).contiguous(memory_format=torch.channels_last)
+        x = model_input(model, batch, size, seed=batch).contiguous(
+            memory_format=torch.channels_last)
         with torch.no_grad():
             expected = python(x).logits
             with monkeypatch.context() as m:
@@ -389,7 +390,8 @@ def test_native_store_serves_concurrent_callers(runner_module):
     model = randomize(models.create("lcnet_resnet20").eval(), seed=29)
     _, native = _fold_both(model)
     plan = SparsePlan(1.0, 1.0, SliceCache(40 << 10))
-    inputs = [(model_input(model, 1 + i % 2, seed=i) + 2 * model_input(model, 1 + i % 2, 1, seed=i + 9))
+    inputs = [(model_input(model, 1 + i % 2, seed=i)
+               + 2 * model_input(model, 1 + i % 2, 1, seed=i + 9))
               .contiguous(memory_format=torch.channels_last) for i in range(8)]
     with torch.no_grad():
         expected = [native(x.clone(), plan).logits for x in inputs]

@@ -123,8 +123,8 @@ def test_exit_scores_are_what_the_exits_decide_on(family, feature):
                 assert (scores[k] >= thresholds[k]) == bool(decision(phi[k][None])[0])
                 if family == "threshold" and feature == "margin":     # ±φ_margin by hand
                     assert abs(scores[k]) == pytest.approx(phi[k, 1])
-        assert pol.score_name().endswith(
-            {"linear": "φ·w", "constant": "max probability"}.get(family, P.FEATURE_NAMES[feature]))
+        named = {"linear": "φ·w", "constant": "max probability"}
+        assert pol.score_name().endswith(named.get(family, P.FEATURE_NAMES[feature]))
 
 
 def test_cross_stage_trial_features_match_their_definitions():

@@ -60,7 +60,8 @@ def test_sparse_equals_masked(name, placement):
     folded = sparse(model)
     for batch, slice_below, by_matmul in ((1, 1.0, False), (1, 0.0, True), (6, 1.0, True),
                                           (6, 0.0, False), (6, 0.5, False)):
-        x = model_input(model, batch, size, seed=batch).contiguous(memory_format=torch.channels_last)
+        x = model_input(model, batch, size, seed=batch).contiguous(
+            memory_format=torch.channels_last)
         with torch.no_grad():
             out = model(x)
             masked, t_masked = out.logits, out.trace
