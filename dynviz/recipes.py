@@ -175,6 +175,15 @@ RECIPES: dict[str, Recipe] = {
     "exits_resnet56_stage2x2": dataclasses.replace(
         _EXITS, epochs=8, model_args=(("head_convs", (2, 2, 1, 1, 1)),)),
 }
+# Trial 6, one of two chosen by trial 5's batch-1 speed (docs/lcnet.md): trial 5 for twice
+# the epochs, or trial 5 with an off channel priced at 0.3 (channel skipping's measured
+# time per MAC at CIFAR widths, against a skipped block's).
+RECIPES |= {
+    "lcnet_resnet56_ste_priced_e48": dataclasses.replace(
+        RECIPES["lcnet_resnet56_ste_priced"], epochs=48),
+    "lcnet_resnet56_ste_priced30": dataclasses.replace(
+        RECIPES["lcnet_resnet56_ste_priced"], channel_price=0.3),
+}
 
 
 def for_workspace(ws: Workspace) -> dict[str, Recipe]:
