@@ -176,11 +176,12 @@ RECIPES: dict[str, Recipe] = {
         _EXITS, epochs=8, model_args=(("head_convs", (2, 2, 1, 1, 1)),)),
 }
 # Trial 6, one of two chosen by trial 5's batch-1 speed (docs/lcnet.md): trial 5 for twice
-# the epochs, or trial 5 with an off channel priced at 0.3 (channel skipping's measured
+# the epochs (run, its priced target lowered to 49 M so that the MACs spent stay under the
+# rule's 56.3 M), or trial 5 with an off channel priced at 0.3 (channel skipping's measured
 # time per MAC at CIFAR widths, against a skipped block's).
 RECIPES |= {
     "lcnet_resnet56_ste_priced_e48": dataclasses.replace(
-        RECIPES["lcnet_resnet56_ste_priced"], epochs=48),
+        RECIPES["lcnet_resnet56_ste_priced"], epochs=48, mac_target=49e6),
     "lcnet_resnet56_ste_priced30": dataclasses.replace(
         RECIPES["lcnet_resnet56_ste_priced"], channel_price=0.3),
 }
