@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 RESTORE_SHIPPED = "git checkout -- assets/"
 FORMAT = 2   # 2: gates kept as packed yes/no (1: scores in uint8, which lost those < 1/510)
-FORMAT_1_GATES = {"block_scores", "channel_scores"}   # what format 2 reads otherwise
+FORMAT_1_GATES = {"block_scores", "channel_scores"}   # a format-1 cache with them: rebuilt
 
 
 def _restore_shipped(ws: Workspace) -> str:
@@ -91,10 +91,12 @@ class CachedOutputs:
             raise ValueError(f"halves exist for the val split, not {self.manifest['split']}")
         return self.stage_outputs(np.arange(len(self))[data.HALVES[name]])
 
-    def yes_no(self, name: str) -> np.ndarray:
-        """(N, width) bool: a yes/no array, unpacked."""
-        return np.unpackbits(self.arrays[name], axis=1,
-                             count=self.manifest["packed"][name]).astype(bool)
+    def yes_no(self, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """(N, hi − lo) bool: columns lo..hi of a yes/no array, unpacked from only the bytes
+        that hold them."""
+        hi = self.manifest["packed"][name] if hi is None else hi
+        bits = np.unpackbits(self.arrays[name][:, lo // 8:-(-hi // 8)], axis=1)
+        return bits[:, lo % 8:lo % 8 + hi - lo].astype(bool)
 
     def blocks_run(self) -> np.ndarray:
         """(N, n_blocks) bool: S_L > 0, the block ran."""
@@ -102,8 +104,7 @@ class CachedOutputs:
 
     def channels_on(self, block: int) -> np.ndarray:
         """(N, C_mid) bool: S_C > 0 for each channel of ``block`` (computed if it ran)."""
-        lo, hi = self.manifest["channel_offsets"][block:block + 2]
-        return self.yes_no("channels_on")[:, lo:hi]
+        return self.yes_no("channels_on", *self.manifest["channel_offsets"][block:block + 2])
 
 
 def _to_numpy(name: str, value: torch.Tensor) -> np.ndarray:

@@ -60,19 +60,15 @@ def _eps_macs(trace, eps: float) -> torch.Tensor:
 def _straight_through_macs(trace, channel_price: float = 1.0) -> torch.Tensor:
     """The batch's mean MACs as inference spends them, with the gradient of the same count
     over max(0, S). With ``channel_price`` w < 1 a channel that is off in a block that runs
-    counts (1 − w) of its MACs still: a price on channels by what they save in time."""
-    def priced(on: torch.Tensor) -> torch.Tensor:
-        return (1 - channel_price) + channel_price * on
+    counts (1 − w) of its MACs still: w·(the count) + (1 − w)·(the count with every channel
+    of those blocks on), a price on channels by what they save in time."""
+    def priced(count, blocks: torch.Tensor, channels: list[torch.Tensor]) -> torch.Tensor:
+        all_on = count(blocks, [torch.ones_like(c) for c in channels])
+        return (channel_price * count(blocks, channels) + (1 - channel_price) * all_on).mean()
 
-    if channel_price == 1.0:
-        spent = trace.cost.macs(trace.block_scores > 0,
-                                [c > 0 for c in trace.channel_scores]).float().mean()
-    else:                 # the decisions, 0 or 1, in the scores' count (exact: it is linear)
-        spent = trace.cost.expected_macs((trace.block_scores > 0).float(),
-                                         [priced((c > 0).float()) for c in trace.channel_scores]
-                                         ).mean()
-    scores = trace.cost.expected_macs(torch.relu(trace.block_scores),
-                                      [priced(torch.relu(c)) for c in trace.channel_scores]).mean()
+    spent = priced(trace.cost.macs, trace.block_scores > 0, [c > 0 for c in trace.channel_scores])
+    scores = priced(trace.cost.expected_macs, torch.relu(trace.block_scores),
+                    [torch.relu(c) for c in trace.channel_scores])
     return spent + (scores - scores.detach())
 
 

@@ -97,6 +97,11 @@ _KD16_TARGET = dataclasses.replace(_LCNET_KD, epochs=8, init_from="lcnet_resnet5
                                    l1_block=0.0, l1_channel=0.0, mac_target=52e6,
                                    mac_weight=10.0)
 
+# Trial 4's form: the straight-through hinge at 52 M from resnet56 itself (see RECIPES)
+_STE = Recipe("lcnet_resnet56", epochs=24, peak_lr=0.02, gate_lr=0.1, init_from="resnet56",
+              teacher="resnet56", distill=0.7, mac_target=52e6, mac_weight=10.0, mac_ramp=4,
+              mac_straight_through=True, model_args=(("leak_backward_only", True),))
+_PRICED = dataclasses.replace(_STE, channel_price=0.5)
 RECIPES: dict[str, Recipe] = {
     "resnet8": Recipe("resnet8", epochs=30),
     "resnet20": Recipe("resnet20", epochs=60),
@@ -152,18 +157,16 @@ RECIPES: dict[str, Recipe] = {
     # Trial 4, adopted: trial 2d's form (gates leaky in the gradient only, the straight-through
     # hinge at 52 M, ramped over 4 epochs) from resnet56 itself, for as many epochs as kd16 +
     # 2d; the default systems lcnet_resnet56_seq/_par load it.
-    "lcnet_resnet56_ste": Recipe("lcnet_resnet56", epochs=24, peak_lr=0.02, gate_lr=0.1,
-                                 init_from="resnet56", teacher="resnet56", distill=0.7,
-                                 mac_target=52e6, mac_weight=10.0, mac_ramp=4,
-                                 mac_straight_through=True,
-                                 model_args=(("leak_backward_only", True),)),
+    "lcnet_resnet56_ste": _STE,
     # Trial 5: trial 4 with an off channel counted as saving half its MACs (its time is
     # saved at about half the rate of a skipped block's), so the hinge favours whole blocks.
-    "lcnet_resnet56_ste_priced": Recipe("lcnet_resnet56", epochs=24, peak_lr=0.02, gate_lr=0.1,
-                                        init_from="resnet56", teacher="resnet56", distill=0.7,
-                                        mac_target=52e6, mac_weight=10.0, mac_ramp=4,
-                                        mac_straight_through=True, channel_price=0.5,
-                                        model_args=(("leak_backward_only", True),)),
+    "lcnet_resnet56_ste_priced": _PRICED,
+    # Trial 6, one of two chosen by trial 5's batch-1 speed (docs/lcnet.md): trial 5 for
+    # twice the epochs (run, its priced target lowered to 49 M so that the MACs spent stay
+    # under the rule's 56.3 M), or trial 5 with an off channel priced at 0.3 (channel
+    # skipping's measured time per MAC at CIFAR widths, against a skipped block's).
+    "lcnet_resnet56_ste_priced_e48": dataclasses.replace(_PRICED, epochs=48, mac_target=49e6),
+    "lcnet_resnet56_ste_priced30": dataclasses.replace(_PRICED, channel_price=0.3),
     "exits_resnet56": _EXITS,
     "exits_resnet56_e8": dataclasses.replace(_EXITS, epochs=8),
     # Trial, not adopted: the heads trained 32 epochs.
@@ -174,16 +177,6 @@ RECIPES: dict[str, Recipe] = {
     # ... and two-conv heads in stage 2.
     "exits_resnet56_stage2x2": dataclasses.replace(
         _EXITS, epochs=8, model_args=(("head_convs", (2, 2, 1, 1, 1)),)),
-}
-# Trial 6, one of two chosen by trial 5's batch-1 speed (docs/lcnet.md): trial 5 for twice
-# the epochs (run, its priced target lowered to 49 M so that the MACs spent stay under the
-# rule's 56.3 M), or trial 5 with an off channel priced at 0.3 (channel skipping's measured
-# time per MAC at CIFAR widths, against a skipped block's).
-RECIPES |= {
-    "lcnet_resnet56_ste_priced_e48": dataclasses.replace(
-        RECIPES["lcnet_resnet56_ste_priced"], epochs=48, mac_target=49e6),
-    "lcnet_resnet56_ste_priced30": dataclasses.replace(
-        RECIPES["lcnet_resnet56_ste_priced"], channel_price=0.3),
 }
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,16 @@ def test_cache_of_a_gated_model_keeps_its_gates_exactly(tiny_split, cache_env, w
     width = sum(b.mid_channels for b in model.blocks)       # 8 yes/no to a byte
     assert cached.arrays["channels_on"].shape == (len(tiny_split.ids), -(-width // 8))
     assert np.array_equal(cached.arrays["stage_macs"][:, 0], trace.macs.numpy())
+
+
+def test_a_yes_no_array_reads_back_any_columns_from_its_packed_bytes():
+    rng = np.random.default_rng(4)
+    yes = rng.random((5, 29)) < 0.5                      # 29: columns cross byte borders
+    cached = cache.CachedOutputs(Path("."), {"packed": {"x": 29}}, {"x": np.packbits(yes, 1)})
+    assert np.array_equal(cached.yes_no("x"), yes)
+    for lo in range(29):
+        for hi in range(lo + 1, 30):
+            assert np.array_equal(cached.yes_no("x", lo, hi), yes[:, lo:hi]), (lo, hi)
 
 
 def test_halves_need_the_val_split(tiny_split, cache_env, ws):
